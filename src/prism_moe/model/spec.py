@@ -169,6 +169,8 @@ def _attention_params(config: dict[str, Any], hidden: int) -> int:
         params += heads * head_dim + 2 * kv_heads * head_dim
     if config.get("model_type") == "olmoe":  # q/k RMSNorm over the projected width
         params += heads * head_dim + kv_heads * head_dim
+    elif config.get("model_type") == "qwen3_moe":  # q/k RMSNorm per head
+        params += 2 * head_dim
     return params
 
 
