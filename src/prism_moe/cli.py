@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from prism_moe import __version__
 
 # Command modules, in the order `prism --help` lists them.
 COMMAND_MODULES = [
-    "place",
+    "serve",
+    "tiny",
 ]
 
 
@@ -27,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Set PRISM_DEBUG=1 to see the traceback of an input error.
 def main(argv: list[str] | None = None) -> int:
     from prism_moe.config import ConfigError
+    from prism_moe.runtime.launcher import LaunchError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -37,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (UserError, ConfigError, FileNotFoundError, ValueError, LaunchError) as e:
+        if os.environ.get("PRISM_DEBUG"):
+            raise
         print(f"prism {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

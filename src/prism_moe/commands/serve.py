@@ -1,0 +1,147 @@
+"""`prism serve`, `prism cluster up|down|status`, `prism keys`: run edge servers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--placement", help="a placement JSON (from `prism place --out`); default: compute one")
+    p.add_argument("--algorithm", default=None, help="placement algorithm when no --placement is given "
+                                                     "(default: the recommended one)")
+    p.add_argument("--data-dir", default=None, help="routing data folder (default: $PRISM_DATA_DIR or ../shared/data)")
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="'auto' (cuda when present), 'cpu', 'cuda:0' (default: the "
+                                                  "cluster file's `device`)")
+    p.add_argument("--keys", default=None, help="cluster key folder from `prism keys`: peers authenticate and "
+                                                "encrypt with CurveZMQ (default: plaintext, for local use)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on the OpenAI API "
+                                                   "(default: $PRISM_API_KEY, else open)")
+    p.add_argument("--replay", action="store_true",
+                   help="benchmark mode: routers take their top-k from the server's workload trace "
+                        "(for tiny random models; shown in /metrics and /health)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per remote expert call attempt")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run one edge server of a cluster",
+                       description="Run one edge server: the dense model plus its placed experts, an expert "
+                                   "service for peers and the OpenAI-compatible HTTP API.")
+    p.add_argument("--cluster", required=True, help="cluster YAML file")
+    p.add_argument("--server", required=True, help="the name of this server in the cluster file")
+    _add_placement_args(p)
+    _add_server_args(p)
+    p.set_defaults(func=run_serve)
+
+    c = sub.add_parser("cluster", help="start or stop every server of a cluster file on this machine")
+    csub = c.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    up = csub.add_parser("up", help="start all servers as local processes and wait until healthy")
+    up.add_argument("--cluster", required=True, help="cluster YAML file")
+    up.add_argument("--run-dir", default=None, help="folder for logs and state (default: .prism/<cluster name>)")
+    up.add_argument("--health-timeout", type=float, default=300.0, help="seconds to wait for all servers")
+    _add_placement_args(up)
+    _add_server_args(up)
+    up.set_defaults(func=run_cluster_up)
+    down = csub.add_parser("down", help="stop the servers started by `prism cluster up`")
+    down.add_argument("--cluster", required=True, help="the cluster YAML file given to `up`")
+    down.add_argument("--run-dir", default=None)
+    down.set_defaults(func=run_cluster_down)
+
+    k = sub.add_parser("keys", help="make a CurveZMQ key set for a cluster",
+                       description="Write one keypair per server (private/<name>.key_secret) and the public keys "
+                                   "(public/<name>.key). Copy the folder to each server, keeping only its own "
+                                   "secret key, and start servers with --keys.")
+    k.add_argument("--cluster", required=True)
+    k.add_argument("--out", required=True)
+    k.add_argument("--overwrite", action="store_true", help="replace existing keys")
+    k.set_defaults(func=run_keys)
+
+
+def default_run_dir(cluster_path: str) -> Path:
+    return Path(".prism") / Path(cluster_path).stem
+
+
+def _placement(args: argparse.Namespace, cluster) -> "object":
+    from prism_moe.placement.placement import Placement
+    from prism_moe.planning import plan
+
+    if args.placement:
+        return Placement.load(args.placement)
+    return plan(cluster, args.algorithm, args.data_dir).placement
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from prism_moe.config import load_cluster
+    from prism_moe.runtime.server import ServeOptions, run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cluster = load_cluster(args.cluster)
+    cluster.server(args.server)  # a clear error for an unknown name, before loading anything
+    options = ServeOptions(
+        placement=_placement(args, cluster), device=args.device or cluster.device,
+        api_key=args.api_key or os.environ.get("PRISM_API_KEY") or None,
+        keys_dir=Path(args.keys) if args.keys else None,
+        replay=cluster.server(args.server).workload if args.replay else None,
+        data_dir=args.data_dir, call_timeout=args.timeout)
+    if args.replay and not options.replay:
+        raise ValueError(f"--replay needs a `workload:` for server {args.server} in the cluster file")
+    run_server(cluster, args.server, options)
+    return 0
+
+
+def forwarded_server_args(args: argparse.Namespace) -> list[str]:
+    """The serve flags that `cluster up` passes on to every server."""
+    out = []
+    for flag, value in (("--device", args.device), ("--keys", args.keys), ("--api-key", args.api_key),
+                        ("--data-dir", args.data_dir), ("--timeout", args.timeout)):
+        if value is not None:
+            out += [flag, str(value)]
+    if args.replay:
+        out.append("--replay")
+    return out
+
+
+def run_cluster_up(args: argparse.Namespace) -> int:
+    from prism_moe.config import load_cluster
+    from prism_moe.runtime.launcher import start_local_cluster
+
+    cluster = load_cluster(args.cluster)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.cluster)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    placement = _placement(args, cluster)
+    placement_path = run_dir / "placement.json"
+    placement.save(placement_path)
+    print(f"placement: {placement.algorithm or 'given'}, saved to {placement_path}")
+    lc = start_local_cluster(cluster, run_dir, ["--placement", str(placement_path.resolve()),
+                                                *forwarded_server_args(args)],
+                             health_timeout=args.health_timeout)
+    print(json.dumps({"run_dir": str(run_dir), "endpoints": lc.endpoints()}, indent=2))
+    print(f"stop with: prism cluster down --cluster {args.cluster}"
+          + (f" --run-dir {args.run_dir}" if args.run_dir else ""))
+    return 0
+
+
+def run_cluster_down(args: argparse.Namespace) -> int:
+    from prism_moe.runtime.launcher import stop_cluster
+
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.cluster)
+    stopped = stop_cluster(run_dir)
+    print(f"stopped {', '.join(stopped) or 'nothing (already gone)'}")
+    return 0
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    from prism_moe.config import load_cluster
+    from prism_moe.runtime.keys import make_cluster_keys
+
+    cluster = load_cluster(args.cluster)
+    paths = make_cluster_keys(args.out, cluster.server_names, overwrite=args.overwrite)
+    print(f"wrote keys for {', '.join(paths)} in {args.out} (public/ for everyone, private/ one per server)")
+    return 0
