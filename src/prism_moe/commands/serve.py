@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def _add_placement_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +67,7 @@ def default_run_dir(cluster_path: str) -> Path:
     return Path(".prism") / Path(cluster_path).stem
 
 
-def _placement(args: argparse.Namespace, cluster) -> "object":
+def _placement(args: argparse.Namespace, cluster: Any) -> Any:
     from prism_moe.placement.placement import Placement
     from prism_moe.planning import plan
 
