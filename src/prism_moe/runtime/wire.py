@@ -1,0 +1,331 @@
+"""Wire format of the expert transport: one msgpack header frame, then one raw frame per tensor.
+
+A message is a ZeroMQ multipart message::
+
+    frame 0      msgpack map: {"v": 1, "type": str, "id": int, ["layer": int], "tensors": [desc, ...], ...}
+    frame 1..k   the raw bytes of tensor i (C order, native little-endian), desc i = {name, dtype, shape}
+
+No pickle anywhere: a peer can only make us allocate tensors of the allowed dtypes within `WireLimits`.
+`encode` hands out memoryviews of the tensors' own storage (zero copy with `send_multipart(copy=False)`);
+`decode` builds tensors on the received frames' memory (zero copy when the frames are writable buffers
+such as `zmq.Frame`, one copy for read-only `bytes`). See docs/wire-protocol.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+PROTOCOL_VERSION = 1
+
+# Message types. Requests get exactly one reply with the same `id`.
+EXPERT_CALL = "expert_call"  # tensors hidden [n, H], expert_ids [n]  -> expert_result
+EXPERT_RESULT = "expert_result"  # tensors out [n, H]
+ERROR = "error"  # fields code, message; reply to any request that failed
+PING = "ping"  # -> pong
+PONG = "pong"  # fields server, inflight
+LOAD_EXPERT = "load_expert"  # control (migration): served by a handler registered with ExpertService.on
+DROP_EXPERT = "drop_expert"  # control (migration)
+ACK = "ack"  # generic success reply to a control message
+MESSAGE_TYPES = frozenset({EXPERT_CALL, EXPERT_RESULT, ERROR, PING, PONG, LOAD_EXPERT, DROP_EXPERT, ACK})
+# request type -> its success reply type (any request may also be answered with ERROR)
+REPLY_TYPE = {EXPERT_CALL: EXPERT_RESULT, PING: PONG, LOAD_EXPERT: ACK, DROP_EXPERT: ACK}
+
+# Error codes carried by ERROR messages.
+BAD_REQUEST = "bad_request"  # the message failed validation (WireError)
+HANDLER_ERROR = "handler_error"  # the handler raised or returned something malformed
+UNSUPPORTED = "unsupported"  # the type is valid but not served by this endpoint
+BAD_REPLY = "bad_reply"  # client side: the peer's reply failed validation
+
+# bfloat16 has no numpy dtype; we never go through numpy for decoding and go through a uint8 view for
+# encoding, so every dtype here travels as its raw little-endian bytes.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+INT_DTYPES = frozenset({torch.int32, torch.int64})
+
+MAX_ID = 2**64 - 1
+MAX_NAME_LEN = 64
+
+Frame = Any  # bytes, bytearray, memoryview or zmq.Frame: anything with the buffer protocol
+
+
+class WireError(ValueError):
+    """A message that does not follow the protocol. `request_id` is set when the header was readable,
+    so a server can address its error reply to the right request."""
+
+    def __init__(self, message: str, *, code: str = BAD_REQUEST, request_id: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """Bounds enforced on decode (and on encode, so a sender fails fast with the same message).
+
+    `max_total_bytes` bounds the sum of the tensor frames; a migration that ships an expert larger than
+    this must split it into several messages or raise the limit on both sides.
+    """
+
+    max_total_bytes: int = 256 * 2**20
+    max_header_bytes: int = 64 * 2**10
+    max_tensors: int = 16
+    max_ndim: int = 8
+    max_dim: int = 2**31 - 1
+
+
+DEFAULT_LIMITS = WireLimits()
+
+
+def _nbytes(frame: Frame) -> int:
+    return memoryview(frame).nbytes
+
+
+def frames_nbytes(frames: Sequence[Frame]) -> int:
+    """Total payload bytes of a multipart message (what crosses the link, less ZeroMQ framing)."""
+    return sum(_nbytes(f) for f in frames)
+
+
+def _check_shape(name: str, shape: Any, limits: WireLimits, rid: int | None) -> tuple[int, ...]:
+    if not isinstance(shape, list | tuple):
+        raise WireError(
+            f"tensor {name!r}: shape must be a list of ints, got {type(shape).__name__}", request_id=rid
+        )
+    if len(shape) > limits.max_ndim:
+        raise WireError(
+            f"tensor {name!r}: {len(shape)} dims, at most {limits.max_ndim} allowed", request_id=rid
+        )
+    for d in shape:
+        # bool is an int subclass; True as a dim is a bug, not a 1
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise WireError(f"tensor {name!r}: shape {shape!r} has a non-integer dim", request_id=rid)
+        if d < 0:
+            raise WireError(f"tensor {name!r}: shape {shape!r} has a negative dim", request_id=rid)
+        if d > limits.max_dim:
+            raise WireError(f"tensor {name!r}: dim {d} exceeds the limit {limits.max_dim}", request_id=rid)
+    return tuple(shape)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The storage of contiguous CPU tensor `t` as a byte buffer, sharing memory (no copy)."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)  # numpy has no bfloat16; same bytes
+    # the numpy array keeps the tensor alive for as long as ZeroMQ holds the memoryview
+    return memoryview(t.numpy())
+
+
+def encode(
+    header: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    limits: WireLimits | None = None,
+) -> list[bytes | memoryview]:
+    """Build the frames of one message.
+
+    `header` needs `type` and `id`; `v` and `tensors` are filled in. Tensors are detached, moved to the
+    CPU and made contiguous if needed; otherwise their memory is shared with the returned frames, so do
+    not modify them until the message is sent. With `limits`, oversized messages raise `WireError`
+    here instead of being refused by the receiver.
+    """
+    tensors = tensors or {}
+    mtype = header.get("type")
+    if mtype not in MESSAGE_TYPES:
+        raise WireError(f"unknown message type {mtype!r}; known: {sorted(MESSAGE_TYPES)}")
+    rid = header.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_ID:
+        raise WireError(f"message id must be an int in [0, 2**64), got {rid!r}")
+    if header.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise WireError(
+            f"cannot encode protocol version {header.get('v')!r}; this is version {PROTOCOL_VERSION}"
+        )
+    descs: list[dict[str, Any]] = []
+    bufs: list[memoryview] = []
+    total = 0
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise WireError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+        dname = DTYPE_NAMES.get(t.dtype)
+        if dname is None:
+            raise WireError(f"tensor {name!r}: dtype {t.dtype} not allowed; use one of {sorted(DTYPES)}")
+        if t.requires_grad:
+            t = t.detach()
+        if not t.is_cpu:
+            t = t.cpu()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        descs.append({"name": name, "dtype": dname, "shape": list(t.shape)})
+        buf = _tensor_bytes(t)
+        total += buf.nbytes
+        bufs.append(buf)
+    if limits is not None:
+        if len(bufs) > limits.max_tensors:
+            raise WireError(f"{len(bufs)} tensors in one message, at most {limits.max_tensors} allowed")
+        if total > limits.max_total_bytes:
+            raise WireError(
+                f"message carries {total} tensor bytes, above the limit of {limits.max_total_bytes}"
+            )
+    h = {**header, "v": PROTOCOL_VERSION, "tensors": descs}
+    return [msgpack.packb(h, use_bin_type=True), *bufs]
+
+
+def decode_header(frame: Frame, limits: WireLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Parse and check frame 0 (version, type, id, layer, tensor list shape); tensors are not read."""
+    n = _nbytes(frame)
+    if n > limits.max_header_bytes:
+        raise WireError(f"header of {n} bytes exceeds the limit of {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(memoryview(frame), raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated types for corrupt input
+        raise WireError(f"malformed msgpack header: {type(e).__name__}: {e}") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header must be a msgpack map, got {type(header).__name__}")
+    rid = header.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_ID:
+        raise WireError(f"header 'id' must be an int in [0, 2**64), got {rid!r}")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise WireError(
+            f"unsupported protocol version {header.get('v')!r}; this peer speaks version {PROTOCOL_VERSION}",
+            request_id=rid,
+        )
+    if header.get("type") not in MESSAGE_TYPES:
+        raise WireError(f"unknown message type {header.get('type')!r}", request_id=rid)
+    layer = header.get("layer")
+    if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
+        raise WireError(f"header 'layer' must be an int, got {layer!r}", request_id=rid)
+    descs = header.get("tensors", [])
+    if not isinstance(descs, list):
+        raise WireError("header 'tensors' must be a list of {name, dtype, shape}", request_id=rid)
+    if len(descs) > limits.max_tensors:
+        raise WireError(
+            f"{len(descs)} tensors in one message, at most {limits.max_tensors} allowed", request_id=rid
+        )
+    return header
+
+
+def decode(
+    frames: Sequence[Frame],
+    limits: WireLimits = DEFAULT_LIMITS,
+    *,
+    copy: bool = False,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Parse one message into (header, {name: tensor}); raise `WireError` on anything malformed.
+
+    Tensors share memory with writable frames (zmq.Frame, bytearray) unless `copy` is set; read-only
+    frames (bytes) and frames misaligned for their dtype are copied.
+    """
+    if len(frames) == 0:
+        raise WireError("empty message")
+    header = decode_header(frames[0], limits)
+    rid = header["id"]
+    descs = header.get("tensors", [])
+    if len(frames) != 1 + len(descs):
+        raise WireError(
+            f"header describes {len(descs)} tensors but {len(frames) - 1} tensor frames followed",
+            request_id=rid,
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    total = 0
+    for desc, frame in zip(descs, frames[1:], strict=True):
+        if not isinstance(desc, dict):
+            raise WireError("tensor descriptor must be a map {name, dtype, shape}", request_id=rid)
+        name = desc.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LEN:
+            raise WireError(
+                f"tensor name must be a string of 1..{MAX_NAME_LEN} chars, got {name!r}", request_id=rid
+            )
+        if name in tensors:
+            raise WireError(f"duplicate tensor name {name!r}", request_id=rid)
+        dtype = DTYPES.get(desc.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise WireError(
+                f"tensor {name!r}: dtype {desc.get('dtype')!r} not allowed; use one of {sorted(DTYPES)}",
+                request_id=rid,
+            )
+        shape = _check_shape(name, desc.get("shape"), limits, rid)
+        want = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on hostile shapes
+        total += want
+        if total > limits.max_total_bytes:
+            raise WireError(
+                f"message carries more than {limits.max_total_bytes} tensor bytes (limit)", request_id=rid
+            )
+        try:
+            mv = memoryview(frame).cast("B")
+        except TypeError as e:
+            raise WireError(
+                f"tensor {name!r}: frame is not a contiguous buffer ({e})", request_id=rid
+            ) from None
+        if mv.nbytes != want:
+            raise WireError(
+                f"tensor {name!r}: shape {list(shape)} of {desc['dtype']} needs {want} bytes, frame has {mv.nbytes}",
+                request_id=rid,
+            )
+        tensors[name] = _from_buffer(mv, dtype, shape, copy)
+    return header, tensors
+
+
+def _from_buffer(mv: memoryview, dtype: torch.dtype, shape: tuple[int, ...], copy: bool) -> torch.Tensor:
+    if mv.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if mv.readonly:
+        # torch would warn and hand out a writable alias of immutable memory
+        return torch.frombuffer(bytearray(mv), dtype=dtype).view(shape)
+    t = torch.frombuffer(mv, dtype=dtype)  # keeps a reference to the frame
+    if copy or t.data_ptr() % dtype.itemsize:
+        t = t.clone()
+    return t.view(shape)
+
+
+def validate_expert_call(
+    header: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    num_layers: int,
+    num_experts: int,
+    hidden_size: int,
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Check a decoded expert_call against the model and return (layer, expert_ids [n], hidden [n, H]).
+
+    One call carries the tokens of one MoE layer (0-based MoE layer index, not decoder layer) for any
+    number of that layer's experts: row i of `hidden` goes to expert `expert_ids[i]`.
+    """
+    rid = header.get("id")
+    if header.get("type") != EXPERT_CALL:
+        raise WireError(f"expected an {EXPERT_CALL} message, got {header.get('type')!r}", request_id=rid)
+    layer = header.get("layer")
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < num_layers:
+        raise WireError(f"layer {layer!r} out of range [0, {num_layers})", request_id=rid)
+    if set(tensors) != {"hidden", "expert_ids"}:
+        raise WireError(
+            f"expert_call needs tensors 'hidden' and 'expert_ids', got {sorted(tensors)}", request_id=rid
+        )
+    hidden, ids = tensors["hidden"], tensors["expert_ids"]
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
+        raise WireError(f"hidden must be [n, {hidden_size}], got {list(hidden.shape)}", request_id=rid)
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise WireError(f"hidden must be a float tensor, got {hidden.dtype}", request_id=rid)
+    if ids.dim() != 1 or ids.shape[0] != hidden.shape[0]:
+        raise WireError(
+            f"expert_ids must be [n] with n = {hidden.shape[0]} rows of hidden, got {list(ids.shape)}",
+            request_id=rid,
+        )
+    if ids.dtype not in INT_DTYPES:
+        raise WireError(f"expert_ids must be int32 or int64, got {ids.dtype}", request_id=rid)
+    if ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= num_experts:
+            raise WireError(
+                f"expert ids must be in [0, {num_experts}), got min {lo} max {hi}", request_id=rid
+            )
+    return layer, ids, hidden

@@ -1,0 +1,268 @@
+"""Wire format: exact round trips for every dtype, and every validation error path."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from prism_moe.runtime import wire
+from prism_moe.runtime.wire import WireError, WireLimits, decode, encode, validate_expert_call
+
+pytestmark = pytest.mark.timeout(30)
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64]
+
+
+def _sample(dtype: torch.dtype, shape: tuple[int, ...] = (3, 5)) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return torch.randn(shape).to(dtype)
+    return torch.randint(-(2**30), 2**30, shape, dtype=dtype)
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _header(**fields) -> bytes:
+    return msgpack.packb({"v": 1, "type": "ping", "id": 7, "tensors": [], **fields})
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("as_zmq_frame", [False, True])
+def test_round_trip_exact_bytes(dtype: torch.dtype, as_zmq_frame: bool) -> None:
+    x = _sample(dtype)
+    frames = encode({"type": "expert_result", "id": 3, "layer": 2}, {"out": x})
+    assert bytes(frames[1]) == _raw_bytes(x)  # raw little-endian bytes, bfloat16 included
+    if as_zmq_frame:
+        frames = [zmq.Frame(bytes(f)) for f in frames]
+    header, tensors = decode(frames)
+    assert header["type"] == "expert_result" and header["id"] == 3 and header["layer"] == 2
+    assert header["tensors"] == [{"name": "out", "dtype": str(dtype).removeprefix("torch."), "shape": [3, 5]}]
+    y = tensors["out"]
+    assert y.dtype == dtype and y.shape == x.shape
+    assert _raw_bytes(y) == _raw_bytes(x)
+
+
+def test_encode_shares_memory_and_decode_is_zero_copy_on_zmq_frames() -> None:
+    x = torch.randn(64, 32)
+    frames = encode({"type": "ping", "id": 1}, {"x": x})
+    assert (
+        frames[1].obj is not None
+        and torch.frombuffer(frames[1], dtype=torch.float32).data_ptr() == x.data_ptr()
+    )
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://wire-zero-copy")
+        b.connect("inproc://wire-zero-copy")
+        a.send_multipart(frames, copy=False)
+        received = b.recv_multipart(copy=False)
+        _, tensors = decode(received)
+        assert torch.equal(tensors["x"], x)
+        assert torch.frombuffer(received[1], dtype=torch.uint8).data_ptr() == tensors["x"].data_ptr()
+        _, copied = decode(received, copy=True)
+        assert copied["x"].data_ptr() != tensors["x"].data_ptr() and torch.equal(copied["x"], x)
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()
+
+
+def test_decode_of_read_only_bytes_copies_without_warning(recwarn: pytest.WarningsRecorder) -> None:
+    x = torch.randn(4, 4)
+    frames = [bytes(f) for f in encode({"type": "ping", "id": 1}, {"x": x})]
+    _, tensors = decode(frames)
+    tensors["x"] += 1  # writable: a copy, not an alias of immutable bytes
+    assert torch.equal(tensors["x"], x + 1)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
+def test_special_tensors_and_order() -> None:
+    t = {
+        "noncontig": torch.arange(12, dtype=torch.int64).view(3, 4).t(),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 8, dtype=torch.bfloat16),
+        "grad": torch.ones(2, requires_grad=True),
+    }
+    header, out = decode(encode({"type": "ack", "id": 0}, t))
+    assert list(out) == list(t)
+    assert [d["name"] for d in header["tensors"]] == list(t)
+    for k in t:
+        assert out[k].shape == t[k].shape and torch.equal(out[k], t[k].detach())
+
+
+def test_extra_header_fields_pass_through() -> None:
+    header, _ = decode(encode({"type": "pong", "id": 9, "server": "b", "inflight": 3}))
+    assert header["server"] == "b" and header["inflight"] == 3 and header["v"] == wire.PROTOCOL_VERSION
+
+
+# ------------------------------------------------------------------------------ decode error paths
+
+
+def _err(frames: list, limits: WireLimits = wire.DEFAULT_LIMITS) -> WireError:
+    with pytest.raises(WireError) as e:
+        decode(frames, limits)
+    assert e.value.code == wire.BAD_REQUEST
+    return e.value
+
+
+def _desc(name: str = "x", dtype: str = "float32", shape: list | None = None) -> dict:
+    return {"name": name, "dtype": dtype, "shape": [2, 2] if shape is None else shape}
+
+
+def test_error_empty_and_malformed_header() -> None:
+    assert "empty" in str(_err([]))
+    assert "malformed msgpack" in str(_err([b"\xc1garbage"]))  # 0xc1 is never valid msgpack
+    assert "malformed msgpack" in str(_err([msgpack.packb({1: 2})]))  # non-str map key
+    assert "malformed msgpack" in str(_err([msgpack.packb({"v": 1}) + b"trailing"]))
+    assert "must be a msgpack map" in str(_err([msgpack.packb([1, 2])]))
+    assert "exceeds the limit" in str(_err([_header(pad="x" * 200)], WireLimits(max_header_bytes=100)))
+
+
+@pytest.mark.parametrize("bad_id", [None, -1, True, "1", 1.0, {"a": 1}])
+def test_error_bad_id(bad_id) -> None:
+    assert "'id'" in str(_err([msgpack.packb({"v": 1, "type": "ping", "id": bad_id})]))
+
+
+def test_error_version_and_type_carry_request_id() -> None:
+    e = _err([_header(v=2)])
+    assert "unsupported protocol version 2" in str(e) and e.request_id == 7
+    e = _err([_header(type="exec_python")])
+    assert "unknown message type" in str(e) and e.request_id == 7
+    assert "'layer'" in str(_err([_header(layer="3")])) and "'layer'" in str(_err([_header(layer=True)]))
+
+
+def test_error_tensor_descriptors() -> None:
+    four = b"\x00" * 16
+    assert "'tensors' must be a list" in str(_err([_header(tensors={"x": 1})]))
+    assert "at most 2 allowed" in str(
+        _err([_header(tensors=[_desc(str(i)) for i in range(3)])] + [four] * 3, WireLimits(max_tensors=2))
+    )
+    assert "descriptor must be a map" in str(_err([_header(tensors=[[1]]), four]))
+    assert "tensor name" in str(_err([_header(tensors=[_desc(name="")]), four]))
+    assert "tensor name" in str(_err([_header(tensors=[_desc(name=3)]), four]))
+    assert "duplicate" in str(_err([_header(tensors=[_desc(), _desc()]), four, four]))
+    for dtype in ["float64", "object", "uint8", None]:
+        assert "not allowed" in str(_err([_header(tensors=[_desc(dtype=dtype)]), four]))
+    assert "shape must be a list" in str(_err([_header(tensors=[_desc(shape="2,2")]), four]))
+    assert "non-integer" in str(_err([_header(tensors=[_desc(shape=[2, 2.0])]), four]))
+    assert "non-integer" in str(_err([_header(tensors=[_desc(shape=[True, 4])]), four]))
+    assert "negative" in str(_err([_header(tensors=[_desc(shape=[-2, -2])]), four]))
+    assert "exceeds the limit" in str(_err([_header(tensors=[_desc(shape=[2**40, 0])]), b""]))
+    assert "dims, at most" in str(_err([_header(tensors=[_desc(shape=[1] * 9)]), b"\x00" * 4]))
+
+
+def test_error_frames_do_not_match_descriptors() -> None:
+    h = _header(tensors=[_desc()])
+    assert "needs 16 bytes, frame has 15" in str(_err([h, b"\x00" * 15]))
+    assert "needs 16 bytes, frame has 17" in str(_err([h, b"\x00" * 17]))
+    assert "1 tensors but 0 tensor frames" in str(_err([h]))
+    assert "1 tensors but 2 tensor frames" in str(_err([h, b"\x00" * 16, b"\x00" * 16]))
+
+
+def test_error_total_size_above_limit() -> None:
+    limits = WireLimits(max_total_bytes=1000)
+    # checked from the shapes before touching the frames: a hostile header cannot make us allocate
+    e = _err([_header(tensors=[_desc(shape=[100, 100])]), b""], limits)
+    assert "more than 1000 tensor bytes" in str(e)
+    e = _err(
+        [_header(tensors=[_desc("a", shape=[150]), _desc("b", shape=[150])]), b"\0" * 600, b"\0" * 600],
+        limits,
+    )
+    assert "more than 1000" in str(e)
+
+
+def test_encode_errors() -> None:
+    with pytest.raises(WireError, match="unknown message type"):
+        encode({"type": "nope", "id": 1})
+    with pytest.raises(WireError, match="message id"):
+        encode({"type": "ping", "id": -1})
+    with pytest.raises(WireError, match="protocol version"):
+        encode({"type": "ping", "id": 1, "v": 9})
+    with pytest.raises(WireError, match="dtype torch.float64 not allowed"):
+        encode({"type": "ping", "id": 1}, {"x": torch.zeros(2, dtype=torch.float64)})
+    with pytest.raises(WireError, match="expected a torch.Tensor"):
+        encode({"type": "ping", "id": 1}, {"x": [1, 2]})  # type: ignore[dict-item]
+    with pytest.raises(WireError, match="above the limit"):
+        encode({"type": "ping", "id": 1}, {"x": torch.zeros(300)}, WireLimits(max_total_bytes=1000))
+
+
+def test_random_garbage_only_ever_raises_wire_error() -> None:
+    rng = random.Random(0)
+    good = [
+        bytes(f)
+        for f in encode(
+            {"type": "expert_call", "id": 5, "layer": 1},
+            {"hidden": torch.randn(2, 4), "expert_ids": torch.tensor([0, 1])},
+        )
+    ]
+    for _ in range(400):
+        frames = [bytearray(f) for f in good]
+        for _ in range(rng.randint(1, 6)):  # flip, truncate or drop
+            i = rng.randrange(len(frames))
+            op = rng.random()
+            if op < 0.6 and frames[i]:
+                frames[i][rng.randrange(len(frames[i]))] = rng.randrange(256)
+            elif op < 0.85:
+                frames[i] = frames[i][: rng.randrange(len(frames[i]) + 1)]
+            elif len(frames) > 1:
+                frames.pop(i)
+        try:
+            decode(frames)
+        except WireError:
+            pass
+
+
+# -------------------------------------------------------------------------- validate_expert_call
+
+
+def _call(layer=1, hidden=None, ids=None, **extra) -> tuple[dict, dict]:
+    hidden = torch.randn(3, 8) if hidden is None else hidden
+    ids = torch.tensor([0, 3, 3]) if ids is None else ids
+    tensors = {"hidden": hidden, "expert_ids": ids, **extra}
+    return decode(encode({"type": "expert_call", "id": 11, "layer": layer}, tensors))
+
+
+def test_validate_expert_call_ok() -> None:
+    h, t = _call(ids=torch.tensor([0, 3, 3], dtype=torch.int32), hidden=torch.randn(3, 8).half())
+    layer, ids, hidden = validate_expert_call(h, t, num_layers=4, num_experts=4, hidden_size=8)
+    assert layer == 1 and ids.tolist() == [0, 3, 3] and hidden.shape == (3, 8)
+    h, t = _call(hidden=torch.empty(0, 8), ids=torch.empty(0, dtype=torch.int64))  # empty batch is valid
+    assert validate_expert_call(h, t, 4, 4, 8)[1].numel() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"layer": 4}, r"layer 4 out of range \[0, 4\)"),
+        ({"layer": -1}, "out of range"),
+        ({"layer": None}, "out of range"),
+        ({"ids": torch.tensor([0, 4, 1])}, r"expert ids must be in \[0, 4\)"),
+        ({"ids": torch.tensor([0, -1, 1])}, "expert ids must be in"),
+        ({"ids": torch.tensor([0, 1])}, "expert_ids must be"),
+        ({"ids": torch.tensor([[0, 1, 2]])}, "expert_ids must be"),
+        ({"ids": torch.tensor([0.0, 1.0, 2.0])}, "int32 or int64"),
+        ({"hidden": torch.randn(3, 7)}, r"hidden must be \[n, 8\]"),
+        ({"hidden": torch.randn(24)}, r"hidden must be \[n, 8\]"),
+        ({"hidden": torch.ones(3, 8, dtype=torch.int32)}, "float tensor"),
+        ({"extra": torch.zeros(1)}, "needs tensors 'hidden' and 'expert_ids'"),
+    ],
+)
+def test_validate_expert_call_errors(kwargs: dict, match: str) -> None:
+    h, t = _call(**kwargs)
+    with pytest.raises(WireError, match=match) as e:
+        validate_expert_call(h, t, num_layers=4, num_experts=4, hidden_size=8)
+    assert e.value.request_id == 11
+
+
+def test_validate_rejects_other_types_and_missing_tensors() -> None:
+    h, t = decode(encode({"type": "ping", "id": 2}))
+    with pytest.raises(WireError, match="expected an expert_call"):
+        validate_expert_call(h, t, 4, 4, 8)
+    h, t = decode(encode({"type": "expert_call", "id": 2, "layer": 0}, {"hidden": torch.randn(1, 8)}))
+    with pytest.raises(WireError, match="needs tensors"):
+        validate_expert_call(h, t, 4, 4, 8)
