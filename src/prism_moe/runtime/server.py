@@ -172,8 +172,10 @@ class EdgeServer:
         """A peer's batch: expert_ids [n], hidden [n, H] (CPU, from the wire) -> [n, H] on CPU."""
         store = self.stores[layer]
         missing = sorted(set(expert_ids.unique().tolist()) - set(store.held))
-        if missing:
-            raise LookupError(f"server {self.name} does not hold layer {layer} experts {missing}")
+        if missing:  # a distinct code, so a caller can re-route (e.g. mid-migration)
+            from prism_moe.runtime.transport import ServiceError
+
+            raise ServiceError("not_held", f"server {self.name} does not hold layer {layer} experts {missing}")
         ref = store.get(store.held[0])[0]
         out = store.compute_batch(expert_ids.to(ref.device), hidden.to(ref.device, ref.dtype))
         return out.to("cpu", hidden.dtype)
