@@ -27,6 +27,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="benchmark mode: routers take their top-k from the server's workload trace "
                         "(for tiny random models; shown in /metrics and /health)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per remote expert call attempt")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; `cluster up` gives each local server its share "
+                        "of the cores so servers on one machine do not oversubscribe it)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,6 +86,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from prism_moe.runtime.server import ServeOptions, run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     cluster = load_cluster(args.cluster)
     cluster.server(args.server)  # a clear error for an unknown name, before loading anything
     options = ServeOptions(
@@ -101,7 +110,7 @@ def forwarded_server_args(args: argparse.Namespace) -> list[str]:
     """The serve flags that `cluster up` passes on to every server."""
     out = []
     for flag, value in (("--device", args.device), ("--keys", args.keys), ("--api-key", args.api_key),
-                        ("--data-dir", args.data_dir), ("--timeout", args.timeout)):
+                        ("--data-dir", args.data_dir), ("--timeout", args.timeout), ("--threads", args.threads)):
         if value is not None:
             out += [flag, str(value)]
     if args.replay:
@@ -114,6 +123,8 @@ def run_cluster_up(args: argparse.Namespace) -> int:
     from prism_moe.runtime.launcher import start_local_cluster
 
     cluster = load_cluster(args.cluster)
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // len(cluster.servers))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.cluster)
     run_dir.mkdir(parents=True, exist_ok=True)
     placement = _placement(args, cluster)

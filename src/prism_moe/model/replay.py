@@ -17,6 +17,7 @@ import threading
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,14 +28,14 @@ class ReplayRouting:
     """Per-token routing from a trace: experts [tokens, layers, k] int, weights [tokens, layers, k] or None."""
 
     def __init__(self, experts: Any, weights: Any | None = None, wrap: bool = False) -> None:
-        self.experts = torch.as_tensor(experts).to(torch.long)
+        self.experts = torch.as_tensor(np.array(experts, dtype=np.int64))  # a copy: traces are read-only views
         if self.experts.dim() != 3:
             raise ValueError(f"experts must be [tokens, layers, k], got shape {tuple(self.experts.shape)}")
         if weights is None:
             k = self.experts.shape[2]
             self.weights = torch.full(self.experts.shape, 1.0 / k, dtype=torch.float32)
         else:
-            self.weights = torch.as_tensor(weights).to(torch.float32)
+            self.weights = torch.as_tensor(np.array(weights, dtype=np.float32))
             if self.weights.shape != self.experts.shape:
                 raise ValueError(f"weights shape {tuple(self.weights.shape)} != experts shape "
                                  f"{tuple(self.experts.shape)}")
