@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prism_moe.model.spec import GIB, ModelSpec, load_model_spec
+from prism_moe.model.spec import GIB, ModelSpec, format_bytes, load_model_spec
 
 
 class ConfigError(ValueError):
@@ -153,8 +153,8 @@ class ClusterSpec(_Strict):
             if free < 0:
                 raise ConfigError(
                     f"server {s.name!r}: memory_gib={s.memory_gib} is below the dense part of {model.name} "
-                    f"({model.dense_bytes / GIB:.2f} GiB); every server holds the whole dense part, so give it "
-                    f"at least {model.dense_bytes / GIB + model.expert_bytes / GIB:.2f} GiB")
+                    f"({format_bytes(model.dense_bytes)}); every server holds the whole dense part, so give it "
+                    f"at least {(model.dense_bytes + model.expert_bytes) / GIB:.3g} GiB")
             slots.append(min(int(math.floor(free / model.expert_bytes)), model.total_experts))
         return np.array(slots, dtype=np.int64)
 
@@ -165,10 +165,10 @@ class ClusterSpec(_Strict):
             need = model.total_experts - int(slots.sum())
             raise ConfigError(
                 f"the cluster cannot hold one copy of every expert of {model.name}: {model.total_experts} experts "
-                f"({model.total_experts * model.expert_bytes / GIB:.2f} GiB) but only {int(slots.sum())} slots "
+                f"({format_bytes(model.total_experts * model.expert_bytes)}) but only {int(slots.sum())} slots "
                 f"({', '.join(f'{n}: {k}' for n, k in zip(self.server_names, slots, strict=True))}) after the "
-                f"{model.dense_bytes / GIB:.2f} GiB dense part on each server; add memory for {need} more experts "
-                f"({need * model.expert_bytes / GIB:.2f} GiB) or another server")
+                f"{format_bytes(model.dense_bytes)} dense part on each server; add memory for {need} more "
+                f"experts ({format_bytes(need * model.expert_bytes)}) or another server")
         return slots
 
 

@@ -92,8 +92,8 @@ class ModelSpec:
 
     def summary(self) -> str:
         return (f"{self.name}: {self.num_moe_layers} MoE layers x {self.num_experts} experts, top-{self.top_k}, "
-                f"expert {self.expert_bytes / 2**20:.1f} MiB, dense {self.dense_bytes / GIB:.2f} GiB, "
-                f"total {self.total_bytes / GIB:.1f} GiB ({self.dtype})")
+                f"expert {format_bytes(self.expert_bytes)}, dense {format_bytes(self.dense_bytes)}, "
+                f"total {format_bytes(self.total_bytes)} ({self.dtype})")
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], name: str | None = None, dtype: str | None = None) -> ModelSpec:
@@ -113,6 +113,13 @@ class ModelSpec:
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
         return _spec_from_config(config, name=p.name if p.is_dir() else p.stem, dtype=dtype)
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def load_model_spec(model: str, base_dir: str | Path | None = None, dtype: str | None = None) -> ModelSpec:
