@@ -33,21 +33,28 @@ class Plan:
 def cluster_stats(cluster: ClusterSpec, model: ModelSpec, data_dir: str | None = None) -> tuple[ClusterStats, list[str]]:
     """Each server's workload counts fitted to the model: counts [S, L, E], plus traces where they exist.
 
-    A server without a workload gets uniform counts (nothing known, nothing preferred); the notes say so.
+    A server without a workload gets uniform counts (nothing known, nothing preferred); workload files are
+    relative to the cluster file; the notes say what was assumed or approximated.
     """
     from prism_moe.stats.workload import load_workload
 
+    layers, experts = model.num_moe_layers, model.num_experts
     counts, traces, notes = [], [], []
-    for s in cluster.servers:
-        if s.workload is None:
-            counts.append(np.ones((model.num_moe_layers, model.num_experts)))
+    for srv in cluster.servers:
+        if not srv.workload:
+            counts.append(np.ones((layers, experts)))
             traces.append(None)
-            notes.append(f"{s.name}: no workload given, assuming uniform expert use")
+            notes.append(f"server {srv.name} has no workload: uniform expert counts assumed")
             continue
-        wl = load_workload(s.workload, data_dir).fit_to(model.num_moe_layers, model.num_experts)
-        counts.append(wl.counts)
-        traces.append(wl.trace)
-        notes.extend(f"{s.name}: {n}" for n in wl.notes)
+        source = srv.workload
+        if source.endswith((".json", ".safetensors")) or "/" in source:
+            source = str(cluster.resolve_path(source))
+        w = load_workload(source, data_dir).fit_to(layers, experts)
+        if w.model_hint and w.model_hint != model.name:
+            notes.append(f"server {srv.name}: {srv.workload} was measured on {w.model_hint}, used for {model.name}")
+        notes.extend(f"server {srv.name}: {n}" for n in w.notes)
+        counts.append(np.asarray(w.counts, dtype=np.float64))
+        traces.append(w.trace)
     return ClusterStats(np.stack(counts), tuple(traces)), notes
 
 

@@ -59,6 +59,8 @@ class Problem:
                                 of time: per-layer frequencies x the server's request rate.
     capacity:  int [S]          expert slots after the dense part.
     link_cost: float [S, S]     seconds to send one token's hidden state to a peer and get it back.
+    bandwidth: float [S, S]     link bandwidth in bits/s (diagonal infinite), for migration time;
+                                None when the problem was built by hand without it.
     """
 
     server_names: tuple[str, ...]
@@ -66,6 +68,7 @@ class Problem:
     capacity: np.ndarray
     link_cost: np.ndarray
     expert_bytes: int
+    bandwidth: np.ndarray | None = None
 
     @property
     def num_servers(self) -> int:
@@ -94,4 +97,4 @@ class Problem:
         bw, lat = cluster.link_matrices()
         payload_bits = 2 * model.hidden_size * model.bytes_per_param * 8  # there and back
         link_cost = 2 * lat + payload_bits / bw
-        return cls(tuple(cluster.server_names), demand, capacity, link_cost, model.expert_bytes)
+        return cls(tuple(cluster.server_names), demand, capacity, link_cost, model.expert_bytes, bw)

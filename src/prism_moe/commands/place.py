@@ -1,0 +1,123 @@
+"""`prism place`: compute an expert placement for a cluster file and report it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("place", help="compute an expert placement for a cluster",
+                       description="Load the cluster file, each server's workload (real routing data) and the "
+                                   "model, run a placement algorithm, and report how many expert invocations "
+                                   "stay local. --compare runs every algorithm.")
+    p.add_argument("--cluster", required=True, help="cluster YAML file (see examples/)")
+    p.add_argument("--algorithm", default=None,
+                   help="placement algorithm: uniform, redundance, eplb, smartmoe, prism, optimal, flow "
+                        "(default: the registry's DEFAULT_ALGORITHM, flow)")
+    p.add_argument("--data-dir", default=None, help="routing data folder (default: $PRISM_DATA_DIR or shared/data)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--out", default=None, help="save the placement to this JSON file")
+    p.add_argument("--compare", action="store_true",
+                   help="also run every algorithm: remote fraction, gap to optimal, solve time, replicas")
+    p.set_defaults(func=run)
+
+
+def _timed_place(name, stats, cluster, model):
+    from prism_moe.placement.registry import place
+
+    t0 = time.perf_counter()
+    placement = place(name, stats, cluster, model)
+    return placement, time.perf_counter() - t0
+
+
+def _compare(stats, cluster, model, problem, chosen=None) -> list[dict[str, Any]]:
+    from prism_moe.placement.registry import ALGORITHMS
+
+    rows = []
+    for name in ALGORITHMS:
+        if chosen is not None and name == chosen[0].algorithm:
+            placement, seconds = chosen
+        else:
+            placement, seconds = _timed_place(name, stats, cluster, model)
+        rows.append({"algorithm": name, "remote_fraction": placement.remote_fraction(problem.demand),
+                     "solve_seconds": seconds,
+                     "replicas": int(placement.hosts.sum()) - problem.num_layers * problem.num_experts})
+    best = next(r["remote_fraction"] for r in rows if r["algorithm"] == "optimal")
+    for r in rows:
+        r["gap_to_optimal"] = (r["remote_fraction"] / best - 1.0) if best > 0 else r["remote_fraction"]
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from prism_moe.config import load_cluster
+    from prism_moe.model.spec import GIB
+    from prism_moe.placement.problem import Problem
+    from prism_moe.placement.registry import ALGORITHMS, DEFAULT_ALGORITHM
+
+    name = args.algorithm or DEFAULT_ALGORITHM
+    if name not in ALGORITHMS:  # before any data is read
+        raise ValueError(f"unknown placement algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+    cluster = load_cluster(args.cluster)
+    model = cluster.model_spec()
+    cluster.check_feasible(model)  # the ConfigError with the numbers, before any data is read
+    from prism_moe.planning import cluster_stats
+
+    stats, notes = cluster_stats(cluster, model, args.data_dir)
+    placement, seconds = _timed_place(name, stats, cluster, model)
+    problem = Problem.build(stats, cluster, model)
+    if args.out:
+        placement.save(args.out)
+    used = placement.experts_used()
+    names = list(placement.server_names)
+    result: dict[str, Any] = {
+        "algorithm": placement.algorithm,
+        "model": model.name,
+        "remote_fraction": placement.remote_fraction(problem.demand),
+        "solve_seconds": seconds,
+        "memory_used_gib": {n: (model.dense_bytes + int(used[i]) * model.expert_bytes) / GIB
+                            for i, n in enumerate(names)},
+        "expert_slots": {n: {"used": int(used[i]), "capacity": int(problem.capacity[i])} for i, n in enumerate(names)},
+        "placement": {n: {str(layer): ids for layer, ids in placement.held(i).items()} for i, n in enumerate(names)},
+        "notes": notes,
+    }
+    if args.compare:
+        result["compare"] = _compare(stats, cluster, model, problem, chosen=(placement, seconds))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    _print_summary(result, cluster, problem, placement)
+    if args.out:
+        print(f"placement saved to {args.out}")
+    return 0
+
+
+def _print_summary(result, cluster, problem, placement) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{result['algorithm']}[/bold] placement of {result['model']}: "
+                  f"{result['remote_fraction']:.1%} of expert invocations remote "
+                  f"(solved in {result['solve_seconds'] * 1000:.1f} ms)")
+    table = Table("server", "gpu", "workload", "memory GiB", "expert slots", "experts/layer", "own calls local")
+    demand = problem.demand
+    for i, srv in enumerate(cluster.servers):
+        per_layer = placement.hosts[i].sum(axis=1)
+        own = demand[i].sum()
+        local = float((demand[i] * placement.hosts[i]).sum() / own) if own > 0 else 0.0
+        slots = result["expert_slots"][srv.name]
+        table.add_row(srv.name, f"{srv.gpus}x {srv.gpu}", srv.workload or "-",
+                      f"{result['memory_used_gib'][srv.name]:.2f} / {srv.memory_gib:g}",
+                      f"{slots['used']} / {slots['capacity']}", f"{per_layer.min()}-{per_layer.max()}", f"{local:.1%}")
+    console.print(table)
+    if "compare" in result:
+        cmp = Table("algorithm", "remote fraction", "gap to optimal", "solve ms", "replicas")
+        for r in result["compare"]:
+            cmp.add_row(r["algorithm"], f"{r['remote_fraction']:.2%}", f"{r['gap_to_optimal']:+.2%}",
+                        f"{r['solve_seconds'] * 1000:.1f}", str(r["replicas"]))
+        console.print(cmp)
+    for note in result["notes"]:
+        console.print(f"[dim]note: {note}[/dim]")
