@@ -1,63 +1,92 @@
 """Overhead of the expert transport against raw pyzmq, measured in one run on loopback.
 
-For hidden states of [tokens, 2048] (float32 and bfloat16) it times one round trip:
-  raw          a sync pyzmq DEALER sends the same bytes (hidden + expert ids) to a ROUTER that echoes
-               the hidden frame back (no header, no validation, no thread hop): the baseline;
-  raw_asyncio  the same with a zmq.asyncio DEALER on the transport loop (what asyncio alone costs);
-  async        `PeerClient.call` awaited on the transport loop (msgpack header, validation, request
-               ids, identity handler run in the service's thread pool);
-  sync         `SyncPeerPool.call` from a plain thread (what the model's forward uses: adds the hop
-               onto the transport loop and back).
-Both servers run in their own child process, like a peer would. The methods are interleaved sample by
-sample so load spikes on a shared machine hit them alike. Prints JSON: per-size medians (us) and
-ratios to raw. Ratios only; no pass/fail.
+For hidden states of [tokens, H] (float32 and bfloat16) it times one round trip of each method:
 
-    python benchmarks/transport_overhead.py [--hidden 2048] [--tokens 1 16 256] [--seconds 2]
+  raw          the baseline: a sync pyzmq DEALER in this process sends the very frames an expert call
+               sends (its msgpack header, hidden, expert ids) to a ROUTER in a child process that
+               answers with the frames of an expert result (a header of the same size, hidden echoed):
+               same bytes, same frame count, same two sockets in two processes; no Python work beyond
+               the socket calls.
+  raw_asyncio  the same frames from a zmq.asyncio DEALER on the transport loop (what asyncio alone costs).
+  async:MODE   `PeerClient.call` awaited on the transport loop (header encode/decode, validation,
+               request ids, deadlines) against an `ExpertService` in a child process whose identity
+               handler runs in MODE;
+  sync:MODE    `SyncPeerPool.call` from a plain thread (what the model's forward uses: adds the hop onto
+               the transport loop and back).
+
+Handler MODEs (each its own service process): `threads` (sync handler in the service's thread pool,
+the default, for GPU or large compute), `inline` (sync handler on the service's loop,
+`compute_threads=0`, for tiny CPU compute) and `async` (an async handler on the loop).
+
+The methods are interleaved sample by sample so load spikes on a shared machine hit them alike. Prints
+JSON: per-size medians (us), ratios to raw, and the median ratio of each method over the sizes. It
+measures; it never passes or fails on time (`goal_ratio` is only printed for reference).
+
+    python benchmarks/transport_overhead.py [--hidden 2048] [--tokens 1 16 256] [--seconds 1]
+        [--modes threads inline] [--dtypes float32 bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 import zmq
 import zmq.asyncio
 
 from prism_moe.runtime.transport import ExpertService, LoopThread, SyncPeerPool
+from prism_moe.runtime.wire import encode
+
+MODES = ("threads", "inline", "async")
+
+
+def _frames(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[bytes | memoryview]:
+    return encode(header, tensors)
 
 
 def serve_raw() -> None:
+    """Answer each request with a pre-built expert_result header (matching its size) + the hidden frame."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     sock.bind("tcp://127.0.0.1:*")
     print(sock.get(zmq.LAST_ENDPOINT).decode(), flush=True)
+    reply_header = b""
     try:
         while True:
             frames = sock.recv_multipart(copy=False)
-            if len(frames) == 2 and frames[1].bytes == b"stop":
-                return
-            sock.send_multipart([frames[0], frames[1]], copy=False)  # echo the hidden frame
+            if len(frames) == 2:
+                if frames[1].bytes == b"stop":
+                    return
+                reply_header = frames[1].bytes  # set-up message: the header to answer with
+                sock.send_multipart([frames[0], b"ok"])
+                continue
+            sock.send_multipart([frames[0], reply_header, frames[2]], copy=False)
     finally:
         sock.close(0)
         ctx.term()
 
 
-def serve_prism(hidden: int, handler_kind: str) -> None:
+def serve_prism(hidden: int, mode: str) -> None:
     def identity(layer: int, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return h
 
     async def identity_async(layer: int, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return h
 
-    handler = identity if handler_kind == "sync" else identity_async
+    kw: dict[str, Any] = {"compute_threads": 0} if mode == "inline" else {}
+    handler = identity_async if mode == "async" else identity
     with LoopThread() as lt:
-        svc = ExpertService("tcp://127.0.0.1:*", handler, num_layers=64, num_experts=256, hidden_size=hidden)
+        svc = ExpertService(
+            "tcp://127.0.0.1:*", handler, num_layers=64, num_experts=256, hidden_size=hidden, **kw
+        )
         print(lt.run(svc.start()), flush=True)
         sys.stdin.readline()  # parent closes stdin to stop us
         lt.run(svc.close())
@@ -76,26 +105,30 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--seconds", type=float, default=1.0, help="time budget per size and method")
+    ap.add_argument("--seconds", type=float, default=1.0, help="time budget per size (all methods)")
     ap.add_argument("--min-samples", type=int, default=100)
-    ap.add_argument("--handler", choices=["sync", "async"], default="sync", help="identity handler kind")
-    ap.add_argument("--serve", choices=["raw", "prism"], help=argparse.SUPPRESS)
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=["threads", "inline"], help="handler modes")
+    ap.add_argument("--serve", choices=["raw", *MODES], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve == "raw":
         return serve_raw()
-    if args.serve == "prism":
-        return serve_prism(args.hidden, args.handler)
+    if args.serve:
+        return serve_prism(args.hidden, args.serve)
 
     torch.manual_seed(0)
+    procs: list[subprocess.Popen[str]] = []
     raw_proc, raw_ep = _spawn("--serve", "raw")
-    prism_proc, prism_ep = _spawn("--serve", "prism", "--hidden", str(args.hidden), "--handler", args.handler)
+    procs.append(raw_proc)
     ctx = zmq.Context()
     raw = ctx.socket(zmq.DEALER)
     raw.linger = 0
     raw.connect(raw_ep)
-    pool = SyncPeerPool({"peer": prism_ep}, timeout=10.0, retries=0)
-    client = pool.pool["peer"]
-    lt = pool.loop_thread
+    lt = LoopThread()
+    pools: dict[str, SyncPeerPool] = {}
+    for mode in args.modes:
+        proc, ep = _spawn("--serve", mode, "--hidden", str(args.hidden))
+        procs.append(proc)
+        pools[mode] = SyncPeerPool({"peer": ep}, loop_thread=lt, timeout=10.0, retries=0)
     actx = zmq.asyncio.Context()
     araw = lt.run(_async_socket(actx, raw_ep))
     results = []
@@ -105,37 +138,46 @@ def main() -> None:
             for n in args.tokens:
                 hidden = torch.randn(n, args.hidden).to(dtype)
                 ids = torch.randint(0, 256, (n,))
-                hb = hidden.view(torch.int16).numpy() if dtype == torch.bfloat16 else hidden.numpy()
-                ib = ids.numpy()
+                # the frames PeerClient.call sends (its id has the same msgpack size as ours) and the
+                # header of the service's reply
+                request = _frames(
+                    {"type": "expert_call", "id": 1000, "layer": 0}, {"hidden": hidden, "expert_ids": ids}
+                )
+                reply_header = _frames({"type": "expert_result", "id": 1000, "layer": 0}, {"out": hidden})[0]
+                raw.send_multipart([reply_header])
+                raw.recv_multipart()
 
-                def raw_once(hb=hb, ib=ib) -> float:
+                def raw_once(request: list[Any] = request) -> float:
                     t = time.perf_counter()
-                    raw.send_multipart([hb, ib], copy=False)
+                    raw.send_multipart(request, copy=False)
                     raw.recv_multipart(copy=False)
                     return time.perf_counter() - t
 
-                async def raw_async_once(hb=hb, ib=ib) -> float:
+                async def raw_async_once(request: list[Any] = request) -> float:
                     t = time.perf_counter()
-                    await araw.send_multipart([hb, ib], copy=False)
+                    await araw.send_multipart(request, copy=False)
                     await araw.recv_multipart(copy=False)
                     return time.perf_counter() - t
 
-                async def async_once(hidden=hidden, ids=ids) -> float:
-                    t = time.perf_counter()
-                    await client.call(0, ids, hidden)
-                    return time.perf_counter() - t
-
-                def sync_once(hidden=hidden, ids=ids) -> float:
-                    t = time.perf_counter()
-                    pool.call("peer", 0, ids, hidden)
-                    return time.perf_counter() - t
-
-                methods = {
+                methods: dict[str, Any] = {
                     "raw": raw_once,
                     "raw_asyncio": lambda f=raw_async_once: lt.run(f()),
-                    "async": lambda f=async_once: lt.run(f()),
-                    "sync": sync_once,
                 }
+                for mode, pool in pools.items():
+                    client = pool.pool["peer"]
+
+                    async def async_once(client: Any = client, hidden: Any = hidden, ids: Any = ids) -> float:
+                        t = time.perf_counter()
+                        await client.call(0, ids, hidden)
+                        return time.perf_counter() - t
+
+                    def sync_once(pool: SyncPeerPool = pool, hidden: Any = hidden, ids: Any = ids) -> float:
+                        t = time.perf_counter()
+                        pool.call("peer", 0, ids, hidden)
+                        return time.perf_counter() - t
+
+                    methods[f"async:{mode}"] = lambda f=async_once: lt.run(f())
+                    methods[f"sync:{mode}"] = sync_once
                 samples: dict[str, list[float]] = {m: [] for m in methods}
                 for _ in range(20):  # warm up
                     for f in methods.values():
@@ -153,31 +195,33 @@ def main() -> None:
                         "bytes": hidden.numel() * hidden.element_size(),
                         "samples": len(samples["raw"]),
                         "median_us": {m: round(v, 1) for m, v in med.items()},
-                        "ratio_raw_asyncio": round(med["raw_asyncio"] / med["raw"], 3),
-                        "ratio_async": round(med["async"] / med["raw"], 3),
-                        "ratio_sync": round(med["sync"] / med["raw"], 3),
+                        "ratio": {m: round(v / med["raw"], 3) for m, v in med.items() if m != "raw"},
                     }
                 )
     finally:
         lt.run(_close_async(araw))
-        pool.close()
+        for pool in pools.values():
+            pool.close()
+        lt.close()
         actx.term()
         raw.send_multipart([b"stop"])
         raw.close(0)
         ctx.term()
-        prism_proc.communicate(timeout=10)
+        for p in procs[1:]:
+            p.communicate(timeout=10)
         raw_proc.wait(timeout=10)
+    names = [m for m in results[0]["ratio"]] if results else []
     print(
         json.dumps(
             {
                 "hidden": args.hidden,
-                "handler": args.handler,
+                "modes": args.modes,
+                "cpus": os.cpu_count(),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
                 "sizes": results,
-                "median_ratio_raw_asyncio": round(
-                    statistics.median(r["ratio_raw_asyncio"] for r in results), 3
-                ),
-                "median_ratio_async": round(statistics.median(r["ratio_async"] for r in results), 3),
-                "median_ratio_sync": round(statistics.median(r["ratio_sync"] for r in results), 3),
+                "median_ratio": {
+                    m: round(statistics.median(r["ratio"][m] for r in results), 3) for m in names
+                },
                 "goal_ratio": 1.5,
             },
             indent=2,

@@ -4,6 +4,7 @@ CurveZMQ accept/refuse, link emulation, and the sync facade. Every socket is clo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -18,6 +19,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from prism_moe.runtime import transport
 from prism_moe.runtime.emulation import LinkEmulator, LinkProfile
 from prism_moe.runtime.keys import CurveIdentity, load_identity, make_cluster_keys
 from prism_moe.runtime.transport import (
@@ -561,3 +563,151 @@ def test_emulated_link_adds_at_least_the_configured_time() -> None:
                 assert time.monotonic() - t0 >= 3 * per_call * 0.5 + per_call * 0.5
 
     run(main())
+
+
+# ------------------------------------------------------------------------------- execution modes
+
+
+def test_inline_mode_runs_sync_handlers_on_the_loop_with_all_checks() -> None:
+    threads: list[str] = []
+
+    def picky(layer: int, ids: torch.Tensor, hidden: torch.Tensor) -> Any:
+        threads.append(threading.current_thread().name)
+        if layer == 0:
+            raise ValueError("boom")
+        if layer == 1:
+            return hidden[:-1]
+        if layer == 2:
+            raise ServiceError("not_held", "moved away")
+        return known(layer, ids, hidden)
+
+    def load(header: dict, tensors: dict) -> tuple[dict, dict]:  # sync control handler: off the loop
+        return {"on": threading.current_thread().name}, {}
+
+    async def main() -> None:
+        async with serving(picky, compute_threads=0) as svc, pool_of({"srv": svc.endpoint}) as pool:
+            assert svc.inline
+            svc.on("load_expert", load)
+            loop_thread = threading.current_thread().name
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                ids, x = batch(6, dtype)
+                assert torch.equal(await pool.call("srv", 3, ids, x), known(3, ids, x))
+            for layer, code in [
+                (0, "handler_error"),
+                (1, "handler_error"),
+                (2, "not_held"),
+                (L, "bad_request"),
+            ]:
+                with pytest.raises(RemoteError) as e:
+                    await pool.call("srv", layer, ids, x)
+                assert e.value.code == code
+            assert set(threads) == {loop_thread}  # inline: no worker thread
+            header, _ = await pool["srv"].request("load_expert", {"layer": 0, "expert": 1})
+            assert header["on"] != loop_thread
+            ids, x = batch(3)
+            outs = await asyncio.gather(*(pool.call("srv", 3, ids, x) for _ in range(10)))
+            assert all(torch.equal(o, known(3, ids, x)) for o in outs)
+            assert svc.stats.expert_calls == 3 + 3 + 10 and svc.stats.compute_s_sum > 0
+            assert await pool["srv"].ping() > 0
+
+    run(main())
+
+
+def test_thread_mode_runs_sync_handlers_in_the_pool_and_bounds_inflight() -> None:
+    names: list[str] = []
+
+    def slow(layer: int, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        names.append(threading.current_thread().name)
+        time.sleep(0.1)
+        return known(layer, ids, hidden)
+
+    async def main() -> None:
+        async with serving(slow, name="tm", compute_threads=4, max_inflight=2) as svc:
+            assert not svc.inline
+            async with pool_of({"srv": svc.endpoint}) as pool:
+                inputs = [batch(2, seed=i) for i in range(6)]
+                t0 = time.monotonic()
+                outs = await asyncio.gather(*(pool.call("srv", 1, ids, x) for ids, x in inputs))
+                elapsed = time.monotonic() - t0
+                assert all(torch.equal(o, known(1, i, x)) for o, (i, x) in zip(outs, inputs, strict=True))
+                assert elapsed >= 3 * 0.1 * 0.95  # max_inflight=2 holds although 4 threads are free
+                assert all(n.startswith("experts-tm") for n in names)
+
+    run(main())
+    with pytest.raises(ValueError, match="compute_threads"):
+        ExpertService(
+            "tcp://127.0.0.1:*", known, num_layers=L, num_experts=E, hidden_size=H, compute_threads=-1
+        )
+
+
+def test_service_close_with_a_handler_still_running_in_a_thread() -> None:
+    started = threading.Event()
+
+    def slow(layer: int, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        started.set()
+        time.sleep(0.3)
+        return hidden
+
+    async def main() -> None:
+        async with serving(slow) as svc, pool_of({"srv": svc.endpoint}, timeout=1.0, retries=0) as pool:
+            ids, x = batch()
+            call = asyncio.create_task(pool.call("srv", 0, ids, x))
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            await svc.close()  # the late result is dropped, nothing breaks
+            with pytest.raises(PeerUnavailable):
+                await call
+            await asyncio.sleep(0.4)  # the worker finishes after the close
+
+    run(main())
+
+
+def test_reply_between_a_deadline_and_its_retry_is_kept() -> None:
+    async def main() -> None:
+        async with serving() as svc, PeerClient("srv", svc.endpoint) as client:
+            loop = asyncio.get_running_loop()
+            expired = loop.create_future()
+            expired.set_exception(transport._AttemptExpired())
+            client._pending[7] = expired
+            client._deliver(7, ({"type": "pong", "id": 7}, {}, 10))
+            kept = client._pending.pop(7)
+            assert kept is not expired and kept.result()[0]["id"] == 7
+            client._deliver(8, ({"type": "pong", "id": 8}, {}, 10))  # nobody waits for 8
+            assert client.stats.unmatched_replies == 1
+            expired.exception()
+
+    run(main())
+
+
+def test_loop_thread_submit_results_errors_and_cancellation() -> None:
+    async def add(a: int, b: int) -> int:
+        await asyncio.sleep(0)
+        return a + b
+
+    async def fail() -> None:
+        raise KeyError("nope")
+
+    cancelled = threading.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def cancel_self() -> None:
+        raise asyncio.CancelledError
+
+    with LoopThread() as lt:
+        assert lt.submit(add(2, 3)).result(5) == 5
+        with pytest.raises(KeyError, match="nope"):
+            lt.run(fail())
+        f = lt.submit(forever())
+        time.sleep(0.05)
+        assert f.cancel()
+        assert cancelled.wait(5)
+        with pytest.raises(concurrent.futures.CancelledError):  # as with run_coroutine_threadsafe
+            lt.submit(cancel_self()).result(5)
+        with pytest.raises(TimeoutError):
+            lt.run(forever(), timeout=0.05)

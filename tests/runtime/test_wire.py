@@ -81,6 +81,31 @@ def test_decode_of_read_only_bytes_copies_without_warning(recwarn: pytest.Warnin
     assert not [w for w in recwarn if "not writable" in str(w.message)]
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_decode_copies_misaligned_writable_frames(dtype: torch.dtype) -> None:
+    x = _sample(dtype, (4, 3))
+    frames = encode({"type": "ping", "id": 1}, {"x": x})
+    raw = bytearray(1 + len(bytes(frames[1])))
+    raw[1:] = bytes(frames[1])
+    _, tensors = decode([frames[0], memoryview(raw)[1:]])  # writable, but off by one byte
+    y = tensors["x"]
+    assert y.dtype == dtype and y.data_ptr() % dtype.itemsize == 0 and _raw_bytes(y) == _raw_bytes(x)
+
+
+def test_validate_checks_expert_ids_of_long_batches_too() -> None:
+    # short batches are checked through a list, long ones with a torch reduction: same answers
+    for n in (3, 64, 65, 300):
+        ids = torch.randint(0, 4, (n,))
+        h, t = _call(hidden=torch.randn(n, 8), ids=ids)
+        assert validate_expert_call(h, t, 4, 4, 8)[1].shape == (n,)
+        for bad in (4, -1):
+            ids_bad = ids.clone()
+            ids_bad[n // 2] = bad
+            h, t = _call(hidden=torch.randn(n, 8), ids=ids_bad)
+            with pytest.raises(WireError, match="expert ids must be in"):
+                validate_expert_call(h, t, 4, 4, 8)
+
+
 def test_special_tensors_and_order() -> None:
     t = {
         "noncontig": torch.arange(12, dtype=torch.int64).view(3, 4).t(),
@@ -146,7 +171,7 @@ def test_error_tensor_descriptors() -> None:
     assert "tensor name" in str(_err([_header(tensors=[_desc(name="")]), four]))
     assert "tensor name" in str(_err([_header(tensors=[_desc(name=3)]), four]))
     assert "duplicate" in str(_err([_header(tensors=[_desc(), _desc()]), four, four]))
-    for dtype in ["float64", "object", "uint8", None]:
+    for dtype in ["float64", "object", "uint8", None, [1], {"a": 1}]:  # unhashable ones too
         assert "not allowed" in str(_err([_header(tensors=[_desc(dtype=dtype)]), four]))
     assert "shape must be a list" in str(_err([_header(tensors=[_desc(shape="2,2")]), four]))
     assert "non-integer" in str(_err([_header(tensors=[_desc(shape=[2, 2.0])]), four]))

@@ -2,7 +2,8 @@
 
 Threading model: every socket lives on one asyncio event loop (selector-based: the default on Linux and
 macOS), driven through ZeroMQ's edge-triggered FD (`_LoopSocket`; lighter than `zmq.asyncio`). Sync
-expert handlers run in a thread pool so the loop keeps receiving and replying while experts compute.
+expert handlers run in a thread pool so the loop keeps receiving and replying while experts compute,
+or, for tiny CPU compute, inline on the loop (`ExpertService(compute_threads=0)`).
 Code that is not async (the model's forward runs in a normal thread) uses `LoopThread` (a loop in a
 daemon thread) and `SyncPeerPool`, whose methods return `concurrent.futures.Future`s or block.
 
@@ -19,6 +20,7 @@ import inspect
 import itertools
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -63,6 +65,18 @@ ControlHandler = Callable[[dict[str, Any], dict[str, torch.Tensor]], "ControlRep
 MAX_REMOTE_MESSAGE = 2000  # chars of a peer's error message we keep
 # plain ints: pyzmq's enum flags cost microseconds per operation on the hot path
 _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
+_NOBLOCK_MORE, _EVENTS = int(zmq.NOBLOCK | zmq.SNDMORE), int(zmq.EVENTS)
+# The backend's per-frame send/recv/get, called directly: pyzmq's Python-level `send_multipart` and
+# `recv_multipart` wrappers (type checks, enum flags, RCVMORE lookups) cost ~4x the socket calls
+# themselves for a 3-frame message.
+if issubclass(zmq.Socket, zmq.backend.Socket):
+    _send_frame, _recv_frame, _sockopt = (
+        zmq.backend.Socket.send,
+        zmq.backend.Socket.recv,
+        zmq.backend.Socket.get,
+    )
+else:  # pragma: no cover - a pyzmq whose sugar Socket is not built on its backend's
+    _send_frame, _recv_frame, _sockopt = zmq.Socket.send, zmq.Socket.recv, zmq.Socket.get
 
 
 class TransportError(Exception):
@@ -141,14 +155,17 @@ class PeerStats:
     recent_latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=1024), repr=False)
 
     def record(self, ev: CallEvent) -> None:
+        self._add(ev.outcome, ev.latency_s)
+
+    def _add(self, outcome: str, latency_s: float) -> None:
         self.calls += 1
-        if ev.outcome == "ok":
+        if outcome == "ok":
             self.ok += 1
-            self.latency_sum_s += ev.latency_s
-            self.recent_latencies_s.append(ev.latency_s)
-        elif ev.outcome == "error":
+            self.latency_sum_s += latency_s
+            self.recent_latencies_s.append(latency_s)
+        elif outcome == "error":
             self.errors += 1
-        elif ev.outcome == "unavailable":
+        elif outcome == "unavailable":
             self.unavailable += 1
 
     def latency_quantile(self, q: float) -> float | None:
@@ -200,7 +217,7 @@ class _LoopSocket:
         self._loop = asyncio.get_running_loop()
         self._fd = sock.get(zmq.FD)
         self._waiters: list[asyncio.Future[None]] = []
-        self._scheduled = self._closed = False
+        self._scheduled = self._closed = self._processing = False
         self._loop.add_reader(self._fd, self._process)
         self.kick()  # messages may already be queued
 
@@ -212,46 +229,64 @@ class _LoopSocket:
 
     def _process(self) -> None:
         self._scheduled = False
-        for _ in range(self.MAX_BATCH):
-            if self._closed:
-                return
-            events = self.sock.get(zmq.EVENTS)
-            if events & _POLLOUT and self._waiters:
-                for w in self._waiters:
-                    if not w.done():
-                        w.set_result(None)
-                self._waiters.clear()
-            if not events & _POLLIN or not self._can_read():
-                return
-            try:
-                frames = self.sock.recv_multipart(_NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                self._on_message(frames)
-            except Exception:
-                log.exception("message handler failed")
+        sock = self.sock
+        self._processing = True  # sends made by on_message need no ZMQ_EVENTS check: we re-check below
+        try:
+            for _ in range(self.MAX_BATCH):
+                if self._closed:
+                    return
+                events = _sockopt(sock, _EVENTS)
+                if events & _POLLOUT and self._waiters:
+                    for w in self._waiters:
+                        if not w.done():
+                            w.set_result(None)
+                    self._waiters.clear()
+                if not events & _POLLIN or not self._can_read():
+                    return
+                try:
+                    frame = _recv_frame(sock, _NOBLOCK, False, False)
+                    frames = [frame]
+                    while frame.more:  # the other parts of a multipart message are there already
+                        frame = _recv_frame(sock, _NOBLOCK, False, False)
+                        frames.append(frame)
+                except zmq.Again:
+                    return
+                try:
+                    self._on_message(frames)
+                except Exception:
+                    log.exception("message handler failed")
+        finally:
+            self._processing = False
         self.kick()  # more queued: continue after other callbacks had a turn
+
+    def try_send(self, frames: list[Any]) -> bool:
+        """Send one multipart message if ZeroMQ can take it now; False (nothing sent) if it cannot."""
+        sock, last = self.sock, len(frames) - 1
+        try:
+            # multipart is atomic: if the first part is accepted, so are the others
+            for i, f in enumerate(frames):
+                _send_frame(sock, f, _NOBLOCK_MORE if i < last else _NOBLOCK, False, False)
+        except zmq.Again:
+            return False
+        if not self._processing:  # (_process looks at ZMQ_EVENTS again anyway)
+            events = _sockopt(sock, _EVENTS)  # the send may have eaten the FD signal for queued input
+            if events & _POLLIN or (events & _POLLOUT and self._waiters):
+                self.kick()
+        return True
 
     async def send(self, frames: list[Any]) -> None:
         """Send one multipart message, waiting (cancellably) while ZeroMQ cannot take it."""
-        while True:
-            try:
-                # multipart is atomic: if the first part is accepted, so are the others
-                self.sock.send_multipart(frames, _NOBLOCK, copy=False)
-                break
-            except zmq.Again:
-                w = self._loop.create_future()
-                self._waiters.append(w)
-                self.kick()
-                try:
-                    await w
-                finally:
-                    if w in self._waiters:
-                        self._waiters.remove(w)
-        events = self.sock.get(zmq.EVENTS)  # the send may have eaten the FD signal for queued input
-        if events & _POLLIN or (events & _POLLOUT and self._waiters):
+        while not self.try_send(frames):
+            if self._closed:
+                raise _SocketClosed("socket closed")
+            w = self._loop.create_future()
+            self._waiters.append(w)
             self.kick()
+            try:
+                await w
+            finally:
+                if w in self._waiters:
+                    self._waiters.remove(w)
 
     def close(self) -> None:
         if self._closed:
@@ -278,6 +313,14 @@ class ExpertService:
     writing into them; the returned tensor must not be modified after return (it is sent zero-copy).
     Up to `max_inflight` requests are served concurrently; beyond that the socket is not read, so
     ZeroMQ's queues push back on senders.
+
+    Execution of sync handlers: `compute_threads` worker threads (default 1) or your `executor`, so the
+    loop keeps receiving and replying while experts compute; this is the mode for GPU or otherwise
+    non-trivial compute. `compute_threads=0` (and no `executor`) selects *inline* mode: the handler
+    runs on the event loop, in the socket's read callback, saving the two thread hops (~0.1-0.3 ms a
+    call on a loaded box). Use it only when a call computes in well under a millisecond (tiny CPU
+    models, tests, benchmarks): while it runs, nothing else on that loop moves, including the clients
+    of a `PeerPool` sharing the `LoopThread`, and requests are served one at a time.
     """
 
     def __init__(
@@ -298,9 +341,14 @@ class ExpertService:
         self.address, self.handler, self.name = address, handler, name
         self.num_layers, self.num_experts, self.hidden_size = num_layers, num_experts, hidden_size
         self.identity, self.limits, self.max_inflight = identity, limits, max_inflight
+        if compute_threads < 0:
+            raise ValueError(f"compute_threads must be >= 0, got {compute_threads}")
         self._own_executor = executor is None
         self._executor: Executor | None = executor
         self._compute_threads = compute_threads
+        self._async_of: tuple[Any, bool] = (None, False)  # (handler, is it async), cached
+        self._inflight = 0  # requests waiting for a worker thread or a task
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._control: dict[str, ControlHandler] = {}
         self.stats = ServiceStats()
         self._ctx: zmq.Context | None = None
@@ -309,6 +357,11 @@ class ExpertService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._endpoint = ""
+
+    @property
+    def inline(self) -> bool:
+        """Sync expert handlers run on the event loop itself (`compute_threads=0`, no `executor`)."""
+        return self._executor is None and self._compute_threads == 0
 
     @property
     def endpoint(self) -> str:
@@ -348,11 +401,12 @@ class ExpertService:
             ctx.term()
             raise
         self._ctx = ctx
-        if self._executor is None:
+        if self._executor is None and self._compute_threads > 0:
             self._executor = ThreadPoolExecutor(
                 self._compute_threads, thread_name_prefix=f"experts-{self.name}"
             )
-        self._io = _LoopSocket(sock, self._on_message, lambda: len(self._tasks) < self.max_inflight)
+        self._loop = asyncio.get_running_loop()
+        self._io = _LoopSocket(sock, self._on_message, lambda: self._inflight < self.max_inflight)
         log.info(
             "expert service %r serving on %s (curve=%s)", self.name, self._endpoint, self.identity is not None
         )
@@ -387,89 +441,183 @@ class ExpertService:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _on_message(self, frames: list[zmq.Frame]) -> None:
-        task = asyncio.create_task(self._serve(frames))
-        self._tasks.add(task)
-        task.add_done_callback(self._served)
+    # The request path. Everything that can finish without waiting is done right in the socket's read
+    # callback (no task): decoding, validation, errors, pings, empty batches and, in inline mode, the
+    # handler itself. A sync handler in thread mode goes to the executor, whose completion comes back
+    # with one `call_soon_threadsafe`; async handlers and control messages get a task.
 
-    def _served(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if self._io is not None:
-            self._io.kick()  # reading may have paused at max_inflight
-        if not task.cancelled() and task.exception() is not None:
-            log.error("expert service %r: request task failed", self.name, exc_info=task.exception())
-
-    async def _serve(self, frames: list[Any]) -> None:
-        self.stats.requests += 1
+    def _on_message(self, frames: list[Any]) -> None:
+        stats = self.stats
+        stats.requests += 1
         if len(frames) < 2:
             return  # only a routing id: nothing to answer
         # ROUTER prepends the sender's routing id; REQ senders also add an empty delimiter frame
         n_env = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
         route, body = frames[:n_env], frames[n_env:]
-        self.stats.bytes_received += frames_nbytes(body)
+        stats.bytes_received += frames_nbytes(body)
         rid = 0  # id 0 = unattributable; clients number requests from 1
         try:
             header, tensors = decode(body, self.limits)
             rid = header["id"]
-            reply = await self._dispatch(header, tensors)
-        except WireError as e:
-            rid = e.request_id if e.request_id is not None else rid
-            reply = self._error(rid, e.code, str(e))
-        except ServiceError as e:
-            reply = self._error(rid, e.code, e.message)
-        except Exception as e:  # a handler bug must not take the service down
-            log.exception("expert service %r: handler failed", self.name)
-            reply = self._error(rid, HANDLER_ERROR, f"{type(e).__name__}: {e}")
-        if self._io is None or self._closing:
+            mtype = header["type"]
+            if mtype == EXPERT_CALL:
+                layer, ids, hidden = validate_expert_call(
+                    header, tensors, self.num_layers, self.num_experts, self.hidden_size
+                )
+                stats.expert_calls += 1
+                n = hidden.shape[0]
+                stats.tokens += n
+                if n == 0:
+                    reply = self._result(rid, layer, hidden)
+                elif self._handler_is_async():
+                    self._spawn(self._serve_async(route, rid, layer, ids, hidden))
+                    return
+                elif self._executor is None:  # inline: the handler runs here, on the loop
+                    t0 = time.perf_counter()
+                    try:
+                        out = _call_checked(self.handler, layer, ids, hidden)
+                    finally:
+                        stats.compute_s_sum += time.perf_counter() - t0
+                    reply = self._result(rid, layer, out)
+                else:
+                    job = self._executor.submit(_call_checked, self.handler, layer, ids, hidden)
+                    self._inflight += 1
+                    job.add_done_callback(
+                        partial(self._computed_threadsafe, route, rid, layer, time.perf_counter())
+                    )
+                    return
+            elif mtype == PING:
+                reply = encode({"type": PONG, "id": rid, "server": self.name, "inflight": self._inflight})
+            else:
+                handler = self._control.get(mtype)
+                if handler is None:
+                    raise ServiceError(UNSUPPORTED, f"{mtype!r} messages are not served by this endpoint")
+                self._spawn(self._serve_control(route, handler, header, tensors))
+                return
+        except Exception as e:
+            reply = self._failure(rid, e)
+        self._reply(route, rid, reply)
+
+    def _result(self, rid: int, layer: int, out: torch.Tensor) -> list[bytes | memoryview]:
+        return encode({"type": EXPERT_RESULT, "id": rid, "layer": layer}, {"out": out}, self.limits)
+
+    def _handler_is_async(self) -> bool:
+        handler = self.handler  # public attribute: look again if it was replaced
+        if handler is not self._async_of[0]:
+            self._async_of = (handler, _is_async(handler))
+        return self._async_of[1]
+
+    def _failure(self, rid: int, e: Exception) -> list[bytes | memoryview]:
+        """The error reply for an exception raised while serving request `rid`."""
+        if isinstance(e, WireError):
+            return self._error(e.request_id if e.request_id is not None else rid, e.code, str(e))
+        if isinstance(e, ServiceError):
+            return self._error(rid, e.code, e.message)
+        # a handler bug must not take the service down
+        log.error("expert service %r: handler failed", self.name, exc_info=e)
+        return self._error(rid, HANDLER_ERROR, f"{type(e).__name__}: {e}")
+
+    def _reply(self, route: list[Any], rid: int, reply: list[bytes | memoryview]) -> None:
+        io = self._io
+        if io is None or self._closing:
             return
+        frames = [*route, *reply]
         try:
-            await self._io.send([*route, *reply])
+            if not io.try_send(frames):  # a ROUTER does not block; just in case
+                self._spawn(self._send_later(rid, frames, frames_nbytes(reply)))
+                return
             self.stats.bytes_sent += frames_nbytes(reply)
         except (zmq.ZMQError, _SocketClosed) as e:
             log.warning("expert service %r: reply to request %d failed: %s", self.name, rid, e)
+
+    async def _send_later(self, rid: int, frames: list[Any], nbytes: int) -> None:
+        if self._io is None or self._closing:
+            return
+        try:
+            await self._io.send(frames)
+            self.stats.bytes_sent += nbytes
+        except (zmq.ZMQError, _SocketClosed) as e:
+            log.warning("expert service %r: reply to request %d failed: %s", self.name, rid, e)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._inflight += 1
+        self._tasks.add(task)
+        task.add_done_callback(self._served)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._done_one()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("expert service %r: request task failed", self.name, exc_info=task.exception())
+
+    def _done_one(self) -> None:
+        self._inflight -= 1
+        if self._io is not None:
+            self._io.kick()  # reading may have paused at max_inflight
+
+    async def _serve_async(
+        self, route: list[Any], rid: int, layer: int, ids: torch.Tensor, hidden: torch.Tensor
+    ) -> None:
+        t0 = time.perf_counter()
+        try:
+            out = _checked_output(await self.handler(layer, ids, hidden), hidden)  # type: ignore[misc]
+            reply = self._result(rid, layer, out)
+        except Exception as e:
+            reply = self._failure(rid, e)
+        finally:
+            self.stats.compute_s_sum += time.perf_counter() - t0
+        self._reply(route, rid, reply)
+
+    def _computed_threadsafe(
+        self, route: list[Any], rid: int, layer: int, t0: float, job: concurrent.futures.Future[Any]
+    ) -> None:
+        """Done callback of a handler run in the executor (runs in the worker thread): back to the loop."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._computed, route, rid, layer, t0, job)
+        except RuntimeError:
+            pass  # the loop is closed: nobody to reply to
+
+    def _computed(
+        self, route: list[Any], rid: int, layer: int, t0: float, job: concurrent.futures.Future[Any]
+    ) -> None:
+        self.stats.compute_s_sum += time.perf_counter() - t0
+        self._done_one()
+        if self._closing or job.cancelled():
+            return
+        try:
+            reply = self._result(rid, layer, job.result())
+        except Exception as e:
+            reply = self._failure(rid, e)
+        self._reply(route, rid, reply)
+
+    async def _serve_control(
+        self,
+        route: list[Any],
+        handler: ControlHandler,
+        header: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+    ) -> None:
+        rid = header["id"]
+        try:
+            fields, out_tensors = await self._run(handler, header, tensors)
+            reply = encode({**fields, "type": ACK, "id": rid}, out_tensors, self.limits)
+        except Exception as e:
+            reply = self._failure(rid, e)
+        self._reply(route, rid, reply)
 
     def _error(self, rid: int, code: str, message: str) -> list[bytes | memoryview]:
         self.stats.errors[code] += 1
         return encode({"type": ERROR, "id": rid, "code": code, "message": message[:MAX_REMOTE_MESSAGE]})
 
-    async def _dispatch(
-        self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> list[bytes | memoryview]:
-        mtype, rid = header["type"], header["id"]
-        if mtype == EXPERT_CALL:
-            layer, ids, hidden = validate_expert_call(
-                header, tensors, self.num_layers, self.num_experts, self.hidden_size
-            )
-            self.stats.expert_calls += 1
-            self.stats.tokens += hidden.shape[0]
-            out = await self._compute(layer, ids, hidden)
-            return encode({"type": EXPERT_RESULT, "id": rid, "layer": layer}, {"out": out}, self.limits)
-        if mtype == PING:
-            return encode({"type": PONG, "id": rid, "server": self.name, "inflight": len(self._tasks)})
-        handler = self._control.get(mtype)
-        if handler is None:
-            raise ServiceError(UNSUPPORTED, f"{mtype!r} messages are not served by this endpoint")
-        fields, out_tensors = await self._run(handler, header, tensors)
-        return encode({**fields, "type": ACK, "id": rid}, out_tensors, self.limits)
-
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         if _is_async(fn):
             return await fn(*args)
+        # inline mode has no executor of its own: control handlers (rare, maybe slow: loading weights)
+        # still run off the loop, in its default executor
         result = await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
         return await result if inspect.isawaitable(result) else result
-
-    async def _compute(self, layer: int, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[0] == 0:
-            return hidden
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        if _is_async(self.handler):
-            out = _checked_output(await self.handler(layer, ids, hidden), hidden)
-        else:
-            # the device->host copy in _checked_output also runs in the pool, off the loop
-            out = await loop.run_in_executor(self._executor, _call_checked, self.handler, layer, ids, hidden)
-        self.stats.compute_s_sum += loop.time() - t0
-        return out
 
 
 def _checked_output(out: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -479,6 +627,8 @@ def _checked_output(out: Any, hidden: torch.Tensor) -> torch.Tensor:
         raise ServiceError(
             HANDLER_ERROR, f"handler returned shape {list(out.shape)} for hidden {list(hidden.shape)}"
         )
+    if out.dtype is hidden.dtype and out.is_cpu and not out.requires_grad:
+        return out  # the common case, without the cost of a no-op .detach().to()
     return out.detach().to(device="cpu", dtype=hidden.dtype)
 
 
@@ -627,25 +777,34 @@ class PeerClient:
         if timeout <= 0 or retries < 0:
             raise ValueError(f"need timeout > 0 and retries >= 0, got {timeout}, {retries}")
         rid = next(self._ids)
-        frames = encode({**(fields or {}), "type": msg_type, "id": rid}, tensors, self.limits)
+        header_fields = {**fields, "type": msg_type, "id": rid} if fields else {"type": msg_type, "id": rid}
+        frames = encode(header_fields, tensors, self.limits)
         nbytes = frames_nbytes(frames)
-        hidden = (tensors or {}).get("hidden")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending[rid] = fut
+        io, pending, stats = self._io, self._pending, self.stats
         t0, attempts, sent, received, outcome = loop.time(), 0, 0, 0, "cancelled"
+        # One waiter future per attempt, in `_pending[rid]`, armed with a plain timer for the attempt's
+        # deadline (cheaper than asyncio.timeout + shield). A reply to any attempt resolves whichever
+        # waiter is current; one that lands after a deadline fired is kept for the next attempt.
         try:
             while True:
                 attempts += 1
+                w: asyncio.Future[Any] = loop.create_future()
+                pending[rid] = w
+                deadline = loop.time() + timeout
                 try:
-                    async with asyncio.timeout(timeout):
-                        if self.link is not None:
-                            await self.link.transfer("up", nbytes)
-                        await self._io.send(frames)
-                        sent += nbytes
-                        self.stats.bytes_sent += nbytes
-                        # shield: a timed-out attempt must not cancel the future a retry waits on
-                        header, rtensors, received = await asyncio.shield(fut)
+                    if self.link is not None or not io.try_send(frames):
+                        async with asyncio.timeout_at(deadline):
+                            if self.link is not None:
+                                await self.link.transfer("up", nbytes)
+                            await io.send(frames)
+                    sent += nbytes
+                    stats.bytes_sent += nbytes
+                    timer = loop.call_at(deadline, _expire, w)
+                    try:
+                        header, rtensors, received = await w
+                    finally:
+                        timer.cancel()
                     break
                 except (zmq.ZMQError, _SocketClosed) as e:
                     outcome = "unavailable"
@@ -657,7 +816,16 @@ class PeerClient:
                         endpoint=self.endpoint,
                         reason=reason,
                     ) from None
-                except TimeoutError:
+                except (TimeoutError, _AttemptExpired):
+                    # a reply that arrived after the deadline fired, or while a send was waiting
+                    late = pending.get(rid)
+                    if late is not None and late.done() and not late.cancelled():
+                        exc = late.exception()
+                        if exc is None:
+                            header, rtensors, received = late.result()
+                            break
+                        if not isinstance(exc, _AttemptExpired):
+                            raise exc from None
                     if attempts > retries:
                         outcome = "unavailable"
                         raise PeerUnavailable(
@@ -667,7 +835,7 @@ class PeerClient:
                             endpoint=self.endpoint,
                             reason=f"no reply within {timeout}s per attempt",
                         ) from None
-                    self.stats.retries += 1
+                    stats.retries += 1
             if header["type"] == ERROR:
                 outcome = "error"
                 raise RemoteError(
@@ -685,24 +853,29 @@ class PeerClient:
             outcome = "unavailable"
             raise
         finally:
-            self._pending.pop(rid, None)
-            if not fut.done():
-                fut.cancel()
-            elif not fut.cancelled():
-                fut.exception()  # a failure nobody awaits any more must not be logged as unretrieved
-            ev = CallEvent(
-                peer=self.name,
-                type=msg_type,
-                layer=(fields or {}).get("layer"),
-                tokens=0 if hidden is None else int(hidden.shape[0]),
-                bytes_sent=sent,
-                bytes_received=received,
-                latency_s=loop.time() - t0,
-                attempts=attempts,
-                outcome=outcome,
-            )
-            self.stats.record(ev)
-            if self.on_call is not None:
+            fut = pending.pop(rid, None)
+            if fut is not None:
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()  # a failure nobody awaits any more must not be logged as unretrieved
+            latency = loop.time() - t0
+            if self.on_call is None:
+                stats._add(outcome, latency)
+            else:
+                hidden = tensors.get("hidden") if tensors else None
+                ev = CallEvent(
+                    peer=self.name,
+                    type=msg_type,
+                    layer=fields.get("layer") if fields else None,
+                    tokens=0 if hidden is None else int(hidden.shape[0]),
+                    bytes_sent=sent,
+                    bytes_received=received,
+                    latency_s=latency,
+                    attempts=attempts,
+                    outcome=outcome,
+                )
+                stats.record(ev)
                 try:
                     self.on_call(ev)
                 except Exception:
@@ -718,16 +891,38 @@ class PeerClient:
             result = (header, tensors, nbytes)
         except WireError as e:
             rid, result = e.request_id, RemoteError(self.name, BAD_REPLY, str(e))
-        fut = self._pending.get(rid) if rid is not None else None
-        if fut is None or fut.done():
+        if rid is None or rid not in self._pending:
             self.stats.unmatched_replies += 1
             return
         if self.link is not None:
             # the reply "arrives" once the emulated downlink has carried it
             loop = asyncio.get_running_loop()
-            loop.call_at(self.link.reserve("down", nbytes, loop.time()), _resolve, fut, result)
+            loop.call_at(self.link.reserve("down", nbytes, loop.time()), self._deliver, rid, result)
         else:
-            _resolve(fut, result)
+            self._deliver(rid, result)
+
+    def _deliver(self, rid: int, result: Any) -> None:
+        w = self._pending.get(rid)
+        if w is None:
+            self.stats.unmatched_replies += 1
+        elif not w.done():
+            _resolve(w, result)
+        elif not w.cancelled() and isinstance(w.exception(), _AttemptExpired):
+            # the attempt's deadline just fired and its retry has not started yet: keep the reply for it
+            kept = w.get_loop().create_future()
+            _resolve(kept, result)
+            self._pending[rid] = kept
+        else:
+            self.stats.unmatched_replies += 1
+
+
+class _AttemptExpired(Exception):
+    """Set on a request's waiter when its attempt's deadline passes."""
+
+
+def _expire(w: asyncio.Future[Any]) -> None:
+    if not w.done():
+        w.set_exception(_AttemptExpired())
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
@@ -896,7 +1091,11 @@ class LoopThread:
         if self._closed:
             coro.close()
             raise RuntimeError("LoopThread is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        # like asyncio.run_coroutine_threadsafe, with less machinery: one handle to start a task, one
+        # done callback to hand its outcome over, and cancellation forwarded from the caller's side
+        cf: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.loop.call_soon_threadsafe(_start_task, self.loop, coro, cf)
+        return cf
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if threading.current_thread() is self._thread:
@@ -922,6 +1121,47 @@ class LoopThread:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _start_task(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], cf: concurrent.futures.Future[T]
+) -> None:
+    if cf.cancelled():
+        coro.close()
+        return
+    try:
+        task = loop.create_task(coro)
+    except BaseException as e:  # pragma: no cover - create_task failing (loop closing)
+        coro.close()
+        if cf.set_running_or_notify_cancel():
+            cf.set_exception(e)
+        raise
+    task.add_done_callback(partial(_task_done, cf))
+    cf.add_done_callback(partial(_forward_cancel, loop, task))
+
+
+def _task_done(cf: concurrent.futures.Future[T], task: asyncio.Task[T]) -> None:
+    if task.cancelled():
+        cf.cancel()
+        return
+    if not cf.set_running_or_notify_cancel():
+        task.exception()  # cf was cancelled: the outcome is not wanted
+        return
+    exc = task.exception()
+    if exc is None:
+        cf.set_result(task.result())
+    else:
+        cf.set_exception(exc)
+
+
+def _forward_cancel(
+    loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], cf: concurrent.futures.Future[Any]
+) -> None:
+    if cf.cancelled() and not task.done():
+        try:
+            loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:
+            pass  # the loop is closed
 
 
 class SyncPeerPool:
