@@ -11,6 +11,10 @@ from prism_moe import __version__
 
 # Command modules, in the order `prism --help` lists them.
 COMMAND_MODULES = [
+    "demo",
+    "place",
+    "simulate",
+    "experiment",
     "serve",
     "tiny",
 ]

@@ -78,9 +78,9 @@ class LatencyModel:
     """The estimate J. tokens[s]: int [L, N, k]; groups[s]: bool [L, G, E] (experts a sampled decode
     batch uses); call_cost, pre_tok_s, pre_fixed, tok_s: float [S, S]; expert_read_s: float [S].
 
-    wait: float [S, S], set by `set_load` for a placement: the mean wait of a message on link a -> b
-    behind prompt (prefill) transfers, an M/G/1 queue fed by every server's prefill calls and replies
-    (links are FIFO: a decode call queues behind a prompt's hidden states).
+    wait: float [S, S], set by `set_load` for a placement: the mean wait of s's call to p (both ways)
+    behind p's prompt (prefill) transfers, as an M/G/1 queue (links are FIFO: a decode call queues
+    behind a prompt's hidden states).
     """
 
     tokens: list[np.ndarray]
@@ -104,7 +104,7 @@ class LatencyModel:
     @property
     def dec_cost(self) -> np.ndarray:
         """A decode call's cost s -> p with the queueing on both directions: float [S, S]."""
-        c = self.call_cost + self.wait + self.wait.T
+        c = self.call_cost + self.wait
         np.fill_diagonal(c, 0.0)
         return c
 
@@ -117,62 +117,60 @@ class LatencyModel:
         return np.bincount(srt[first], minlength=len(self.rate)) / tgt.shape[0]
 
     def set_load(self, hosts: np.ndarray, route: np.ndarray | None = None) -> None:
-        """Queueing on the links for this placement (see `wait`)."""
+        """Queueing on the links for this placement (see `wait`).
+
+        s's decode call to p and p's reply overlap only p's prompt transfers (s's own prompts run in
+        s's own steps, never during its decode): on s -> p the replies to p's prompt calls, on p -> s
+        p's prompt calls. wait[s, p] is their M/G/1 mean wait; the call pays wait[s, p] once.
+        """
         route = self.routes(hosts) if route is None else route
         s_n, layers, _ = hosts.shape
-        m1 = np.zeros((s_n, s_n))  # sum of rate x size  (utilisation)
-        m2 = np.zeros((s_n, s_n))  # sum of rate x size^2
-        for s in range(s_n):
+        self.q = np.array([[self._q(p, l, route[p, l]) for l in range(layers)] for p in range(s_n)])  # [S, L, S]
+        m1 = np.zeros((s_n, s_n))  # m[s, p]: sum over p's prompt messages that s's call meets, rate x size
+        m2 = np.zeros((s_n, s_n))  # ... rate x size^2
+        for p in range(s_n):
             for l in range(layers):
-                q = self._q(s, l, route[s, l])
-                q[s] = 0.0
-                out = self.prompt_tokens[s] * q * self.tok_s[s]  # call s -> p, seconds on the wire
-                back = self.prompt_tokens[s] * q * self.tok_s[:, s]  # reply p -> s
-                m1[s] += self.rate[s] * out
-                m2[s] += self.rate[s] * out**2
-                m1[:, s] += self.rate[s] * back
-                m2[:, s] += self.rate[s] * back**2
+                q = self.q[p, l].copy()
+                q[p] = 0.0
+                call = self.prompt_tokens[p] * q * self.tok_s[p]  # p -> s, seconds on the wire: [S] over s
+                reply = self.prompt_tokens[p] * q * self.tok_s[:, p]  # s -> p
+                for size in (call, reply):
+                    m1[:, p] += self.rate[p] * size
+                    m2[:, p] += self.rate[p] * size**2
         self.wait = m2 / (2 * (1 - np.minimum(m1, 0.95)))
 
     def routes(self, hosts: np.ndarray) -> np.ndarray:
-        """The cheapest holder per (server, layer, expert): int [S, L, E]. Ties are broken by server
-        index, not spread as `compute_routes` does: tied holders cost the same, so J is unchanged."""
-        s_n = hosts.shape[0]
-        out = np.empty(hosts.shape, dtype=np.int64)
-        for s in range(s_n):
-            cost = self.call_cost[s].copy()
-            cost[s] = -1.0  # local first
-            order = np.argsort(cost, kind="stable")
-            out[s] = order[hosts[order].argmax(axis=0)]
-        return out
+        """Each server's holder per expert, as the placement will route: int [S, L, E]. Equally cheap
+        holders are spread (`compute_routes`); it matters here: it decides each peer's share of a prompt."""
+        return compute_routes(hosts, self.call_cost)
 
-    def layer_cost(self, s: int, l: int, route_sl: np.ndarray) -> float:
-        """P[s,l] + O_s x D[s,l] for server s's route row route_sl int [E]."""
+    def layer_cost(self, s: int, l: int, route_sl: np.ndarray, q: np.ndarray | None = None) -> float:
+        """P[s,l] + O_s x D[s,l] for server s's route row route_sl int [E] (q: its `_q`, if known)."""
         dc = self.dec_cost
         cv = np.where(route_sl == s, 0.0, dc[s, route_sl])  # [E]
         dec = (self.groups[s][l] * cv).max(axis=1).mean()
         s_n = len(self.rate)
-        q = self._q(s, l, route_sl)  # [S]
+        q = self._q(s, l, route_sl) if q is None else q  # [S]
         held = np.bincount(route_sl, minlength=s_n)  # experts each peer serves s
-        cost = (self.pre_fixed[s] + self.wait[s] + self.wait[:, s] + self.prompt_tokens[s] * q * self.pre_tok_s[s]
+        cost = (self.pre_fixed[s] + self.wait[s] + self.prompt_tokens[s] * q * self.pre_tok_s[s]
                 + held * self.expert_read_s)
         cost[s] = 0.0
         pre = float(np.where(q > 0, cost, 0.0).max())
         return float(self.prefill_weight[s] * pre + self.output_tokens[s] * dec)
 
-    def total(self, hosts: np.ndarray) -> float:
-        """J for `hosts` (sets the link load for it)."""
-        route = self.routes(hosts)
+    def total(self, hosts: np.ndarray, route: np.ndarray | None = None) -> float:
+        """J for `hosts` (sets the link load for it); `route` if already computed for these hosts."""
+        route = self.routes(hosts) if route is None else route
         self.set_load(hosts, route)
         s_, layers, _ = hosts.shape
-        return float(sum(self.rate[s] * sum(self.layer_cost(s, l, route[s, l]) for l in range(layers))
+        return float(sum(self.rate[s] * sum(self.layer_cost(s, l, route[s, l], self.q[s, l]) for l in range(layers))
                          for s in range(s_)))
 
-    def step_latency(self, hosts: np.ndarray) -> np.ndarray:
+    def step_latency(self, hosts: np.ndarray, route: np.ndarray | None = None) -> np.ndarray:
         """Estimated request latency per server (prefill + O x decode step), float [S]."""
-        route = self.routes(hosts)
+        route = self.routes(hosts) if route is None else route
         self.set_load(hosts, route)
-        return np.array([sum(self.layer_cost(s, l, route[s, l]) for l in range(hosts.shape[1]))
+        return np.array([sum(self.layer_cost(s, l, route[s, l], self.q[s, l]) for l in range(hosts.shape[1]))
                          for s in range(hosts.shape[0])])
 
     def curves(self, s: int, l: int, rank: np.ndarray, cv_rank: np.ndarray, tgt_rank: np.ndarray) -> np.ndarray:
@@ -210,7 +208,7 @@ class LatencyModel:
             has = peer_of >= 0
             served[peer_of[has], np.flatnonzero(has)] = 1.0
             held = np.concatenate([np.cumsum(served[:, ::-1], axis=1)[:, ::-1], zero], axis=1)
-            fixed = self.pre_fixed[s, peers] + self.wait[s, peers] + self.wait[peers, s]
+            fixed = self.pre_fixed[s, peers] + self.wait[s, peers]
             cost = (fixed[:, None] + self.prompt_tokens[s] * q * self.pre_tok_s[s, peers][:, None]
                     + held * self.expert_read_s[peers][:, None])  # [P, E+1]
             pre = np.where(q > 0, cost, 0.0).max(axis=0)
@@ -386,25 +384,34 @@ def latency(stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, *, prom
     if current is not None and current.hosts.shape == stats.shape:
         keep = current.hosts
         starts.insert(0, current.hosts.copy())
-    scored = [(lm.total(h), i, h) for i, h in enumerate(starts)]
-    best_j, _, best = min(scored, key=lambda x: x[0])
+    routes = [lm.routes(h) for h in starts]
+    scored = [lm.total(h, r) for h, r in zip(starts, routes, strict=True)]
+    # Little's law again with the model's own latency of the best start (the first guess is crude):
+    # requests in flight decide how many other prompts a request waits through.
+    i = int(np.argmin(scored))
+    lm.prefill_weight = 1.0 + lm.rate * lm.step_latency(starts[i], routes[i])
+    scored = [lm.total(h, r) for h, r in zip(starts, routes, strict=True)]
+    i = int(np.argmin(scored))
+    best_j, best = scored[i], starts[i]
     start_j = best_j
+    best_route = routes[i]
     hosts = best.copy()
+    lm.set_load(hosts, best_route)  # link queueing of the current placement, held fixed for a round
     order = np.argsort(-cap, kind="stable")  # big servers first: they free the small ones' sole experts
     for _ in range(rounds):
         changed = False
-        lm.set_load(hosts)  # link queueing of the current placement, held fixed for the round
         for s in order.tolist():
             new = _improve_server(lm, hosts, s, int(cap[s]), freq[s], None if keep is None else keep[s])
             if (new != hosts[s]).any():
                 hosts[s] = new
                 changed = True
-        j = lm.total(hosts)
+        route = lm.routes(hosts)
+        j = lm.total(hosts, route)  # also sets the load of the new placement for the next round
         gain = best_j - j
         if j < best_j:
-            best_j, best = j, hosts.copy()
+            best_j, best, best_route = j, hosts.copy(), route
         if not changed or gain < 1e-3 * best_j:
             break
-    return Placement(problem.server_names, best, compute_routes(best, lm.call_cost), cap, "latency",
+    return Placement(problem.server_names, best, best_route, cap, "latency",
                      meta={"estimate_s": best_j, "start_estimate_s": start_j,
-                           "estimated_latency_s": lm.step_latency(best).round(4).tolist()})
+                           "estimated_latency_s": lm.step_latency(best, best_route).round(4).tolist()})

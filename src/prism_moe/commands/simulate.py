@@ -1,0 +1,84 @@
+"""`prism simulate`: run the discrete-event cluster simulator for one placement."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate the cluster serving Poisson requests with a placement",
+                       description="Replay each server's workload (real per-token traces, or tokens sampled "
+                                   "from per-layer counts) against a placement in a discrete-event model of "
+                                   "the cluster: GPUs (roofline), links (bandwidth, latency, FIFO), queues.")
+    p.add_argument("--cluster", required=True, help="cluster YAML file")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--algorithm", help="placement algorithm (uniform, redundance, eplb, smartmoe, prism, "
+                                         "optimal, latency)")
+    how.add_argument("--placement", help="a saved placement JSON (prism place --out)")
+    p.add_argument("--requests", type=int, default=200, help="requests to simulate (all servers together)")
+    p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and sampled routing")
+    p.add_argument("--data-dir", default=None, help="routing data folder (default: $PRISM_DATA_DIR or shared/data)")
+    p.add_argument("--save-placement", default=None, help="write the placement used to this JSON file")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prism_moe.cli import UserError
+    from prism_moe.config import load_cluster
+    from prism_moe.placement.placement import Placement
+    from prism_moe.sim.run import build_scenario, make_placement, simulate
+
+    if args.requests < 1:
+        raise UserError("--requests must be at least 1")
+    cluster = load_cluster(args.cluster)
+    scen = build_scenario(cluster, data_dir=args.data_dir, seed=args.seed)
+    if args.placement:
+        placement = Placement.load(args.placement)
+        if list(placement.server_names) != cluster.server_names:
+            raise UserError(f"placement servers {list(placement.server_names)} differ from the cluster's "
+                            f"{cluster.server_names}")
+        if (placement.num_layers, placement.num_experts) != (scen.model.num_moe_layers, scen.model.num_experts):
+            raise UserError(f"placement is for {placement.num_layers} layers x {placement.num_experts} experts, "
+                            f"{scen.model.name} has {scen.model.num_moe_layers} x {scen.model.num_experts}")
+    else:
+        try:
+            placement = make_placement(scen, args.algorithm)
+        except KeyError as e:
+            raise UserError(f"unknown algorithm {args.algorithm!r}: {e}") from None
+    if args.save_placement:
+        placement.save(args.save_placement)
+    result = simulate(scen, placement, n_requests=args.requests, seed=args.seed)
+    summary = result.summary()
+    summary["algorithm"] = placement.algorithm
+    summary["notes"] = scen.notes
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    _print_table(summary, cluster.server_names)
+    return 0
+
+
+def _print_table(s: dict, servers: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"simulated: {s['algorithm']} ({s['requests']} requests)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    rows = [("mean latency", f"{s['mean_latency_s']:.3f} s"), ("p50 latency", f"{s['p50_latency_s']:.3f} s"),
+            ("p95 latency", f"{s['p95_latency_s']:.3f} s"), ("p99 latency", f"{s['p99_latency_s']:.3f} s"),
+            ("mean TTFT", f"{s['mean_ttft_s']:.3f} s"), ("mean TPOT", f"{s['mean_tpot_s'] * 1e3:.1f} ms"),
+            ("remote fraction", f"{s['remote_fraction']:.1%}"),
+            ("cross-server bytes", f"{s['cross_server_bytes'] / 1e9:.2f} GB"),
+            ("remote calls", f"{s['remote_calls']:,}")]
+    rows += [(f"utilisation {n}", f"{s['utilisation'][n]:.1%}") for n in servers]
+    rows += [("simulator run time", f"{s['sim_seconds']:.2f} s"),
+             ("expert calls / s", f"{s['expert_calls_per_s']:,.0f}")]
+    for r in rows:
+        t.add_row(*r)
+    con = Console()
+    con.print(t)
+    for n in s.get("notes", []):
+        con.print(f"[dim]note: {n}[/dim]")

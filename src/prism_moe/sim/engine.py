@@ -1,0 +1,441 @@
+"""The discrete-event core: servers stepping through MoE layers, remote calls, links and GPU queues.
+
+A heap of timed events, not simpy: one (step, layer) of a server is one event whose routing work is
+vectorised over the step's tokens (Python int expert bitmasks for decode-sized batches, numpy for
+prefill-sized ones; an event nothing else precedes runs inline, in heap order), and resources (a GPU, a directed link) are FIFO queues
+kept as a "free at" time. simpy's generator processes and Resource request/release cost ~6 us per
+use here against ~0.5 us for the free-at update (benchmarks/sim_speed.py).
+
+Per server, continuous batching: a step admits the waiting requests (whole prompts, up to
+`max_batch_tokens` new tokens and `max_batch_requests` requests) and decodes one token of every
+running request. Per MoE layer of a step, at event time t:
+  GPU: dense part, then the local experts, one FIFO claim from max(t, gpu_free).
+  Each peer p holding experts of this layer's tokens gets one batched call, sent when the dense part
+  ends: serialised on link s->p (FIFO), + one-way latency -> ARRIVE at p, which queues on p's GPU
+  (shared with p's own steps) -> RETURN over link p->s (FIFO) + latency.
+  The next layer starts when the local experts and every remote call are back (the slowest one).
+The step ends after the last layer: prefilled requests get their first token, running ones one more.
+
+Resources are claimed in event-time order, except that a layer's sends are claimed at its start
+event for the time the dense part ends (a few tens of microseconds later).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from prism_moe.placement.placement import Placement
+from prism_moe.sim.cost import HEADER_BYTES, PAIR_BYTES, CostModel
+from prism_moe.sim.workload import Requests, TokenPool
+
+LAYER, ARRIVE, RETURN, WAKE, MIGRATE, CHUNK, SWITCH = range(7)
+# Migration copies go in chunks, each only when its link is idle (background priority): a serving
+# message waits at most one chunk (256 KiB: 4 ms at 500 Mbps) behind a migration.
+MIGRATION_CHUNK_BYTES = 256 * 2**10
+SMALL_BATCH = 48  # up to this many tokens a layer is routed with Python int bitmasks, above with numpy
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_requests: int = 64
+    max_batch_tokens: int = 4096  # new prompt tokens per step (a longer prompt runs alone)
+
+
+@dataclass
+class PlacementChange:
+    """Switch to `placement` at `time`; with `migrate`, copy the added experts first (from the holder
+    with the fastest link), and switch when the last copy has landed."""
+
+    time: float
+    placement: Placement
+    migrate: bool = True
+
+
+@dataclass
+class EngineStats:
+    pairs: int = 0  # (token, expert) invocations = simulated expert calls
+    remote_pairs: int = 0
+    remote_calls: int = 0  # batched (layer, peer) messages
+    cross_bytes: float = 0.0
+    steps: int = 0
+    layer_steps: int = 0
+    events: int = 0
+    busy_s: list = field(default_factory=list)  # GPU busy seconds per server
+    link_busy_s: list = field(default_factory=list)  # [S][S] seconds each directed link spent sending
+    migrations: list = field(default_factory=list)  # dicts: start, end, bytes, experts
+
+
+class Engine:
+    def __init__(self, cost: CostModel, placement: Placement, pools: list[TokenPool], requests: Requests,
+                 config: EngineConfig | None = None, changes: list[PlacementChange] | None = None):
+        self.cost = cost
+        self.cfg = config or EngineConfig()
+        self.req = requests
+        s = cost.num_servers
+        if placement.num_servers != s:
+            raise ValueError(f"placement has {placement.num_servers} servers, the cluster {s}")
+        layers = {p.experts.shape[0] for p in pools}
+        if layers != {placement.num_layers}:
+            raise ValueError(f"token pools have {sorted(layers)} layers, the placement {placement.num_layers}")
+        ks = {p.experts.shape[2] for p in pools}
+        if len(ks) != 1:
+            raise ValueError(f"token pools disagree on top-k: {sorted(ks)}")
+        # One global pool [L, N, k]; a request's token i is off + (start + i) % n.
+        self.experts = np.concatenate([p.experts for p in pools], axis=1)
+        if int(self.experts.max(initial=0)) >= placement.num_experts:
+            raise ValueError("a token pool names an expert id beyond the placement's experts")
+        offs = np.cumsum([0] + [p.num_tokens for p in pools])
+        self.r_off = offs[requests.pool]
+        self.r_n = np.array([p.num_tokens for p in pools])[requests.pool]
+        self.r_start = requests.start % self.r_n
+        self.emask = _expert_masks(self.experts)
+        self._set_placement(placement)
+        self.changes = sorted(changes or [], key=lambda c: c.time)
+
+    def _set_placement(self, placement: Placement) -> None:
+        self.placement = placement
+        self.route = placement.route  # [S, L, E]
+        S, L, E = self.route.shape
+        # Per (server, layer): [(target, bitmask of the experts it serves for this server)], local first.
+        small = E <= 64
+        one = np.left_shift(np.uint64(1), np.arange(E, dtype=np.uint64)) if small else None
+        self.target_masks = []
+        for s in range(S):
+            rows = []
+            for l in range(L):
+                r = self.route[s, l]
+                order = np.argsort(r, kind="stable")
+                tg, starts = np.unique(r[order], return_index=True)
+                if small:
+                    masks = np.bitwise_or.reduceat(one[order], starts).tolist()
+                else:
+                    ids = order.tolist()
+                    ends = starts.tolist()[1:] + [E]
+                    masks = [sum(1 << e for e in ids[a:b]) for a, b in zip(starts.tolist(), ends, strict=True)]
+                pairs = list(zip(tg.tolist(), masks, strict=True))
+                rows.append(sorted(pairs, key=lambda x: x[0] != s))  # local first
+            self.target_masks.append(rows)
+
+    def _route_small(self, s: int, l: int, idx: list[int]) -> list[tuple[int, int, int, int]]:
+        """(target, tokens, pairs, distinct experts) per target server of this layer's tokens, from
+        per-token expert bitmasks (a token's k experts are distinct, so popcount = pairs)."""
+        ems = self.emask[l]
+        masks = [ems[n] for n in idx]
+        union = 0
+        for m in masks:
+            union |= m
+        out = []
+        for p, hm in self.target_masks[s][l]:
+            if not hm & union:
+                continue
+            acc = pairs = toks = 0
+            for m in masks:
+                x = m & hm
+                if x:
+                    acc |= x
+                    pairs += x.bit_count()
+                    toks += 1
+            if pairs:
+                out.append((p, toks, pairs, acc.bit_count()))
+        return out
+
+    def _route_large(self, s: int, l: int, idx: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """The same as `_route_small`, vectorised over the tokens idx int [T]."""
+        S, E = self.route.shape[0], self.route.shape[2]
+        ex = self.experts[l][idx]  # [T, k]
+        tgt = self.route[s, l][ex]  # [T, k]
+        flat_t = tgt.ravel()
+        pairs = np.bincount(flat_t, minlength=S)
+        hit = np.zeros((len(idx), S), dtype=bool)
+        hit[np.arange(len(idx))[:, None], tgt] = True
+        toks = hit.sum(axis=0)
+        dist = np.zeros((S, E), dtype=bool)
+        dist[flat_t, ex.ravel()] = True
+        dist = dist.sum(axis=1)
+        order = [s] + [p for p in np.flatnonzero(pairs).tolist() if p != s]
+        return [(p, int(toks[p]), int(pairs[p]), int(dist[p])) for p in order if pairs[p]]
+
+    # ---- run ----------------------------------------------------------------------------------------
+
+    def run(self) -> tuple[np.ndarray, np.ndarray, EngineStats, float]:
+        """Simulate every request to completion. Returns (first_token_time [R], finish_time [R], stats,
+        wall seconds)."""
+        t_wall = time.perf_counter()
+        req, cost, cfg = self.req, self.cost, self.cfg
+        S = cost.num_servers
+        L = self.route.shape[1]
+        arr = cost.engine_arrays()
+        mem_bps, flops, ovh, bits_s, lat = arr["mem_bps"], arr["flops"], arr["overhead"], arr["bits_s"], arr["lat"]
+        ebytes, eflops = cost.expert_bytes, cost.expert_flops_per_pair
+        tok_b = cost.token_bytes
+        dl_bytes, dl_flops = cost.dense_layer_bytes, cost.dense_layer_flops_per_token
+
+        R = len(req)
+        arrival = req.arrival.tolist()
+        prompt = req.prompt.tolist()
+        output = req.output.tolist()
+        first = np.full(R, np.nan)
+        finish = np.full(R, np.nan)
+        gen = [0] * R
+        by_server = [np.flatnonzero(req.server == s).tolist() for s in range(S)]
+        nxt = [0] * S  # next not-yet-admitted request (index into by_server[s])
+        running: list[list[int]] = [[] for _ in range(S)]
+        step_new: list[list[int]] = [[] for _ in range(S)]
+        step_idx: list[np.ndarray | None] = [None] * S
+        step_list: list[list[int]] = [[] for _ in range(S)]
+        step_dense = [0.0] * S  # one layer's dense time for this step's token count
+        k_top = self.experts.shape[2]
+        layer = [0] * S
+        pending = [0] * S
+        layer_done = [0.0] * S
+        idle = [True] * S
+        gpu_free = [0.0] * S
+        link_free = [[0.0] * S for _ in range(S)]
+        st = EngineStats(busy_s=[0.0] * S, link_busy_s=[[0.0] * S for _ in range(S)])
+        link_busy = st.link_busy_s
+        heap: list = []
+        counter = itertools.count()
+        hpush = heapq.heappush
+        n_events = 0
+        r_off, r_n, r_start = self.r_off, self.r_n, self.r_start
+        p_arr, ar = req.prompt, np.arange
+
+        def push(t, kind, a, b=None):
+            hpush(heap, (t, next(counter), kind, a, b))
+
+        def start_step(s: int, t: float) -> None:
+            """Admit waiting requests and build the step's token index; or go idle."""
+            mine = by_server[s]
+            new: list[int] = []
+            budget = cfg.max_batch_tokens
+            room = cfg.max_batch_requests - len(running[s])
+            i = nxt[s]
+            while i < len(mine) and room > 0 and arrival[mine[i]] <= t:
+                r = mine[i]
+                if new and prompt[r] > budget:
+                    break
+                new.append(r)
+                budget -= prompt[r]
+                room -= 1
+                i += 1
+                if budget <= 0:
+                    break
+            nxt[s] = i
+            run = running[s]
+            if not new and not run:
+                idle[s] = True
+                if i < len(mine):
+                    push(arrival[mine[i]], WAKE, s)
+                return
+            idle[s] = False
+            parts = []
+            if new:
+                na = np.array(new)
+                lens = p_arr[na]
+                base = np.repeat(r_start[na] - np.cumsum(lens) + lens, lens) + ar(int(lens.sum()))
+                parts.append(np.repeat(r_off[na], lens) + base % np.repeat(r_n[na], lens))
+            if run:
+                ra = np.array(run)
+                g = np.array([gen[r] for r in run])
+                parts.append(r_off[ra] + (r_start[ra] + p_arr[ra] + g - 1) % r_n[ra])
+            step_idx[s] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            T = len(step_idx[s])
+            step_list[s] = step_idx[s].tolist() if T <= SMALL_BATCH else []
+            step_dense[s] = max(dl_bytes / mem_bps[s], dl_flops * T / flops[s]) + ovh[s]
+            step_new[s] = new
+            layer[s] = 0
+            st.steps += 1
+            push(t, LAYER, s)
+
+        def end_step(s: int, t: float) -> None:
+            keep = []
+            for r in running[s]:  # decoded one more token
+                gen[r] += 1
+                if gen[r] >= output[r]:
+                    finish[r] = t
+                else:
+                    keep.append(r)
+            for r in step_new[s]:  # prefilled: the first token
+                first[r] = t
+                gen[r] = 1
+                if output[r] <= 1:
+                    finish[r] = t
+                else:
+                    keep.append(r)
+            running[s] = keep
+            step_new[s] = []
+            start_step(s, t)
+
+        def do_layer(s: int, t: float) -> None:
+            """Run layer[s] of server s's step from time t; loops over layers while nothing else is due."""
+            while True:
+                l = layer[s]
+                idx = step_idx[s]
+                T = len(idx)
+                g0 = gpu_free[s] if gpu_free[s] > t else t
+                dense_end = g0 + step_dense[s]
+                calls = self._route_small(s, l, step_list[s]) if T <= SMALL_BATCH else self._route_large(s, l, idx)
+                st.pairs += T * k_top
+                st.layer_steps += 1
+                n_loc, d_loc = 0, 0
+                n_calls = 0
+                for p, nt, np_, nd in calls:
+                    if p == s:
+                        n_loc, d_loc = np_, nd
+                        continue
+                    nbytes = nt * tok_b + np_ * PAIR_BYTES + HEADER_BYTES
+                    lf = link_free[s][p]
+                    t0 = lf if lf > dense_end else dense_end
+                    t1 = t0 + nbytes * bits_s[s][p]
+                    link_free[s][p] = t1
+                    link_busy[s][p] += t1 - t0
+                    st.cross_bytes += nbytes
+                    st.remote_pairs += np_
+                    n_calls += 1
+                    hpush(heap, (t1 + lat[s][p], next(counter), ARRIVE, p, (s, nd, np_, nt)))
+                st.remote_calls += n_calls
+                loc_t = (max(d_loc * ebytes / mem_bps[s], n_loc * eflops / flops[s]) + ovh[s]) if n_loc else 0.0
+                end = dense_end + loc_t
+                gpu_free[s] = end
+                st.busy_s[s] += end - g0
+                layer_done[s] = end
+                pending[s] = n_calls
+                if n_calls:
+                    return
+                # all local: go on to the next layer (inline while no other event is due first)
+                if l + 1 == L:
+                    end_step(s, end)
+                    return
+                layer[s] = l + 1
+                if heap and heap[0][0] <= end:
+                    push(end, LAYER, s)
+                    return
+                nonlocal n_events
+                n_events += 1
+                t = end
+
+        def do_return(a: int, s: int, nt: int, t: float) -> None:
+            """Holder a's reply to s leaves at t; when s's last reply of the layer is in, s goes on."""
+            nbytes = nt * tok_b + HEADER_BYTES
+            lf = link_free[a][s]
+            t0 = lf if lf > t else t
+            t1 = t0 + nbytes * bits_s[a][s]
+            link_free[a][s] = t1
+            link_busy[a][s] += t1 - t0
+            st.cross_bytes += nbytes
+            back = t1 + lat[a][s]
+            if back > layer_done[s]:
+                layer_done[s] = back
+            pending[s] -= 1
+            if pending[s]:
+                return
+            when = layer_done[s]
+            last = layer[s] + 1 == L
+            if heap and heap[0][0] <= when:
+                if last:
+                    hpush(heap, (when, next(counter), WAKE, s, "end"))
+                else:
+                    layer[s] += 1
+                    hpush(heap, (when, next(counter), LAYER, s, None))
+                return
+            nonlocal n_events
+            n_events += 1
+            if last:
+                end_step(s, when)
+            else:
+                layer[s] += 1
+                do_layer(s, when)
+
+        changes = list(self.changes)
+        for ch in changes:
+            push(ch.time, MIGRATE, ch)
+        for s in range(S):
+            if by_server[s]:
+                push(arrival[by_server[s][0]], WAKE, s)
+        mig_left: dict = {}
+        while heap:
+            t, _, kind, a, b = heapq.heappop(heap)
+            n_events += 1
+            if kind == LAYER:
+                do_layer(a, t)
+            elif kind == ARRIVE:  # a = holder p, b = (caller, distinct experts, pairs, tokens)
+                caller, nd, np_, nt = b
+                g0 = gpu_free[a] if gpu_free[a] > t else t
+                dur = max(nd * ebytes / mem_bps[a], np_ * eflops / flops[a]) + ovh[a]
+                done = g0 + dur
+                gpu_free[a] = done
+                st.busy_s[a] += dur
+                if heap and heap[0][0] <= done:
+                    hpush(heap, (done, next(counter), RETURN, a, (caller, nt)))
+                else:  # nothing else is due first: the reply goes out now (same order as via the heap)
+                    n_events += 1
+                    do_return(a, caller, nt, done)
+            elif kind == RETURN:  # a = holder, b = (caller, tokens)
+                do_return(a, b[0], b[1], t)
+            elif kind == WAKE:
+                if b == "end":
+                    end_step(a, t)
+                elif idle[a]:
+                    start_step(a, t)
+            elif kind == MIGRATE:
+                self._start_migration(a, t, link_free, mig_left, push, st)
+            elif kind == CHUNK:  # a = (src, dst), b = migration record
+                src, dst = a
+                if link_free[src][dst] > t:  # busy with serving traffic: try again when it is idle
+                    push(link_free[src][dst], CHUNK, a, b)
+                    continue
+                left = mig_left[(id(b), src, dst)]
+                nbytes = min(MIGRATION_CHUNK_BYTES, left)
+                t0 = t
+                t1 = t0 + nbytes * bits_s[src][dst]
+                link_free[src][dst] = t1
+                left -= nbytes
+                mig_left[(id(b), src, dst)] = left
+                if left > 0:
+                    push(t1, CHUNK, a, b)
+                else:
+                    b["links_left"] -= 1
+                    b["end"] = max(b["end"], t1 + lat[src][dst])
+                    if b["links_left"] == 0:
+                        push(b["end"], SWITCH, b)
+            elif kind == SWITCH:
+                self._set_placement(a["placement"])
+        st.events = n_events
+        return first, finish, st, time.perf_counter() - t_wall
+
+    def _start_migration(self, ch: PlacementChange, t: float, link_free, mig_left, push, st: EngineStats) -> None:
+        old, new = self.placement, ch.placement
+        rec = {"start": t, "end": t, "bytes": 0.0, "experts": 0, "placement": new, "links_left": 0}
+        st.migrations.append(rec)
+        if not ch.migrate:
+            push(t, SWITCH, rec)
+            return
+        added = new.hosts & ~old.hosts  # [S, L, E]
+        bw = self.cost.bandwidth_bps
+        per_link: dict[tuple[int, int], float] = {}
+        for d, l, e in np.argwhere(added):
+            holders = np.flatnonzero(old.hosts[:, l, e])
+            src = int(holders[np.argmax(bw[holders, d])])  # the fastest link into d
+            per_link[(src, int(d))] = per_link.get((src, int(d)), 0.0) + self.cost.expert_bytes
+        rec["experts"] = int(added.sum())
+        rec["bytes"] = float(sum(per_link.values()))
+        rec["links_left"] = len(per_link)
+        if not per_link:
+            push(t, SWITCH, rec)
+            return
+        for (src, dst), nbytes in sorted(per_link.items()):
+            mig_left[(id(rec), src, dst)] = nbytes
+            push(t, CHUNK, (src, dst), rec)
+
+
+def _expert_masks(experts: np.ndarray) -> list[list[int]]:
+    """Per layer, per token: the bitmask of its experts as a Python int. experts int [L, N, k]."""
+    if int(experts.max(initial=0)) < 64:
+        bits = np.left_shift(np.uint64(1), experts.astype(np.uint64))
+        return np.bitwise_or.reduce(bits, axis=2).tolist()
+    return [[sum(1 << int(e) for e in tok) for tok in layer.tolist()] for layer in experts]
