@@ -35,7 +35,7 @@ from prism_moe.model.spec import GIB, ModelSpec
 DOMAINS = {"edge-a": "esft:intent", "edge-b": "esft:law", "edge-c": "esft:translation"}
 # Share of all routed experts each server has room for (beyond the dense part), as in the paper's setting.
 MEMORY_SHARE = {"edge-a": 0.35, "edge-b": 0.35, "edge-c": 0.75}
-DEFAULT_ALGORITHMS = ("uniform", "eplb", "prism", "optimal")
+DEFAULT_ALGORITHMS = ("uniform", "eplb", "prism", "latency")
 # DeepSeek-V2-Lite's routing shape, so its real ESFT traces replay one to one.
 TINY_SHAPE = dict(num_hidden_layers=27, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2)
 
@@ -211,9 +211,10 @@ def run_one(algorithm: str, cluster_dict: dict[str, Any], prompts, args, run_dir
 
 
 def print_table(rows: list[dict[str, Any]], console: Console) -> None:
-    t = Table(title="prism demo: same workload, different placements")
-    for col in ("placement", "mean latency s", "p95 latency s", "mean TTFT s", "remote %", "predicted %",
-                "cross-server MB", "failed"):
+    t = Table(title="prism demo: same workload, different placements",
+              caption="latency per request; remote % measured by the servers, planned % predicted by the "
+                      "placement from the traces; MB sent between servers")
+    for col in ("placement", "mean s", "p95 s", "TTFT s", "remote %", "planned %", "MB sent", "failed"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(r["algorithm"], f"{r['mean_latency_s']:.2f}", f"{r['p95_latency_s']:.2f}",

@@ -16,10 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=".prism/models", help="where the tiny checkpoint is cached")
     p.add_argument("--data-dir", default=None, help="routing data folder (default: $PRISM_DATA_DIR or ../shared/data)")
     p.add_argument("--algorithms", nargs="+", default=list(DEFAULT_ALGORITHMS))
-    p.add_argument("--requests", type=int, default=8, help="requests per server")
-    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+    p.add_argument("--requests", type=int, default=6, help="requests per server")
+    p.add_argument("--max-tokens", type=int, default=12, help="tokens generated per request")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt tokens kept per request")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight per server")
+    p.add_argument("--concurrency", type=int, default=3, help="requests in flight per server")
     p.set_defaults(func=run)
 
 
