@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "simulate",
     "experiment",
     "serve",
+    "coordinator",
     "tiny",
 ]
 

@@ -4,22 +4,49 @@
 routing table of the current `Placement` (swapped atomically by `set_placement`, so a step sees one
 version), `remote` hands each target server's batch to the ZeroMQ peer pool without blocking, and the
 observer counts every routing decision (local vs remote per layer) for metrics and for the scheduler.
+
+Live migration and failures (see docs/operations.md):
+* `set_placement(p, drain_timeout)` swaps the table, then waits until the calls issued under older
+  versions have finished, so the coordinator may drop an old copy once every server has switched.
+* A call whose peer is unavailable, or answers `not_held` (it dropped the expert meanwhile), is retried
+  at once on another holder of those experts in the current placement; an unavailable peer is avoided
+  by `locate` for `suspect_ttl` seconds (or until the coordinator's `set_down` says otherwise). When no
+  other copy exists, the call waits up to `repair_wait` seconds for a placement that re-hosts it.
+* Each forward computes from a frozen copy of the expert store, so a concurrent drop cannot pull an
+  expert out between "is it held?" and "compute it".
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import threading
-from collections.abc import Hashable, Mapping
+import time
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping
 from concurrent.futures import Future
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from prism_moe.model.experts import RemoteDispatcher
+from prism_moe.model.experts import ExpertStore, RemoteDispatcher
 from prism_moe.placement.placement import Placement
 from prism_moe.runtime.metrics import ServerMetrics
-from prism_moe.runtime.transport import SyncPeerPool
+from prism_moe.runtime.transport import PeerUnavailable, RemoteError, SyncPeerPool
+
+NOT_HELD = "not_held"  # error code of a peer asked for an expert it does not hold (see server.py)
+
+
+def frozen_store(store: ExpertStore) -> ExpertStore:
+    """A shallow copy of `store` that keeps its experts even if the original drops one meanwhile.
+
+    One dict copy (atomic under the GIL, microseconds): cheaper than locking every forward against the
+    rare drop. The weights are shared, not copied.
+    """
+    snap = copy.copy(store)
+    snap._w = dict(store._w)  # noqa: SLF001 - the store's own mapping; ExpertStore has no snapshot API yet
+    return snap
 
 
 class ActivationCounter:
@@ -43,11 +70,22 @@ class ActivationCounter:
         return out
 
 
+class _Tag:
+    """The placement version a remote call counts under for draining (None while it waits for a repair)."""
+
+    __slots__ = ("version",)
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+
+
 class ClusterDispatcher(RemoteDispatcher):
     """Route missing experts to peers by the placement's routing table; count what goes where."""
 
     def __init__(self, me: str, placement: Placement, pool: SyncPeerPool | None,
-                 metrics: ServerMetrics | None = None, timeout: float | None = 30.0) -> None:
+                 metrics: ServerMetrics | None = None, timeout: float | None = 30.0,
+                 suspect_ttl: float = 30.0, repair_wait: float = 10.0,
+                 stores: Mapping[int, ExpertStore] | None = None) -> None:
         super().__init__(timeout=timeout, observer=self._observe)
         self.me = me
         self.pool = pool
@@ -55,33 +93,170 @@ class ClusterDispatcher(RemoteDispatcher):
         self._placement = placement
         self._me = placement.server_names.index(me)
         self.counter = ActivationCounter(placement.num_layers, placement.num_experts)
+        self.suspect_ttl = suspect_ttl
+        self.repair_wait = repair_wait
+        self.stores: Mapping[int, ExpertStore] = stores or {}  # this server's stores (local fallback)
+        self._down: frozenset[str] = frozenset()  # servers the coordinator declared down
+        self._suspect: dict[str, float] = {}  # server -> monotonic time until which we avoid it
+        self._inflight: Counter[int] = Counter()  # remote calls in flight, by placement version
+        self._cv = threading.Condition()
+        self.failovers = 0  # batches (or parts) re-sent to another holder
+        self.local_invocations = 0  # routed (token, expert) pairs, cumulative
+        self.remote_invocations = 0
 
     @property
     def placement(self) -> Placement:
         return self._placement
 
-    def set_placement(self, placement: Placement) -> None:
-        """Switch the routing table (one attribute store: a forward step reads one version per layer)."""
+    def set_placement(self, placement: Placement, drain_timeout: float | None = None) -> bool:
+        """Switch the routing table (one attribute store: a forward step reads one version per layer).
+
+        With `drain_timeout`, wait until remote calls issued under older versions have finished; returns
+        False if some were still running after that many seconds.
+        """
         if placement.server_names != self._placement.server_names:
             raise ValueError("a new placement must name the same servers in the same order")
-        self._placement = placement
+        with self._cv:
+            self._placement = placement
+        if drain_timeout is None:
+            return True
+        return self.drain(placement.version, drain_timeout)
+
+    def drain(self, version: int, timeout: float) -> bool:
+        """Wait until no remote call issued under a placement version below `version` is in flight."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not any(n for v, n in self._inflight.items() if v < version),
+                                     timeout)
+
+    def inflight(self) -> dict[int, int]:
+        """Remote calls in flight by the placement version they were issued under."""
+        with self._cv:
+            return dict(self._inflight)
+
+    # --- liveness --------------------------------------------------------------------------------------------
+    def set_down(self, names: Iterable[str]) -> None:
+        """The coordinator's view of which servers are down (replaces it; clears local suspicions of others)."""
+        down = frozenset(names)
+        self._down = down
+        self._suspect = {n: t for n, t in self._suspect.items() if n in down}
+
+    def is_down(self, name: str) -> bool:
+        return name in self._down or self._suspect.get(name, 0.0) > time.monotonic()
+
+    def down(self) -> list[str]:
+        return sorted(n for n in self._placement.server_names if self.is_down(n))
+
+    def _alternative(self, p: Placement, layer: int, expert_id: int, exclude: Iterable[str]) -> str | None:
+        """Another live holder of (layer, expert) in `p`, spread deterministically; None when none is left."""
+        skip = set(exclude) | {self.me}
+        holders = [p.server_names[i] for i in np.flatnonzero(p.hosts[:, layer, expert_id])
+                   if p.server_names[i] not in skip and not self.is_down(p.server_names[i])]
+        if not holders:
+            return None
+        return holders[(layer * p.num_experts + expert_id + self._me) % len(holders)]
+
+    # --- routing ---------------------------------------------------------------------------------------------
+    def moe_forward(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                    experts: ExpertStore) -> Tensor:
+        return super().moe_forward(layer, hidden, top_k_index, top_k_weights, frozen_store(experts))
 
     def locate(self, layer: int, expert_id: int) -> Hashable:
         p = self._placement
-        return p.server_names[int(p.route[self._me, layer, expert_id])]
+        target = p.server_names[int(p.route[self._me, layer, expert_id])]
+        if self.is_down(target):  # route around it at once; if no other copy exists, try it anyway
+            target = self._alternative(p, layer, expert_id, ()) or target
+        return target
 
     def remote(self, layer: int, batches: dict[Hashable, tuple[Tensor, Tensor]]
                ) -> Mapping[Hashable, Future[Tensor] | Tensor]:
         if self.pool is None:
             raise RuntimeError(f"server {self.me} has no peers but layer {layer} needs experts it does not hold")
-        # The wire carries CPU tensors; the reply is moved back to the model's device in `combine`.
-        return {server: self.pool.submit(str(server), layer, ids.cpu(), x.detach().cpu())
-                for server, (ids, x) in batches.items()}
+        out: dict[Hashable, Future[Tensor]] = {}
+        for server, (ids, x) in batches.items():
+            tag = _Tag()
+            self._track(tag, self._placement.version)
+            # The wire carries CPU tensors; the reply is moved back to the model's device in `combine`.
+            fut = self.pool.loop_thread.submit(self._call(layer, str(server), ids.cpu(), x.detach().cpu(), (), tag))
+            fut.add_done_callback(lambda _f, t=tag: self._track(t, None))
+            out[server] = fut
+        return out
+
+    def _track(self, tag: _Tag, version: int | None) -> None:
+        """Count a top-level call as in flight under `version` (None: not in flight on any holder)."""
+        with self._cv:
+            if tag.version is not None:
+                self._inflight[tag.version] -= 1
+                if self._inflight[tag.version] <= 0:
+                    del self._inflight[tag.version]
+            tag.version = version
+            if version is not None:
+                self._inflight[version] += 1
+            self._cv.notify_all()
+
+    async def _call(self, layer: int, server: str, ids: Tensor, x: Tensor, tried: tuple[str, ...],
+                    tag: _Tag | None = None) -> Tensor:
+        """One batch to `server`; on failure, its experts regrouped onto other holders (runs on the loop)."""
+        assert self.pool is not None
+        try:
+            return await self.pool.pool.call(server, layer, ids, x)
+        except (PeerUnavailable, RemoteError) as err:
+            if isinstance(err, RemoteError) and err.code != NOT_HELD:
+                raise
+            if isinstance(err, PeerUnavailable):
+                self._suspect[server] = time.monotonic() + self.suspect_ttl
+            tried = (*tried, server)
+            targets = self._regroup(self._placement, layer, ids, tried)
+            if targets is None:
+                # No other copy: the coordinator is re-hosting it (repair). Wait for that placement rather
+                # than fail every request of this step; give up after `repair_wait` seconds.
+                # While waiting it is in flight nowhere: a switch must not wait for it (the repair's own
+                # intermediate switch would otherwise wait for a call that waits for the repair).
+                if tag is not None:
+                    self._track(tag, None)
+                version, deadline = self._placement.version, time.monotonic() + self.repair_wait
+                while targets is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                    if self._placement.version != version:
+                        version, tried = self._placement.version, (server,)
+                        targets = self._regroup(self._placement, layer, ids, tried)
+                if targets is None:
+                    raise
+                if tag is not None:
+                    self._track(tag, version)
+            self.failovers += 1
+            masks = {s: torch.isin(ids, torch.tensor(es, dtype=ids.dtype)) for s, es in targets.items()}
+            parts = await asyncio.gather(*(self._part(layer, s, ids[m], x[m], tried) for s, m in masks.items()))
+            out = torch.empty_like(x)
+            for m, part in zip(masks.values(), parts, strict=True):
+                out[m] = part
+            return out
+
+    def _regroup(self, p: Placement, layer: int, ids: Tensor, tried: tuple[str, ...]) -> dict[str, list[int]] | None:
+        """{holder: expert ids} for the batch's experts on holders not tried (this server when its store has
+        the expert now); None when some expert has no such holder."""
+        store = self.stores.get(layer)
+        targets: dict[str, list[int]] = {}
+        for e in ids.unique().tolist():
+            alt = self.me if store is not None and e in store else self._alternative(p, layer, e, tried)
+            if alt is None:
+                return None
+            targets.setdefault(alt, []).append(e)
+        return targets
+
+    async def _part(self, layer: int, server: str, ids: Tensor, x: Tensor, tried: tuple[str, ...]) -> Tensor:
+        if server != self.me:
+            return await self._call(layer, server, ids, x, tried)
+        store = frozen_store(self.stores[layer])  # loaded here meanwhile (e.g. by a repair)
+        ref = store.get(int(ids[0]))[0]
+        out = await asyncio.to_thread(store.compute_batch, ids.to(ref.device), x.to(ref.device, ref.dtype))
+        return out.to("cpu", x.dtype)
 
     def _observe(self, layer: int, top_k_index: Tensor) -> None:
         self.counter.add(layer, top_k_index)
+        ids = top_k_index.reshape(-1)
+        ids = ids[ids >= 0]
+        local = int(torch.as_tensor(self._placement.hosts[self._me, layer])[ids.cpu()].sum())
+        self.local_invocations += local
+        self.remote_invocations += int(ids.numel()) - local
         if self.metrics is not None:
-            ids = top_k_index.reshape(-1)
-            ids = ids[ids >= 0]
-            local = int(torch.as_tensor(self._placement.hosts[self._me, layer])[ids.cpu()].sum())
             self.metrics.count_experts(layer, local, int(ids.numel()) - local)

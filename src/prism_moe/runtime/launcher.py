@@ -95,6 +95,10 @@ def start_local_cluster(cluster: ClusterSpec, run_dir: Path, extra_args: list[st
     cluster_file = run_dir / "cluster.yaml"
     write_cluster_file(cluster, cluster_file)
     lc = LocalCluster(run_dir, cluster)
+    # Servers on one machine share its cores: without a cap each OpenMP pool takes them all and the
+    # processes stall each other (measured: 16 tokens in 55 s instead of 4 s with three servers on 2 cores).
+    share = max(1, (os.cpu_count() or 1) // len(cluster.servers))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(share))}
     try:
         for s in cluster.servers:
             log_path = run_dir / f"{s.name}.log"
@@ -102,7 +106,7 @@ def start_local_cluster(cluster: ClusterSpec, run_dir: Path, extra_args: list[st
                    *(extra_args or [])]
             with open(log_path, "w") as logf:
                 lc.procs[s.name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                                    start_new_session=True, env=env)
         state = {"cluster_file": str(cluster_file),
                  "servers": {n: {"pid": p.pid, "http": lc.endpoints()[n]} for n, p in lc.procs.items()}}
         (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2))

@@ -6,6 +6,12 @@ connect to every peer's expert service; attach the cluster dispatcher to the mod
 go to the peer the placement names); wrap the model in the continuous-batching `Engine`. `app()` gives
 the FastAPI app (OpenAI API, /health, /metrics, /prism/stats) that `prism serve` runs with uvicorn.
 
+Live migration and failures (driven by `prism coordinator`, see docs/operations.md) use the control
+routes under `/prism/`: load experts from the local checkpoint, send held experts to a peer (a
+`load_expert` message on the expert link carrying the weight tensors), switch to a new placement version
+(draining calls made under the old one), drop experts, and learn which peers are down. The expert
+service answers a call for an expert it no longer holds with `not_held`, so the caller re-routes.
+
 Threads: the transport runs on one asyncio loop thread (`LoopThread`), the model on the engine's
 generation thread, HTTP on uvicorn's loop. Nothing of the model runs on an event loop.
 """
@@ -13,14 +19,18 @@ generation thread, HTTP on uvicorn's loop. Nothing of the model runs on an event
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from pydantic import BaseModel, Field
 
 from prism_moe.config import ClusterSpec, ConfigError
-from prism_moe.placement.placement import Placement
+from prism_moe.placement.placement import Placement, PlacementError
 from prism_moe.runtime.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,34 @@ class ServeOptions:
     call_timeout: float = 10.0
     call_retries: int = 1
     max_running: int = 32
+    push_chunk_bytes: int = 64 * 2**20  # experts per `load_expert` message to a peer, by bytes
+
+
+class ControlError(Exception):
+    """A control request that cannot be done (HTTP `status`); nothing was changed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class ExpertsBody(BaseModel):
+    experts: list[tuple[int, int]] = Field(description="[[moe_layer, expert], ...]")
+    to: str | None = Field(default=None, description="send: the peer that loads them")
+
+
+class PlacementBody(BaseModel):
+    placement: dict[str, Any]
+    down: list[str] | None = None
+    drain_timeout: float = Field(default=10.0, ge=0)
+
+
+class DownBody(BaseModel):
+    down: list[str]
+
+
+class ReplayBody(BaseModel):
+    workload: str
 
 
 def checkpoint_dir(cluster: ClusterSpec) -> Path:
@@ -83,13 +121,20 @@ class EdgeServer:
         self.dispatcher: Any = None
         self.stores: dict[int, Any] = {}
         self.resident_bytes = 0
+        self._started_at = 0.0
+        self.model: Any = None
+        self.capacity = 0  # expert slots this server's memory allows (cluster file)
+        self._replay: Any = None
+        self._ckpt: Any = None
+        self.checkpoint_experts = False  # whether the local checkpoint has every routed expert
+        self._control_lock = threading.Lock()  # one load/drop/switch at a time: slot counts stay exact
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
         from transformers import AutoTokenizer
 
         from prism_moe.model.experts import attach
-        from prism_moe.model.loading import load_partial, resident_weight_bytes
+        from prism_moe.model.loading import Checkpoint, load_partial, resident_weight_bytes
         from prism_moe.model.spec import ModelSpec
         from prism_moe.runtime.dispatch import ClusterDispatcher
         from prism_moe.runtime.engine import Engine, resolve_device
@@ -105,6 +150,14 @@ class EdgeServer:
         log.info("%s: loading %s on %s with %d experts", self.name, ckpt, device, int(p.experts_used()[
             p.server_names.index(self.name)]))
         model, self.stores = load_partial(ckpt, p.held(self.name), device=str(device))
+        self.model = model
+        self._ckpt = Checkpoint.open(ckpt)  # the expert index, kept for live loads
+        self.checkpoint_experts = all(layer in self._ckpt.fused or (layer, e) in self._ckpt.experts
+                                      for layer in range(p.num_layers) for e in range(p.num_experts))
+        self.capacity = int(self.cluster.expert_slots(spec)[self.cluster.server_names.index(self.name)])
+        if self.held_count() > self.capacity:
+            log.warning("%s: the placement gives %d experts, more than the %d slots of memory_gib=%s", self.name,
+                        self.held_count(), self.capacity, self.spec_server.memory_gib)
         self.resident_bytes = resident_weight_bytes(model, self.stores)
         self.metrics.set_resident_weight_bytes(self.resident_bytes)
         self.metrics.set_placement_version(p.version)
@@ -123,6 +176,10 @@ class EdgeServer:
         self.service = ExpertService(f"tcp://{host}:{port}", self._serve_experts, num_layers=spec.num_moe_layers,
                                      num_experts=spec.num_experts, hidden_size=spec.hidden_size, name=self.name,
                                      identity=identity)
+        # async wrappers: migration work runs in the default thread pool, not in the service's single
+        # compute thread, so peers' expert calls are not queued behind incoming weights
+        self.service.on("load_expert", self._off_thread(self._on_load_message))
+        self.service.on("drop_expert", self._off_thread(self._on_drop_message))
         self.loop_thread.run(self.service.start())
         peers = {s.name: f"tcp://{s.host}:{s.expert_port}" for s in self.cluster.servers if s.name != self.name}
         if peers:
@@ -130,7 +187,7 @@ class EdgeServer:
                                      links=_links_for(self.cluster, self.name), timeout=self.options.call_timeout,
                                      retries=self.options.call_retries, on_call=self._on_call)
 
-        self.dispatcher = ClusterDispatcher(self.name, p, self.pool, self.metrics)
+        self.dispatcher = ClusterDispatcher(self.name, p, self.pool, self.metrics, stores=self.stores)
         dispatcher: Any = self.dispatcher
         if self.options.replay:
             dispatcher = self._replay_dispatcher(spec)
@@ -138,6 +195,7 @@ class EdgeServer:
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
         self.engine = Engine(model, tokenizer, device=None, max_running=self.options.max_running)
         self.model_name = ckpt.name
+        self._started_at = time.time()
 
     def _replay_dispatcher(self, spec: Any) -> Any:
         from prism_moe.model.replay import ReplayDispatcher, ReplayRouting
@@ -155,7 +213,24 @@ class EdgeServer:
         self.metrics.set_trace_replay(True)
         # One global cursor: every forward's rows take the next trace tokens, the same rows at every layer,
         # so each token keeps its real cross-layer routing whatever continuous batching puts in a step.
-        return ReplayDispatcher(self.dispatcher, ReplayRouting(t.experts, t.weights, wrap=True))
+        self._replay = ReplayDispatcher(self.dispatcher, ReplayRouting(t.experts, t.weights, wrap=True))
+        return self._replay
+
+    def set_replay(self, workload: str) -> dict[str, Any]:
+        """Benchmark mode: replay another workload's trace from now on (a workload shift)."""
+        from prism_moe.model.replay import ReplayRouting
+        from prism_moe.stats.workload import load_workload
+
+        if self._replay is None:
+            raise ControlError(409, "this server does not replay a trace (start it with --replay)")
+        t = load_workload(workload, self.options.data_dir).trace
+        p = self.placement
+        if t is None or (t.num_layers, t.num_experts) != (p.num_layers, p.num_experts):
+            raise ControlError(400, f"{workload}: needs a per-token trace of {p.num_layers} layers x "
+                                    f"{p.num_experts} experts")
+        self._replay.routing = ReplayRouting(t.experts, t.weights, wrap=True)
+        self.options.replay = workload
+        return {"server": self.name, "replay": workload}
 
     def close(self) -> None:
         if self.engine is not None and self.engine.is_running:
@@ -170,7 +245,9 @@ class EdgeServer:
     # --- expert service and metrics hooks -------------------------------------------------------------------
     def _serve_experts(self, layer: int, expert_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """A peer's batch: expert_ids [n], hidden [n, H] (CPU, from the wire) -> [n, H] on CPU."""
-        store = self.stores[layer]
+        from prism_moe.runtime.dispatch import frozen_store
+
+        store = frozen_store(self.stores[layer])  # a concurrent drop cannot pull an expert mid-compute
         missing = sorted(set(expert_ids.unique().tolist()) - set(store.held))
         if missing:  # a distinct code, so a caller can re-route (e.g. mid-migration)
             from prism_moe.runtime.transport import ServiceError
@@ -187,16 +264,229 @@ class EdgeServer:
             self.metrics.observe_remote_error(ev.peer)
 
     def stats(self) -> dict[str, Any]:
-        """Activation counts of this server's own tokens (what `/prism/stats` returns for the scheduler)."""
-        counts = self.dispatcher.counter.snapshot()
+        """Activation counts of this server's own tokens (what `/prism/stats` returns for the scheduler).
+
+        `counts` are cumulative since start (a poller takes differences; a drop means a restart);
+        `routed_local`/`routed_remote` count (token, expert) pairs as they were actually routed.
+        """
+        d = self.dispatcher
+        counts = d.counter.snapshot()
         me = self.placement.server_names.index(self.name)
-        hosts = self.dispatcher.placement.hosts[me]
+        hosts = d.placement.hosts[me]
         total = int(counts.sum())
         local = int(counts[hosts].sum())
-        return {"server": self.name, "placement_version": self.dispatcher.placement.version,
+        peers = self.pool.stats() if self.pool else {}
+        return {"server": self.name, "placement_version": d.placement.version,
                 "counts": counts.tolist(), "invocations": total, "local_invocations": local,
                 "remote_fraction": (total - local) / total if total else 0.0,
-                "resident_weight_bytes": self.resident_bytes, "trace_replay": bool(self.options.replay)}
+                "routed_local": d.local_invocations, "routed_remote": d.remote_invocations,
+                "failovers": d.failovers, "down": d.down(),
+                "peer_bytes_sent": sum(ps.bytes_sent for ps in peers.values()),
+                "peer_bytes_received": sum(ps.bytes_received for ps in peers.values()),
+                "held": {str(k): v for k, v in self.held().items() if v}, "experts_held": self.held_count(),
+                "capacity": self.capacity, "started_at": self._started_at,
+                "checkpoint_experts": self.checkpoint_experts,
+                "resident_weight_bytes": self.resident_bytes, "trace_replay": bool(self.options.replay),
+                "replay": self.options.replay}
+
+    # --- live migration: load, send, switch, drop ------------------------------------------------------------
+    def held(self) -> dict[int, list[int]]:
+        return {layer: store.held for layer, store in self.stores.items()}
+
+    def held_count(self) -> int:
+        return sum(len(store) for store in self.stores.values())
+
+    def _check_ids(self, experts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        p = self.placement
+        bad = [(l, e) for l, e in experts if not (0 <= l < p.num_layers and 0 <= e < p.num_experts)]
+        if bad:
+            raise ControlError(400, f"experts {bad[:5]} out of range ({p.num_layers} layers x {p.num_experts})")
+        return [(int(l), int(e)) for l, e in experts]
+
+    def _weights_like(self) -> tuple[Any, Any]:
+        """(device, dtype) new experts must have: those of the model's own weights."""
+        ref = next(self.model.parameters())
+        return ref.device, ref.dtype
+
+    def _add_experts(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        """Hold these experts (already held ones are skipped); refuse if they would not fit the slots."""
+        from prism_moe.model.loading import resident_weight_bytes
+
+        with self._control_lock:
+            new = {k: w for k, w in weights.items() if k[1] not in self.stores[k[0]]}
+            if self.held_count() + len(new) > self.capacity:
+                raise ControlError(409, f"server {self.name}: loading {len(new)} experts would hold "
+                                        f"{self.held_count() + len(new)}, over its {self.capacity} slots")
+            for (l, e), (gate_up, down) in new.items():
+                self.stores[l].add(e, gate_up, down)
+            self.resident_bytes = resident_weight_bytes(self.model, self.stores)
+            self.metrics.set_resident_weight_bytes(self.resident_bytes)
+            return {"server": self.name, "loaded": len(new), "experts_held": self.held_count()}
+
+    def load_experts(self, experts: list[tuple[int, int]]) -> dict[str, Any]:
+        """Load experts from this server's own checkpoint (read only their bytes)."""
+        experts = self._check_ids(experts)
+        if not self.checkpoint_experts:
+            raise ControlError(409, f"the checkpoint of {self.name} lacks some experts: send them from a peer")
+        missing = [k for k in experts if k[1] not in self.stores[k[0]]]
+        if self.held_count() + len(missing) > self.capacity:  # before reading anything
+            raise ControlError(409, f"server {self.name}: {len(missing)} more experts do not fit its "
+                                    f"{self.capacity} slots ({self.held_count()} held)")
+        # the index opened at start serves every load (load_expert_weights re-opens it per expert)
+        device, dtype = self._weights_like()
+        t0 = time.perf_counter()
+        with self._ckpt.reader() as reader:
+            weights = {(l, e): self._ckpt.expert_weights(reader, l, e, device=device, dtype=dtype)
+                       for l, e in missing}
+        out = self._add_experts(weights)
+        return {**out, "source": "checkpoint", "seconds": time.perf_counter() - t0}
+
+    def send_experts(self, experts: list[tuple[int, int]], to: str) -> dict[str, Any]:
+        """Send held experts to peer `to` (`load_expert` messages with the weights); returns when it holds them."""
+        from prism_moe.runtime.dispatch import frozen_store
+        from prism_moe.runtime.transport import TransportError
+
+        experts = self._check_ids(experts)
+        if self.pool is None or to not in self.pool.pool:
+            raise ControlError(400, f"{to!r} is not a peer of {self.name}")
+        chunks: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]] = [[]]
+        size = 0
+        for l, e in experts:
+            store = frozen_store(self.stores[l])
+            if e not in store:
+                raise ControlError(409, f"server {self.name} does not hold layer {l} expert {e}")
+            gate_up, down = store.get(e)
+            nbytes = (gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size())
+            # a message holds at most 8 experts (16 tensors) and push_chunk_bytes
+            if chunks[-1] and (len(chunks[-1]) == 8 or size + nbytes > self.options.push_chunk_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append((l, e, gate_up.cpu(), down.cpu()))
+            size += nbytes
+        t0 = time.perf_counter()
+        try:
+            sent = self.pool.loop_thread.run(self._push(to, [c for c in chunks if c]))
+        except TransportError as err:
+            raise ControlError(502, f"{self.name} -> {to}: {err}") from err
+        return {"server": self.name, "to": to, "sent": len(experts), "bytes": sent,
+                "seconds": time.perf_counter() - t0}
+
+    async def _push(self, to: str, chunks: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]]) -> int:
+        import asyncio
+
+        from prism_moe.runtime.wire import LOAD_EXPERT
+
+        client = self.pool.pool[to]
+
+        async def one(chunk: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> int:
+            tensors: dict[str, torch.Tensor] = {}
+            for i, (_, _, gate_up, down) in enumerate(chunk):
+                tensors[f"gate_up_proj.{i}"], tensors[f"down_proj.{i}"] = gate_up, down
+            await client.request(LOAD_EXPERT, {"experts": [[l, e] for l, e, _, _ in chunk]}, tensors,
+                                 timeout=max(self.options.call_timeout, 30.0), retries=0)
+            return sum(t.numel() * t.element_size() for t in tensors.values())
+
+        return sum(await asyncio.gather(*(one(c) for c in chunks)))
+
+    @staticmethod
+    def _off_thread(fn: Any) -> Any:
+        import asyncio
+
+        async def handler(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+            return await asyncio.to_thread(fn, header, tensors)
+
+        return handler
+
+    def _on_load_message(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
+                         ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """`load_expert` from a peer: fields experts [[l, e], ...], tensors gate_up_proj.i / down_proj.i."""
+        from prism_moe.runtime.transport import ServiceError
+
+        try:
+            experts = self._check_ids([tuple(x) for x in header.get("experts", [])])
+            device, dtype = self._weights_like()
+            weights = {k: (tensors[f"gate_up_proj.{i}"].to(device, dtype, copy=True),
+                           tensors[f"down_proj.{i}"].to(device, dtype, copy=True))  # own the memory
+                       for i, k in enumerate(experts)}
+            return self._add_experts(weights), {}
+        except ControlError as err:
+            raise ServiceError("no_capacity" if err.status == 409 else "bad_request", err.message) from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise ServiceError("bad_request", f"load_expert: {err}") from None
+
+    def drop_experts(self, experts: list[tuple[int, int]]) -> dict[str, Any]:
+        """Stop holding experts the current placement no longer routes to this server."""
+        from prism_moe.model.loading import resident_weight_bytes
+
+        experts = self._check_ids(experts)
+        me = self.placement.server_names.index(self.name)
+        with self._control_lock:
+            routed = [(l, e) for l, e in experts if self.dispatcher.placement.hosts[me, l, e]]
+            if routed:
+                raise ControlError(409, f"placement version {self.dispatcher.placement.version} still has "
+                                        f"{self.name} holding {routed[:5]}: switch placement before dropping")
+            dropped = 0
+            for l, e in experts:
+                if e in self.stores[l]:
+                    self.stores[l].remove(e)
+                    dropped += 1
+            self.resident_bytes = resident_weight_bytes(self.model, self.stores)
+            self.metrics.set_resident_weight_bytes(self.resident_bytes)
+        return {"server": self.name, "dropped": dropped, "experts_held": self.held_count()}
+
+    def _on_drop_message(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
+                         ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        from prism_moe.runtime.transport import ServiceError
+
+        try:
+            return self.drop_experts([tuple(x) for x in header.get("experts", [])]), {}
+        except ControlError as err:
+            raise ServiceError("bad_request", err.message) from None
+
+    def set_down(self, down: list[str]) -> None:
+        """The coordinator's list of down servers. A newly down peer's connection is replaced, which fails
+        the calls waiting on it now (they fail over) instead of after their timeout."""
+        newly = [n for n in down if n != self.name and not self.dispatcher.is_down(n)]
+        self.dispatcher.set_down(down)
+        if self.pool is None:
+            return
+        for n in newly:
+            if n in self.pool.pool:
+                s = self.cluster.server(n)
+                self.pool.add_peer(n, f"tcp://{s.host}:{s.expert_port}")
+
+    def switch_placement(self, placement: Placement, down: list[str] | None = None,
+                         drain_timeout: float = 10.0) -> dict[str, Any]:
+        """Route by `placement` from now on; wait (up to `drain_timeout` s) for calls made under older ones."""
+        if list(placement.server_names) != list(self.placement.server_names):
+            raise ControlError(400, f"placement for servers {list(placement.server_names)}, this cluster has "
+                                    f"{list(self.placement.server_names)}")
+        me = placement.server_names.index(self.name)
+        with self._control_lock:
+            current = self.dispatcher.placement.version
+            if placement.version <= current:
+                if placement.version == current and (placement.hosts == self.dispatcher.placement.hosts).all():
+                    return {"server": self.name, "placement_version": current, "drained": True, "drain_ms": 0.0}
+                raise ControlError(409, f"placement version {placement.version} is not newer than {current}")
+            lacking = [(int(l), int(e)) for l, e in np.argwhere(placement.hosts[me])
+                       if int(e) not in self.stores[int(l)]]
+            if lacking:
+                raise ControlError(409, f"placement version {placement.version} has {self.name} holding "
+                                        f"{len(lacking)} experts it has not loaded, e.g. {lacking[:5]}")
+            if down is not None:
+                self.set_down(down)
+            self.placement = placement
+            self.metrics.set_placement_version(placement.version)
+            t0 = time.perf_counter()
+            self.dispatcher.set_placement(placement)
+        drained = self.dispatcher.drain(placement.version, drain_timeout)
+        out = {"server": self.name, "placement_version": placement.version, "drained": drained,
+               "drain_ms": (time.perf_counter() - t0) * 1e3}
+        if not drained:
+            out["inflight"] = self.dispatcher.inflight()
+            log.warning("%s: calls of older placements still in flight after %.1f s: %s", self.name, drain_timeout,
+                        out["inflight"])
+        return out
 
     # --- HTTP -----------------------------------------------------------------------------------------------
     def app(self) -> Any:
@@ -204,14 +494,73 @@ class EdgeServer:
 
         def health() -> dict[str, Any]:
             return {"server": self.name, "placement_version": self.dispatcher.placement.version,
-                    "experts_held": int(self.placement.experts_used()[self.placement.server_names.index(self.name)]),
+                    "experts_held": self.held_count(),
                     "peers": sorted(self.pool.pool.names) if self.pool else [],
                     "trace_replay": bool(self.options.replay)}
 
         app = create_app(self.engine, self.metrics, self.model_name, api_key=self.options.api_key,
                          extra_health=health)
         app.add_api_route("/prism/stats", self.stats, methods=["GET"])
+        self._add_control_routes(app)
         return app
+
+    def _add_control_routes(self, app: Any) -> None:
+        """POST /prism/experts/{load,send,drop}, GET|POST /prism/placement, /prism/down, /prism/replay."""
+        import secrets
+        from typing import get_type_hints
+
+        from fastapi import Request
+        from fastapi.responses import JSONResponse
+
+        from prism_moe.runtime.http_api import APIError
+
+        def guarded(fn: Any) -> Any:
+            # sync handlers: FastAPI runs them in its thread pool, off the event loop
+            def handler(request: Request, body: Any) -> Any:
+                key = self.options.api_key
+                if key is not None:
+                    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+                    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
+                        raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+                try:
+                    return fn(body)
+                except ControlError as err:
+                    return JSONResponse({"error": {"message": err.message, "server": self.name}},
+                                        status_code=err.status)
+            # real classes, not the strings of `from __future__ import annotations`: FastAPI reads them
+            handler.__annotations__ = {"request": Request, "body": get_type_hints(fn)["body"]}
+            return handler
+
+        def load(body: ExpertsBody) -> dict[str, Any]:
+            return self.load_experts(body.experts)
+
+        def send(body: ExpertsBody) -> dict[str, Any]:
+            if not body.to:
+                raise ControlError(400, "send needs `to`: the peer that loads the experts")
+            return self.send_experts(body.experts, body.to)
+
+        def drop(body: ExpertsBody) -> dict[str, Any]:
+            return self.drop_experts(body.experts)
+
+        def switch(body: PlacementBody) -> dict[str, Any]:
+            try:
+                placement = Placement.from_dict(body.placement)
+            except PlacementError as err:
+                raise ControlError(400, f"bad placement: {err}") from err
+            return self.switch_placement(placement, body.down, body.drain_timeout)
+
+        def set_down(body: DownBody) -> dict[str, Any]:
+            self.set_down(body.down)
+            return {"server": self.name, "down": self.dispatcher.down()}
+
+        def replay(body: ReplayBody) -> dict[str, Any]:
+            return self.set_replay(body.workload)
+
+        for path, fn in (("/prism/experts/load", load), ("/prism/experts/send", send),
+                         ("/prism/experts/drop", drop), ("/prism/placement", switch), ("/prism/down", set_down),
+                         ("/prism/replay", replay)):
+            app.add_api_route(path, guarded(fn), methods=["POST"])
+        app.add_api_route("/prism/placement", lambda: self.dispatcher.placement.to_dict(), methods=["GET"])
 
 
 def run_server(cluster: ClusterSpec, name: str, options: ServeOptions) -> None:

@@ -1,0 +1,423 @@
+"""The coordinator (global scheduler) of one cluster: live statistics, re-placement, migration, failures.
+
+Design: the coordinator polls every server's `/prism/stats` (default every second) instead of servers
+pushing heartbeats. One request gives both liveness and the activation counts; servers need no
+coordinator address and keep working without one; counts are cumulative on the server, so a lost poll or
+a coordinator restart loses nothing (the next difference covers it) and a server restart shows up as
+counts going down. A server that has not answered for `down_after` seconds is down.
+
+Every poll: decayed history + shift detection (history.py). Every `period` seconds, on `POST /replan`,
+and after a detected shift: a candidate placement (candidate.py), the decision rule (decision.py), and
+if it says so, a live migration (migration.py plan, executor.py). A server going down: peers are told at
+once (they route to surviving replicas), then experts left with no live copy are re-hosted on the
+survivors (repair). A server coming back gets a placement version that includes what it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from prism_moe.config import ClusterSpec
+from prism_moe.model.spec import ModelSpec
+from prism_moe.placement.placement import Placement
+from prism_moe.scheduler.candidate import (
+    ClusterCapacityError,
+    candidate_placement,
+    link_cost_matrix,
+    repair_hosts,
+)
+from prism_moe.scheduler.client import ControlFailed, ServerClient
+from prism_moe.scheduler.decision import Decision, decide, transfer_seconds
+from prism_moe.scheduler.executor import Executor, MigrationReport
+from prism_moe.scheduler.history import ActivationHistory, detect_shift, shift_distance
+from prism_moe.scheduler.migration import MigrationPlan, plan_migration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CoordinatorConfig:
+    period: float = 180.0  # seconds between periodic re-placements (and the horizon of the cost C)
+    poll_interval: float = 1.0
+    poll_timeout: float = 2.0
+    down_after: float = 3.0  # seconds without an answer before a server is down
+    half_life: float = 300.0  # of the decayed activation counts
+    window: float = 30.0  # recent window compared with the history for shift detection
+    shift_threshold: float = 0.3  # mean TV distance over layers (within-domain drift reaches ~0.25)
+    min_shift_invocations: float = 1000.0  # per layer, in the window and in the history
+    replan_on_shift: bool = True
+    margin: float = 0.1
+    reserve: float = 0.02  # fraction of each server's slots re-placements leave free, so swaps can proceed
+    algorithm: str | None = None  # None: the registry's default
+    transfer: str = "auto"  # how receivers get experts: auto | checkpoint | peer
+    drain_timeout: float = 10.0
+    api_key: str | None = None
+
+
+@dataclass
+class ServerState:
+    name: str
+    live: bool = False
+    seen: bool = False
+    last_ok: float | None = None
+    started_at: float | None = None
+    cum: np.ndarray | None = None  # last cumulative counts [L, E]
+    stats: dict[str, Any] = field(default_factory=dict)
+    samples: deque = field(default_factory=lambda: deque(maxlen=512))  # (t, local, remote, peer bytes)
+
+    def window_rates(self, window: float) -> dict[str, float | None]:
+        pts = [x for x in self.samples if x[0] >= self.samples[-1][0] - window] if self.samples else []
+        if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
+            return {"local_hit_rate": None, "remote_invocations_per_s": None, "peer_bytes_per_s": None}
+        dt = pts[-1][0] - pts[0][0]
+        loc, rem, nb = (pts[-1][i] - pts[0][i] for i in (1, 2, 3))
+        return {"local_hit_rate": loc / (loc + rem) if loc + rem > 0 else None,
+                "remote_invocations_per_s": rem / dt, "peer_bytes_per_s": nb / dt}
+
+
+class Coordinator:
+    def __init__(self, cluster: ClusterSpec, config: CoordinatorConfig | None = None,
+                 placement: Placement | None = None, model: ModelSpec | None = None,
+                 client: ServerClient | None = None) -> None:
+        from prism_moe.placement.registry import DEFAULT_ALGORITHM
+
+        self.cluster = cluster
+        self.config = config or CoordinatorConfig()
+        self.algorithm = self.config.algorithm or DEFAULT_ALGORITHM
+        self.model = model or cluster.model_spec()
+        self.names = list(cluster.server_names)
+        self.capacity = cluster.expert_slots(self.model)
+        self.link_cost = link_cost_matrix(cluster, self.model)
+        self.bandwidth = cluster.link_matrices()[0]
+        self.client = client or ServerClient(cluster, self.config.api_key)
+        self.placement = placement
+        self.version = placement.version if placement is not None else 0
+        shape = (len(self.names), self.model.num_moe_layers, self.model.num_experts)
+        self.history = ActivationHistory(shape, self.config.half_life, self.config.window)
+        self.servers = {n: ServerState(n) for n in self.names}
+        self.error: str | None = None  # a cluster-level problem (e.g. survivors cannot hold every expert)
+        self.last_decision: Decision | None = None
+        self.migrations: deque[MigrationReport] = deque(maxlen=50)
+        self.events: deque[dict[str, Any]] = deque(maxlen=200)
+        self.migrating = False
+        self._lock = threading.RLock()  # state
+        self._migrate_lock = threading.Lock()  # one migration at a time
+        self._stop = threading.Event()
+        self._replan_now = threading.Event()
+        self._last_plan = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max(2, len(self.names)), thread_name_prefix="coord-poll")
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Poll once (so liveness is known before any decision), then keep polling in a thread."""
+        self.poll()
+        self._thread = threading.Thread(target=self._loop, name="prism-coordinator", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._replan_now.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                self.step()
+            except Exception:  # the loop must survive anything one step does
+                log.exception("coordinator step failed")
+            self._replan_now.wait(max(0.0, self.config.poll_interval - (time.monotonic() - t0)))
+
+    def step(self) -> None:
+        """One poll of every server, then whatever it calls for: repair, rejoin, re-placement."""
+        went_down, came_back, shifted = self.poll()
+        if went_down:
+            self.handle_down(went_down)
+        for name in came_back:
+            self.handle_rejoin(name)
+        due = time.monotonic() - self._last_plan >= self.config.period
+        if self._replan_now.is_set() or due or (shifted and self.config.replan_on_shift):
+            self._replan_now.clear()
+            reason = "requested" if not due and not shifted else ("workload shift" if shifted else "period")
+            self.replan(reason)
+
+    # --- statistics and liveness ----------------------------------------------------------------------------
+    def poll(self) -> tuple[list[str], list[str], list[str]]:
+        """Poll every server once; returns (went down, came back, shifted) server names."""
+        now = time.monotonic()
+        futs = {n: self._pool.submit(self.client.stats, n, self.config.poll_timeout) for n in self.names}
+        deltas = np.zeros(self.history.shape)
+        went_down, came_back = [], []
+        with self._lock:
+            for i, n in enumerate(self.names):
+                st = self.servers[n]
+                try:
+                    s = futs[n].result()
+                except Exception as err:  # any failure (ControlFailed, timeout, bad JSON) means no answer
+                    if st.live and (st.last_ok is None or now - st.last_ok >= self.config.down_after):
+                        st.live = False
+                        went_down.append(n)
+                        self._event("down", n, str(err))
+                    elif not st.seen and st.last_ok is None:
+                        st.stats = {"error": str(err)}
+                    continue
+                if st.seen and not st.live:
+                    came_back.append(n)
+                restarted = st.started_at is not None and s.get("started_at") != st.started_at
+                counts = np.asarray(s["counts"], dtype=np.float64)
+                if st.cum is not None and not restarted and (counts >= st.cum).all():
+                    deltas[i] = counts - st.cum
+                # else: first sight or a restart: these counts are the baseline, not new traffic
+                st.cum, st.started_at, st.stats = counts, s.get("started_at"), s
+                st.live, st.seen, st.last_ok = True, True, now
+                st.samples.append((now, s.get("routed_local", 0), s.get("routed_remote", 0),
+                                   s.get("peer_bytes_sent", 0) + s.get("peer_bytes_received", 0)))
+            self.history.observe(deltas, now)
+            live = self.live_mask()
+            shifted_mask = detect_shift(self.history.older(), self.history.recent(), self.config.shift_threshold,
+                                        self.config.min_shift_invocations) & live
+            shifted = [self.names[i] for i in np.flatnonzero(shifted_mask)]
+            if shifted:
+                dist = shift_distance(self.history.older(), self.history.recent())
+                for n in shifted:
+                    self._event("shift", n, f"TV distance {dist[self.names.index(n)]:.3f}: history reset")
+                self.history.reset_to_recent(shifted_mask)
+            if self.placement is None and live.any():
+                self._adopt_placement()
+        return went_down, came_back, shifted
+
+    def live_mask(self) -> np.ndarray:
+        return np.array([self.servers[n].live for n in self.names])
+
+    def down_names(self) -> list[str]:
+        return [n for n in self.names if not self.servers[n].live]
+
+    def _adopt_placement(self) -> None:
+        """Take the newest placement the live servers serve (at start, when none was given)."""
+        best = None
+        for n in self.names:
+            if self.servers[n].live:
+                try:
+                    p = self.client.placement(n)
+                except ControlFailed:
+                    continue
+                if best is None or p.version > best.version:
+                    best = p
+        if best is not None:
+            self.placement, self.version = best, max(self.version, best.version)
+            self._event("placement", None, f"adopted version {best.version} from the servers")
+
+    def _next_version(self) -> int:
+        with self._lock:
+            self.version += 1
+            return self.version
+
+    def _event(self, kind: str, server: str | None, detail: str) -> None:
+        log.info("%s %s: %s", kind, server or "cluster", detail)
+        self.events.append({"time": time.time(), "kind": kind, "server": server, "detail": detail})
+
+    # --- decisions ------------------------------------------------------------------------------------------
+    def request_replan(self) -> None:
+        self._replan_now.set()
+
+    def replan(self, reason: str = "requested", dry_run: bool = False) -> dict[str, Any]:
+        """Compute the candidate, decide, and migrate if the rule says so. Returns the decision (+ report)."""
+        with self._migrate_lock:
+            self._last_plan = time.monotonic()
+            with self._lock:
+                if self.placement is None:
+                    return {"migrate": False, "reason": "no placement known yet (no server answered)"}
+                live, current = self.live_mask(), self.placement
+                rates = self.history.rates() * live[:, None, None]
+            if not live.any():
+                return {"migrate": False, "reason": "no live server"}
+            try:
+                cand = candidate_placement(self.algorithm, rates, self.cluster, self.model, current, live,
+                                           self.config.reserve)
+                plan = plan_migration(current.hosts, cand.hosts, self.capacity, live, self.bandwidth, rates)
+                # decide on what the migration can reach within the slots, not on the unconstrained target
+                reached = Placement.from_hosts(self.names, plan.reached | (current.hosts & ~live[:, None, None]),
+                                               self.link_cost, None, cand.algorithm, version=current.version)
+            except Exception as err:  # a placement that cannot be computed is a cluster-level problem
+                self.error = f"re-placement failed: {err}"
+                log.error(self.error)
+                return {"migrate": False, "reason": self.error}
+            d = decide(current, reached, rates, self.link_cost, self.bandwidth, self.model.expert_bytes,
+                       self.config.period, self.config.margin, live)
+            self.last_decision = d
+            out: dict[str, Any] = {**d.to_dict(), "trigger": reason, "skipped_moves": plan.skipped}
+            self._event("decision", None, f"{reason}: migrate={d.migrate}; {d.reason}; planned "
+                                          f"{d.experts_moved} experts, {d.migration_bytes} B, "
+                                          f"{d.migration_seconds:.3f} s")
+            if d.migrate and not dry_run:
+                out["migration"] = self._migrate(cand.hosts, f"re-placement ({reason})", rates, plan).to_dict()
+            return out
+
+    def migrate_to(self, target: Placement, reason: str = "requested") -> MigrationReport:
+        """Migrate live to `target` (its hosts; versions are the coordinator's), whatever the rule says."""
+        with self._migrate_lock:
+            if list(target.server_names) != self.names:
+                raise ValueError(f"placement for {list(target.server_names)}, the cluster has {self.names}")
+            return self._migrate(target.hosts, reason, self.history.rates())
+
+    def _migrate(self, target_hosts: np.ndarray, reason: str, rates: np.ndarray,
+                 plan: MigrationPlan | None = None) -> MigrationReport:
+        with self._lock:
+            current, live, down = self.placement, self.live_mask(), self.down_names()
+            ckpt_ok = {n: bool(self.servers[n].stats.get("checkpoint_experts")) for n in self.names}
+        assert current is not None
+        if not live.any():
+            report = MigrationReport(reason, current.version, error="no live server: nothing can migrate")
+            self.migrations.append(report)
+            return report
+        if plan is None:
+            plan = plan_migration(current.hosts, target_hosts, self.capacity, live, self.bandwidth, rates)
+        report = MigrationReport(reason, current.version, planned_bytes=len(plan.loads) * self.model.expert_bytes,
+                                 planned_seconds=transfer_seconds(current.hosts, plan.reached, self.bandwidth,
+                                                                  self.model.expert_bytes, live))
+        self._event("migration", None, f"{reason}: from version {current.version}, {len(plan.loads)} loads, "
+                                       f"{plan.num_drops} drops in {len(plan.rounds)} rounds, planned "
+                                       f"{report.planned_bytes} B / {report.planned_seconds:.3f} s"
+                                       + (f"; {plan.skipped} moves skipped" if plan.skipped else ""))
+        ex = Executor(self.client, self.names, self.link_cost, self.capacity, self.model.expert_bytes,
+                      self._next_version, self.config.transfer, ckpt_ok, self.config.drain_timeout)
+        self.migrating = True
+        try:
+            serving = ex.run(plan, current, live, down, report, self.algorithm)
+        finally:
+            self.migrating = False
+        with self._lock:
+            self.placement = serving
+            self.migrations.append(report)
+        self._event("migrated" if report.ok else "rolled back", None,
+                    f"version {report.to_version} in {report.seconds:.3f} s"
+                    + (f": {report.error}" if report.error else ""))
+        return report
+
+    # --- failures -------------------------------------------------------------------------------------------
+    def handle_down(self, names: list[str]) -> None:
+        """Tell the survivors at once, then re-host experts left with no live copy."""
+        with self._lock:
+            live, down, current = self.live_mask(), self.down_names(), self.placement
+        for n in self.names:
+            if self.servers[n].live:
+                try:
+                    self.client.set_down(n, down)
+                except ControlFailed as err:
+                    log.warning("telling %s that %s are down: %s", n, down, err)
+        if current is None or not live.any():
+            return
+        if (current.hosts & live[:, None, None]).any(axis=0).all():
+            return  # every expert still has a live copy: failover alone serves every request
+        try:
+            repaired = repair_hosts(current.hosts, live, self.capacity, self.history.rates())
+        except ClusterCapacityError as err:
+            self.error = str(err)
+            self._event("error", None, self.error)
+            return
+        with self._migrate_lock:
+            report = self._migrate(repaired, f"repair after {', '.join(names)} went down", self.history.rates())
+        if report.ok:
+            self.error = None
+
+    def handle_rejoin(self, name: str) -> None:
+        """A server answers again: give every live server a placement that includes what it holds."""
+        with self._migrate_lock:
+            with self._lock:
+                st, current, down = self.servers[name], self.placement, self.down_names()
+                live_names = [n for n in self.names if self.servers[n].live]
+            if current is None:
+                return
+            held = np.zeros(current.hosts.shape[1:], dtype=bool)
+            for layer, ids in (st.stats.get("held") or {}).items():
+                held[int(layer), ids] = True
+            hosts = current.hosts.copy()
+            hosts[self.names.index(name)] = held
+            p = Placement.from_hosts(self.names, hosts, self.link_cost, None, current.algorithm,
+                                     version=self._next_version())
+            failed = []
+            for n in live_names:
+                try:
+                    self.client.switch(n, p, down, self.config.drain_timeout)
+                except ControlFailed as err:
+                    failed.append(str(err))
+            with self._lock:
+                if not failed:
+                    self.placement = p
+                    self.error = None
+            self._event("rejoin", name, f"placement version {p.version} includes its {int(held.sum())} experts"
+                        + (f"; not taken by all: {failed}" if failed else ""))
+
+    # --- state and HTTP -------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            p = self.placement
+            servers = {}
+            for i, n in enumerate(self.names):
+                st, s = self.servers[n], self.servers[n].stats
+                servers[n] = {
+                    "live": st.live, "seen": st.seen,
+                    "last_seen_s": None if st.last_ok is None else now - st.last_ok,
+                    "placement_version": s.get("placement_version"), "experts_held": s.get("experts_held"),
+                    "expert_slots": int(self.capacity[i]), "resident_weight_bytes": s.get("resident_weight_bytes"),
+                    "expert_bytes_held": (s.get("experts_held") or 0) * self.model.expert_bytes,
+                    "failovers": s.get("failovers"), "down_seen": s.get("down"), "replay": s.get("replay"),
+                    **st.window_rates(self.config.window)}
+            return {"placement_version": None if p is None else p.version,
+                    "algorithm": self.algorithm, "error": self.error, "migrating": self.migrating,
+                    "servers": servers,
+                    "last_decision": None if self.last_decision is None else self.last_decision.to_dict(),
+                    "migrations": [m.to_dict() for m in self.migrations],
+                    "events": list(self.events)[-50:], "config": {**asdict(self.config), "api_key": None}}
+
+    def app(self) -> Any:
+        """FastAPI app: GET /health, /state, /placement; POST /replan[?dry_run=true], /migrate."""
+        from fastapi import FastAPI, HTTPException
+        from pydantic import BaseModel
+
+        class MigrateBody(BaseModel):
+            placement: dict[str, Any]
+
+        app = FastAPI(title="prism-moe coordinator")
+
+        @app.get("/health")
+        def health() -> dict[str, Any]:
+            return {"status": "ok" if self.error is None else "error", "error": self.error,
+                    "live": [n for n in self.names if self.servers[n].live]}
+
+        @app.get("/state")
+        def state() -> dict[str, Any]:
+            return self.state()
+
+        @app.get("/placement")
+        def placement() -> dict[str, Any]:
+            if self.placement is None:
+                raise HTTPException(503, "no placement known yet")
+            return self.placement.to_dict()
+
+        @app.post("/replan")
+        def replan(dry_run: bool = False) -> dict[str, Any]:
+            return self.replan("requested", dry_run=dry_run)
+
+        @app.post("/migrate")
+        def migrate(body: MigrateBody) -> dict[str, Any]:
+            try:
+                target = Placement.from_dict(body.placement)
+                return self.migrate_to(target, "operator").to_dict()
+            except ValueError as err:
+                raise HTTPException(400, str(err)) from err
+
+        return app

@@ -1,0 +1,136 @@
+"""Activation statistics the scheduler decides on: exponentially decayed counts and shift detection.
+
+Shapes: S servers, L MoE layers, E experts. Counts are float [S, L, E] of routed (token, expert) pairs.
+Time is passed in (seconds, any monotonic origin): nothing here reads a clock, so tests replay exactly.
+
+Why decay and reset: decayed counts forget slowly (half-life of minutes) so noise does not move experts,
+but after a real workload shift the old history would keep the old placement alive for several
+half-lives. So each poll compares the recent window with the older history per server; when they
+differ by more than a threshold (mean total-variation distance over layers), that server's history is
+replaced by the recent window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def decay_factor(dt: float, half_life: float) -> float:
+    """Weight left on counts that are `dt` seconds old: 2^(-dt / half_life) (1 for no decay)."""
+    if half_life <= 0 or math.isinf(half_life):
+        return 1.0
+    return 0.5 ** (max(dt, 0.0) / half_life)
+
+
+def normalize(counts: np.ndarray) -> np.ndarray:
+    """Per layer, counts -> shares: [..., E] -> [..., E], rows sum to 1 (uniform where a row is empty)."""
+    c = np.asarray(counts, dtype=np.float64)
+    tot = c.sum(axis=-1, keepdims=True)
+    return np.where(tot > 0, c / np.where(tot > 0, tot, 1.0), 1.0 / c.shape[-1])
+
+
+def tv_distance(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Total-variation distance between distributions over the last axis: [..., E] x [..., E] -> [...]."""
+    return 0.5 * np.abs(np.asarray(p, float) - np.asarray(q, float)).sum(axis=-1)
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence in bits (0..1) over the last axis: [..., E] x [..., E] -> [...]."""
+    p, q = np.asarray(p, float), np.asarray(q, float)
+    m = 0.5 * (p + q)
+
+    def kl(a: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * np.log2(np.where(a > 0, a, 1.0) / np.where(m > 0, m, 1.0)), 0.0).sum(-1)
+
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def shift_distance(older: np.ndarray, recent: np.ndarray) -> np.ndarray:
+    """Per server, mean over layers of the TV distance between older and recent shares: [S, L, E] -> [S]."""
+    return tv_distance(normalize(older), normalize(recent)).mean(axis=-1)
+
+
+def detect_shift(older: np.ndarray, recent: np.ndarray, threshold: float, min_per_layer: float) -> np.ndarray:
+    """Servers whose recent routing left their older history: bool [S].
+
+    older, recent: counts [S, L, E]. A server needs at least `min_per_layer` recent and older invocations
+    per layer on average: with few samples the empirical shares are noisy (E[TV] of n samples from a
+    uniform law over E experts is about sqrt(E / (2 pi n))), and the threshold must sit above that noise.
+    """
+    older, recent = np.asarray(older, float), np.asarray(recent, float)
+    layers = older.shape[1]
+    enough = (recent.sum(axis=(1, 2)) >= min_per_layer * layers) & (older.sum(axis=(1, 2)) >= min_per_layer * layers)
+    return enough & (shift_distance(older, recent) > threshold)
+
+
+@dataclass
+class ActivationHistory:
+    """Decayed counts per server, plus a sliding recent window for shift detection.
+
+    `observe(deltas, now)` adds one poll's new counts; `rates()` gives invocations per second
+    [S, L, E] (decayed counts over decayed elapsed time, so a server reset to its window is not
+    under-estimated).
+    """
+
+    shape: tuple[int, int, int]
+    half_life: float = 300.0
+    window: float = 30.0
+    counts: np.ndarray = field(init=False)
+    elapsed: np.ndarray = field(init=False)  # [S] decayed seconds of observation behind `counts`
+    _recent: deque[tuple[float, np.ndarray]] = field(init=False, default_factory=deque)
+    _last: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros(self.shape)
+        self.elapsed = np.zeros(self.shape[0])
+
+    def observe(self, deltas: np.ndarray, now: float) -> None:
+        """Add counts [S, L, E] that arrived since the previous call."""
+        deltas = np.asarray(deltas, dtype=np.float64)
+        dt = 0.0 if self._last is None else max(now - self._last, 0.0)
+        f = decay_factor(dt, self.half_life)
+        self.counts = self.counts * f + deltas
+        self.elapsed = self.elapsed * f + dt
+        self._last = now
+        self._recent.append((now, deltas))
+        while self._recent and self._recent[0][0] < now - self.window:
+            self._recent.popleft()
+
+    def recent(self) -> np.ndarray:
+        """Counts of the recent window, undecayed: [S, L, E]."""
+        out = np.zeros(self.shape)
+        for _, d in self._recent:
+            out += d
+        return out
+
+    def older(self) -> np.ndarray:
+        """The history without the recent window (decay makes this approximate; clipped at 0): [S, L, E]."""
+        return np.clip(self.counts - self.recent(), 0.0, None)
+
+    def window_seconds(self) -> float:
+        if len(self._recent) < 2:
+            return 0.0
+        return self._recent[-1][0] - self._recent[0][0]
+
+    def reset_to_recent(self, servers: np.ndarray) -> None:
+        """Forget the history of `servers` (bool [S]) except the recent window."""
+        rec = self.recent()
+        self.counts[servers] = rec[servers]
+        self.elapsed[servers] = max(self.window_seconds(), 1e-9)
+
+    def forget(self, server: int) -> None:
+        """Drop everything known about one server (it restarted or left)."""
+        self.counts[server] = 0.0
+        self.elapsed[server] = 0.0
+        for _, d in self._recent:
+            d[server] = 0.0
+
+    def rates(self) -> np.ndarray:
+        """Invocations per second: [S, L, E] (zero for a server not yet observed)."""
+        el = self.elapsed[:, None, None]
+        return np.where(el > 0, self.counts / np.where(el > 0, el, 1.0), 0.0)

@@ -1,0 +1,98 @@
+"""The dispatcher's side of migration and failures, in one process on loopback ZeroMQ.
+
+Server "a" (the dispatcher under test) sends to peers "b" and "c" (real ExpertServices whose experts
+multiply by expert id + 1). A peer answering `not_held` or not answering at all is failed over to
+another holder; with no other holder the call waits for a placement that re-hosts the expert, and a
+switch does not wait for such a call.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from prism_moe.placement.placement import Placement
+from prism_moe.runtime.dispatch import ClusterDispatcher
+from prism_moe.runtime.transport import ExpertService, LoopThread, PeerUnavailable, ServiceError, SyncPeerPool
+
+NAMES = ["a", "b", "c"]
+H = 4
+
+
+class Peer:
+    def __init__(self, name: str, lt: LoopThread, held: set[int]) -> None:
+        self.name, self.held, self.calls = name, held, 0
+
+        def handler(layer: int, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            missing = set(ids.tolist()) - self.held
+            if missing:
+                raise ServiceError("not_held", f"{name} does not hold {sorted(missing)}")
+            return x * (ids[:, None] + 1).to(x.dtype)
+
+        self.service = ExpertService("tcp://127.0.0.1:*", handler, num_layers=1, num_experts=4, hidden_size=H,
+                                     name=name)
+        self.endpoint = lt.run(self.service.start())
+
+
+def _placement(hosts: list[list[int]], version: int, link: np.ndarray) -> Placement:
+    h = np.zeros((3, 1, 4), dtype=bool)
+    for s, es in enumerate(hosts):
+        h[s, 0, es] = True
+    return Placement.from_hosts(NAMES, h, link, version=version)
+
+
+@pytest.fixture
+def setup():
+    lt = LoopThread("test-failover")
+    b, c = Peer("b", lt, {1, 2}), Peer("c", lt, {1, 2, 3})
+    pool = SyncPeerPool({"b": b.endpoint, "c": c.endpoint}, loop_thread=lt, timeout=0.3, retries=0)
+    link = np.array([[0, 1, 2], [1, 0, 1], [2, 1, 0]], dtype=float)  # a prefers b
+    p0 = _placement([[0], [1, 2], [1, 2, 3]], 0, link)
+    d = ClusterDispatcher("a", p0, pool, repair_wait=5.0)
+    yield d, b, c, lt, link
+    pool.close()
+    for peer in (b, c):
+        lt.run(peer.service.close())
+    lt.close()
+
+
+def _x(n: int) -> torch.Tensor:
+    return torch.arange(n * H, dtype=torch.float32).reshape(n, H)
+
+
+def test_not_held_fails_over_to_another_holder(setup):
+    d, b, c, _, _ = setup
+    assert d.locate(0, 1) == "b"
+    b.held.clear()  # b dropped its copies (a migration it has not been told about yet)
+    ids = torch.tensor([1, 1, 2])
+    out = d.remote(0, {"b": (ids, _x(3))})["b"].result(10)
+    assert torch.equal(out, _x(3) * (ids[:, None] + 1))
+    assert d.failovers == 1 and c.calls == 1
+    assert d.inflight() == {}
+
+
+def test_unavailable_peer_is_avoided_and_a_lone_copy_waits_for_the_repair(setup):
+    d, b, c, lt, link = setup
+    lt.run(c.service.close())  # c dies: it held the only copy of expert 3
+    ids = torch.tensor([3, 3])
+    fut = d.remote(0, {"c": (ids, _x(2))})["c"]
+    deadline = time.monotonic() + 5
+    while d.inflight():  # after c's timeout the call waits for a repair: counted nowhere
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert not fut.done() and d.is_down("c") and d.locate(0, 1) == "b"
+    b.held.add(3)  # the repair loads expert 3 on b, then every server switches
+    assert d.set_placement(_placement([[0], [1, 2, 3], [1, 2, 3]], 1, link), drain_timeout=1.0)
+    assert torch.equal(fut.result(10), _x(2) * 4)
+
+
+def test_without_any_copy_the_call_fails_after_the_repair_wait(setup):
+    d, _, c, lt, _ = setup
+    d.repair_wait = 0.2
+    lt.run(c.service.close())
+    with pytest.raises(PeerUnavailable):
+        d.remote(0, {"c": (torch.tensor([3]), _x(1))})["c"].result(10)

@@ -1,0 +1,112 @@
+"""The executor against fake servers: order of calls, slot limits, and rollback when a step fails."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from prism_moe.placement.placement import Placement
+from prism_moe.scheduler.client import ControlFailed
+from prism_moe.scheduler.executor import Executor, MigrationReport
+from prism_moe.scheduler.migration import plan_migration
+
+NAMES = ["a", "b", "c"]
+LINK = np.ones((3, 3))
+
+
+class FakeServers:
+    """Holds experts per server, enforces slots and switch/drop rules like runtime/server.py does."""
+
+    def __init__(self, hosts: np.ndarray, capacity: np.ndarray, fail: str | None = None) -> None:
+        self.held = hosts.copy()
+        self.routed = hosts.copy()
+        self.version = dict.fromkeys(NAMES, 0)
+        self.capacity, self.fail, self.log = capacity, fail, []
+
+    def _maybe_fail(self, what: str, server: str) -> None:
+        self.log.append((what, server))
+        if self.fail == what:
+            raise ControlFailed(server, what, "injected failure")
+
+    def _add(self, server: str, experts) -> None:
+        i = NAMES.index(server)
+        for l, e in experts:
+            self.held[i, l, e] = True
+        assert self.held[i].sum() <= self.capacity[i], f"{server} over its slots"
+
+    def load(self, server, experts):
+        self._maybe_fail("load", server)
+        self._add(server, experts)
+        return {"loaded": len(experts)}
+
+    def send(self, source, experts, to):
+        self._maybe_fail("send", source)
+        assert all(self.held[NAMES.index(source), l, e] for l, e in experts)
+        self._add(to, experts)
+        return {"sent": len(experts)}
+
+    def switch(self, server, placement, down, drain_timeout):
+        self._maybe_fail("switch", server)
+        i = NAMES.index(server)
+        assert not (placement.hosts[i] & ~self.held[i]).any(), "switch to experts not loaded"
+        assert placement.version > self.version[server]
+        self.version[server] = placement.version
+        self.routed[i] = placement.hosts[i]
+        return {"drained": True, "drain_ms": 0.0}
+
+    def drop(self, server, experts):
+        self._maybe_fail("drop", server)
+        i = NAMES.index(server)
+        for l, e in experts:
+            assert not self.routed[i, l, e], "drop of a copy still routed to"
+            self.held[i, l, e] = False
+        return {"dropped": len(experts)}
+
+
+def _case():
+    old = np.zeros((3, 2, 8), dtype=bool)
+    for e in range(8):
+        old[e % 3, :, e] = True
+    new = old.copy()
+    new[0, :, [2, 5]] = True
+    new[0, :, 6] = False
+    new[1, :, 6] = True
+    return old, new, np.array([8, 8, 8])
+
+
+def _run(fake: FakeServers, transfer: str = "peer"):
+    old, new, cap = _case()
+    versions = itertools.count(1)
+    ex = Executor(fake, NAMES, LINK, cap, expert_bytes=100, next_version=lambda: next(versions), transfer=transfer)
+    plan = plan_migration(old, new, cap)
+    report = MigrationReport("test", 0)
+    serving = ex.run(plan, Placement.from_hosts(NAMES, old, LINK), np.ones(3, bool), [], report)
+    return report, serving, old, new
+
+
+def test_migration_reaches_the_target_within_slots():
+    old, _, cap = _case()
+    fake = FakeServers(old, cap)
+    report, serving, _, new = _run(fake)
+    assert report.ok and (serving.hosts == new).all() and (fake.held == new).all()
+    assert report.experts_loaded == 6 and report.experts_dropped == 2 and report.bytes_moved == 600
+    assert all(v == serving.version for v in fake.version.values())
+
+
+def test_checkpoint_transfer_moves_no_bytes_over_links():
+    old, _, cap = _case()
+    report, _, _, _ = _run(FakeServers(old, cap), transfer="checkpoint")
+    assert report.ok and report.bytes_moved == 0
+
+
+@pytest.mark.parametrize("fail", ["send", "switch"])
+def test_a_failed_step_rolls_back_to_the_serving_placement(fail):
+    old, _, cap = _case()
+    fake = FakeServers(old, cap, fail=fail)
+    report, serving, old, _ = _run(fake)
+    assert not report.ok and report.rolled_back and fail in report.error
+    # nothing was dropped early yet, so the old placement serves again and the extras are gone
+    assert (serving.hosts == old).all() and (fake.held == old).all()
+    assert serving.version == report.to_version
