@@ -24,18 +24,25 @@ from torch import Tensor
 from .experts import ExpertDispatcher, ExpertStore
 
 
+def _copy_tensor(x: Any, dtype: torch.dtype) -> Tensor:
+    """A writable tensor copy of an array or tensor (trace arrays are read-only numpy views)."""
+    if isinstance(x, Tensor):
+        return x.to(dtype).clone()
+    return torch.from_numpy(np.array(x)).to(dtype)
+
+
 class ReplayRouting:
     """Per-token routing from a trace: experts [tokens, layers, k] int, weights [tokens, layers, k] or None."""
 
     def __init__(self, experts: Any, weights: Any | None = None, wrap: bool = False) -> None:
-        self.experts = torch.as_tensor(np.array(experts, dtype=np.int64))  # a copy: traces are read-only views
+        self.experts = _copy_tensor(experts, torch.long)  # a copy: traces are read-only views
         if self.experts.dim() != 3:
             raise ValueError(f"experts must be [tokens, layers, k], got shape {tuple(self.experts.shape)}")
         if weights is None:
             k = self.experts.shape[2]
             self.weights = torch.full(self.experts.shape, 1.0 / k, dtype=torch.float32)
         else:
-            self.weights = torch.as_tensor(np.array(weights, dtype=np.float32))
+            self.weights = _copy_tensor(weights, torch.float32)
             if self.weights.shape != self.experts.shape:
                 raise ValueError(f"weights shape {tuple(self.weights.shape)} != experts shape "
                                  f"{tuple(self.experts.shape)}")
