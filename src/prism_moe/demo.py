@@ -245,7 +245,18 @@ def write_report(out: Path, rows: list[dict[str, Any]], runs: list[RunResult], p
     plot_placements(placements, out / "placements.png")
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the demo like Ctrl-C does: the running cluster's processes are stopped on the way out."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_demo(args: Any) -> int:
+    _stop_on_sigterm()
     console = Console()
     out = Path(args.out)
     cache = Path(args.cache_dir)
