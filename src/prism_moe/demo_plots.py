@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
     names = [r["algorithm"] for r in rows]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.4))
     for i, (key, label) in enumerate((("mean_latency_s", "mean latency"), ("p95_latency_s", "p95 latency"),
                                       ("mean_ttft_s", "mean time to first token"))):
         ax.bar(x + (i - 1) * 0.27, [r[key] for r in rows], width=0.27, label=label)
@@ -23,7 +23,7 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("placement algorithm")
     ax.set_ylabel("seconds per request")
     ax.set_title("Request latency per placement (same workload)")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
