@@ -138,9 +138,20 @@ def _stall(traffic: Traffic, windows: list[tuple[float, float]]) -> float | None
     return round(max(gaps) * 1e3, 1) if gaps else None
 
 
-def _migration_summary(reports: list[Any], expert_bytes: int) -> dict[str, Any]:
+def _migration_summary(reports: list[Any], expert_bytes: int, start: Any = None, end: Any = None,
+                       live: list[bool] | None = None) -> dict[str, Any]:
+    """`start`, `end`: the placements before the first and after the last migration. The minimal move set
+    is what `end` holds on a live server that `start` lacks there (cost.migration_bytes start -> end)."""
+    migrated = sum(m.experts_loaded for m in reports) * expert_bytes
+    minimal = None
+    if start is not None and end is not None:
+        added = end.hosts & ~start.hosts
+        minimal = int(added[live].sum() if live is not None else added.sum()) * expert_bytes
     return {"migrations": sum(1 for m in reports if m.ok),
-            "bytes_migrated": sum(m.experts_loaded for m in reports) * expert_bytes,
+            "bytes_migrated": migrated,
+            "minimal_bytes": minimal,
+            "bytes_migrated_over_minimal": round(migrated / minimal, 3) if minimal else None,
+            "minimal_bytes_per_migration": [m.minimal_bytes for m in reports],
             "bytes_over_links": sum(m.bytes_moved for m in reports),
             "migration_seconds": [round(m.seconds, 3) for m in reports],
             "planned_seconds": [round(m.planned_seconds, 4) for m in reports]}
@@ -153,6 +164,7 @@ async def shift_scenario(lc: Any, coord: Coordinator, traffic: Traffic, phase: f
     await asyncio.sleep(phase)
     t_shift = time.time()
     n_before = len(coord.migrations)
+    p_start = coord.placement
     async with httpx.AsyncClient(timeout=30) as http:
         for n in NAMES:
             r = await http.post(f"{urls[n]}/prism/replay", json={"workload": AFTER[n]})
@@ -167,6 +179,7 @@ async def shift_scenario(lc: Any, coord: Coordinator, traffic: Traffic, phase: f
     await _until(settled, 4 * phase)
     await _until(lambda: not coord.migrating, 2 * phase)
     reports = after_shift()
+    p_end = coord.placement
     migrated = any(m.ok for m in reports)
     ok = [m for m in reports if m.ok]
     t_mig0 = ok[0].started_at if ok else time.time()
@@ -181,7 +194,7 @@ async def shift_scenario(lc: Any, coord: Coordinator, traffic: Traffic, phase: f
         "remote_fraction_before_shift": traffic.remote_fraction(t0, t_shift, NAMES),
         "remote_fraction_after_shift_before_migration": traffic.remote_fraction(t_shift, t_mig0, NAMES),
         "remote_fraction_after_migration": traffic.remote_fraction(t_mig1, t_end, NAMES) if migrated else None,
-        **_migration_summary(reports, spec.expert_bytes),
+        **_migration_summary(reports, spec.expert_bytes, p_start, p_end),
         "max_stall_ms": _stall(traffic, [(m.started_at, m.finished_at) for m in reports]),
         "median_token_gap_ms": round(statistics.median(g for _, g in traffic.gaps) * 1e3, 1),
         "shift_detected_after_s": detected,
@@ -196,6 +209,7 @@ async def kill_scenario(lc: Any, coord: Coordinator, traffic: Traffic, phase: fl
     t0 = time.time()
     await asyncio.sleep(phase)
     n_before = len(coord.migrations)
+    p_start = coord.placement
     t_kill = time.time()
     os.killpg(lc.procs[victim].pid, signal.SIGKILL)
     traffic.active.discard(victim)  # its own users are gone with it
@@ -204,6 +218,7 @@ async def kill_scenario(lc: Any, coord: Coordinator, traffic: Traffic, phase: fl
                                 and coord.placement.hosts[[NAMES.index(n) for n in survivors]].any(0).all()),
                             4 * phase)
     reports = list(coord.migrations)[n_before:]
+    p_end = coord.placement
     ok = [m for m in reports if m.ok]
     t_rep0 = ok[0].started_at if ok else time.time()
     t_rep1 = ok[-1].finished_at if ok else time.time()
@@ -220,7 +235,8 @@ async def kill_scenario(lc: Any, coord: Coordinator, traffic: Traffic, phase: fl
         "remote_fraction_before_kill": traffic.remote_fraction(t0, t_kill, survivors),
         "remote_fraction_after_kill_before_repair": traffic.remote_fraction(t_kill, t_rep0, survivors),
         "remote_fraction_after_repair": traffic.remote_fraction(t_rep1, t_end, survivors) if repaired else None,
-        **_migration_summary(reports, spec.expert_bytes),
+        **_migration_summary(reports, spec.expert_bytes, p_start, p_end,
+                             [n != victim for n in NAMES]),
         "max_stall_ms": _stall(traffic, [(t_kill, t_rep1)]),
         "marked_down_after_s": round(down[0]["time"] - t_kill, 2) if down else None,
         "recovered_seconds": round(t_rep1 - t_kill, 2) if repaired else None,
@@ -249,7 +265,7 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
     lc = start_local_cluster(cluster, tmp / "run", extra, health_timeout=240, log=lambda *_: None)
     config = CoordinatorConfig(period=args.period, poll_interval=0.5, down_after=1.5, half_life=120.0,
                                window=args.window, shift_threshold=args.shift_threshold, min_shift_invocations=args.min_shift,
-                               margin=0.1, transfer=args.transfer)
+                               margin=0.1, transfer=args.transfer, settle=args.settle)
     coord = Coordinator(lc.cluster, config, placement=placement, model=spec)
     try:
         coord.start()
@@ -281,6 +297,8 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=20.0, help="coordinator's shift-detection window, s")
     ap.add_argument("--min-shift", type=float, default=1000.0, help="invocations per layer before a shift counts")
     ap.add_argument("--shift-threshold", type=float, default=0.27, help="mean TV distance that is a shift")
+    ap.add_argument("--settle", type=float, default=5.0,
+                    help="after a shift, seconds without another before the one re-plan")
     ap.add_argument("--period", type=float, default=30.0, help="coordinator period (and cost horizon), s")
     ap.add_argument("--transfer", choices=["auto", "checkpoint", "peer"], default="peer")
     ap.add_argument("--data-dir", default=None)

@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--half-life", type=float, default=300.0, help="half-life of the decayed counts, seconds")
     p.add_argument("--window", type=float, default=30.0, help="recent window for shift detection, seconds")
     p.add_argument("--shift-threshold", type=float, default=0.3, help="mean TV distance that is a shift")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="after a detected shift, seconds without another shift before the one re-plan (folds "
+                        "servers whose workloads change together into one migration; 0: re-plan at once)")
     p.add_argument("--margin", type=float, default=0.1, help="migrate only if C(P')+T_mig < C(P)(1-margin)")
     p.add_argument("--algorithm", default=None, help="placement algorithm (default: the recommended one)")
     p.add_argument("--transfer", choices=["auto", "checkpoint", "peer"], default="auto",
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                          f"`prism cluster up` wrote in its run folder")
     config = CoordinatorConfig(period=args.period, poll_interval=args.poll, down_after=args.down_after,
                                half_life=args.half_life, window=args.window, shift_threshold=args.shift_threshold,
-                               margin=args.margin, algorithm=args.algorithm, transfer=args.transfer,
+                               settle=args.settle,                               margin=args.margin, algorithm=args.algorithm, transfer=args.transfer,
                                api_key=args.api_key or os.environ.get("PRISM_API_KEY") or None)
     coord = Coordinator(cluster, config, Placement.load(args.placement) if args.placement else None)
     coord.start()

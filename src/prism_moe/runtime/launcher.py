@@ -67,13 +67,15 @@ class LocalCluster:
     run_dir: Path
     cluster: ClusterSpec
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    coordinator: subprocess.Popen | None = None  # `prism coordinator`, when started with the servers
 
     def endpoints(self) -> dict[str, str]:
         return {s.name: f"http://{s.host}:{s.http_port}" for s in self.cluster.servers}
 
     def stop(self, timeout: float = 10.0) -> None:
-        stop_processes({n: p.pid for n, p in self.procs.items()}, timeout)
-        for p in self.procs.values():
+        extra = {"coordinator": self.coordinator} if self.coordinator is not None else {}
+        stop_processes({n: p.pid for n, p in {**extra, **self.procs}.items()}, timeout)
+        for p in [*extra.values(), *self.procs.values()]:
             try:
                 p.wait(timeout=1)
             except subprocess.TimeoutExpired:
@@ -115,6 +117,24 @@ def start_local_cluster(cluster: ClusterSpec, run_dir: Path, extra_args: list[st
         lc.stop()
         raise
     return lc
+
+
+def start_coordinator(lc: LocalCluster, port: int | None = None, extra_args: list[str] | None = None,
+                      host: str = "127.0.0.1") -> str:
+    """Start `prism coordinator` on the cluster of `lc` in its own process group (stopped with the servers,
+    recorded in the state file for `cluster down`). Returns its URL; its log is coordinator.log."""
+    port = port or free_port(host)
+    cmd = [sys.executable, "-m", "prism_moe.cli", "coordinator", "--cluster", str(lc.run_dir / "cluster.yaml"),
+           "--host", host, "--port", str(port), *(extra_args or [])]
+    with open(lc.run_dir / "coordinator.log", "w") as logf:
+        lc.coordinator = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://{host}:{port}"
+    state_path = lc.run_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state["coordinator"] = {"pid": lc.coordinator.pid, "http": url}
+    state_path.write_text(json.dumps(state, indent=2))
+    return url
 
 
 def _log_tail(path: Path, lines: int = 25) -> str:
@@ -187,6 +207,9 @@ def stop_cluster(run_dir: Path) -> list[str]:
     if not state_path.is_file():
         raise LaunchError(f"no running cluster recorded in {run_dir} (no {STATE_FILE}); nothing to stop")
     state = json.loads(state_path.read_text())
-    stopped = stop_processes({n: int(s["pid"]) for n, s in state["servers"].items()})
+    pids = {n: int(s["pid"]) for n, s in state.get("servers", {}).items()}
+    if "coordinator" in state:  # first, so it does not mark the servers down as they stop
+        pids = {"coordinator": int(state["coordinator"]["pid"]), **pids}
+    stopped = stop_processes(pids)
     state_path.unlink(missing_ok=True)
     return stopped

@@ -37,8 +37,8 @@ from prism_moe.scheduler.candidate import (
 from prism_moe.scheduler.client import ControlFailed, ServerClient
 from prism_moe.scheduler.decision import Decision, decide, transfer_seconds
 from prism_moe.scheduler.executor import Executor, MigrationReport
-from prism_moe.scheduler.history import ActivationHistory, detect_shift, shift_distance
-from prism_moe.scheduler.migration import MigrationPlan, plan_migration
+from prism_moe.scheduler.history import ActivationHistory, PendingShifts, detect_shift, shift_distance
+from prism_moe.scheduler.migration import MigrationPlan, minimal_move_bytes, plan_migration
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class CoordinatorConfig:
     shift_threshold: float = 0.3  # mean TV distance over layers (within-domain drift reaches ~0.25)
     min_shift_invocations: float = 1000.0  # per layer, in the window and in the history
     replan_on_shift: bool = True
+    settle: float = 5.0  # after a shift, wait this long without another before the one re-plan (0: at once)
+    settle_max: float | None = None  # re-plan at most this long after the first shift (None: 3 x settle)
     margin: float = 0.1
     reserve: float = 0.02  # fraction of each server's slots re-placements leave free, so swaps can proceed
     algorithm: str | None = None  # None: the registry's default
@@ -113,6 +115,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._replan_now = threading.Event()
         self._last_plan = time.monotonic()
+        self.pending_shifts = PendingShifts(self.config.settle, self.config.settle_max)
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max(2, len(self.names)), thread_name_prefix="coord-poll")
 
@@ -147,10 +150,17 @@ class Coordinator:
             self.handle_down(went_down)
         for name in came_back:
             self.handle_rejoin(name)
-        due = time.monotonic() - self._last_plan >= self.config.period
-        if self._replan_now.is_set() or due or (shifted and self.config.replan_on_shift):
+        now = time.monotonic()
+        if self.config.replan_on_shift:
+            self.pending_shifts.add(shifted, now)
+        on_shift = self.pending_shifts.due(now)
+        due = now - self._last_plan >= self.config.period
+        if self._replan_now.is_set() or due or on_shift:
             self._replan_now.clear()
-            reason = "requested" if not due and not shifted else ("workload shift" if shifted else "period")
+            # whatever triggers it, the re-plan sees every shifted server's reset history: pending ones too
+            names = self.pending_shifts.take()
+            reason = (f"workload shift on {', '.join(names)}" if on_shift
+                      else "period" if due else "requested")
             self.replan(reason)
 
     # --- statistics and liveness ----------------------------------------------------------------------------
@@ -284,12 +294,15 @@ class Coordinator:
             return report
         if plan is None:
             plan = plan_migration(current.hosts, target_hosts, self.capacity, live, self.bandwidth, rates)
+        minimal = minimal_move_bytes(current.hosts, target_hosts, self.model.expert_bytes, live)
         report = MigrationReport(reason, current.version, planned_bytes=len(plan.loads) * self.model.expert_bytes,
+                                 minimal_bytes=minimal,
                                  planned_seconds=transfer_seconds(current.hosts, plan.reached, self.bandwidth,
                                                                   self.model.expert_bytes, live))
         self._event("migration", None, f"{reason}: from version {current.version}, {len(plan.loads)} loads, "
                                        f"{plan.num_drops} drops in {len(plan.rounds)} rounds, planned "
-                                       f"{report.planned_bytes} B / {report.planned_seconds:.3f} s"
+                                       f"{report.planned_bytes} B (minimal {minimal} B) / "
+                                       f"{report.planned_seconds:.3f} s"
                                        + (f"; {plan.skipped} moves skipped" if plan.skipped else ""))
         ex = Executor(self.client, self.names, self.link_cost, self.capacity, self.model.expert_bytes,
                       self._next_version, self.config.transfer, ckpt_ok, self.config.drain_timeout)

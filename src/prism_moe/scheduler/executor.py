@@ -36,6 +36,7 @@ class MigrationReport:
     error: str | None = None
     planned_bytes: int = 0
     planned_seconds: float = 0.0
+    minimal_bytes: int = 0  # bytes of the minimal move set: target experts each server lacks, x expert bytes
     experts_loaded: int = 0
     experts_dropped: int = 0
     bytes_moved: int = 0

@@ -134,3 +134,46 @@ class ActivationHistory:
         """Invocations per second: [S, L, E] (zero for a server not yet observed)."""
         el = self.elapsed[:, None, None]
         return np.where(el > 0, self.counts / np.where(el > 0, el, 1.0), 0.0)
+
+
+def replan_due(first_shift: float | None, last_shift: float | None, now: float, settle: float,
+               max_wait: float | None = None) -> bool:
+    """Whether the shifts pending since `first_shift` (the latest at `last_shift`) should be re-planned now.
+
+    Servers whose workloads change together are detected a few polls apart. Re-planning at the first
+    detection would decide with the others' stale statistics and migrate again at the next one, so the
+    re-plan waits until no new shift has come for `settle` seconds, and at most `max_wait` seconds after
+    the first (default 3 x settle) so a run of shifts cannot postpone it forever. settle <= 0: at once.
+    """
+    if first_shift is None:
+        return False
+    last = first_shift if last_shift is None else last_shift
+    cap = 3.0 * settle if max_wait is None else max_wait
+    return settle <= 0 or now - last >= settle or now - first_shift >= cap
+
+
+@dataclass
+class PendingShifts:
+    """Shifted servers waiting for one re-plan (see `replan_due`). Time is passed in."""
+
+    settle: float = 5.0
+    max_wait: float | None = None
+    servers: list[str] = field(default_factory=list)
+    first: float | None = None
+    last: float | None = None
+
+    def add(self, names: list[str], now: float) -> None:
+        if not names:
+            return
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.servers += [n for n in names if n not in self.servers]
+
+    def due(self, now: float) -> bool:
+        return replan_due(self.first, self.last, now, self.settle, self.max_wait)
+
+    def take(self) -> list[str]:
+        """The pending servers, and forget them (a re-plan covers them)."""
+        names, self.servers, self.first, self.last = self.servers, [], None, None
+        return names

@@ -137,3 +137,13 @@ def plan_migration(old: np.ndarray, new: np.ndarray, capacity: np.ndarray, live:
     drops = tuple((int(s), int(l), int(e)) for s, l, e in np.argwhere(held & ~final))
     rounds.append(Round((), final.copy(), drops))
     return MigrationPlan(tuple(rounds), final, skipped, notes)
+
+
+def minimal_move_bytes(old: np.ndarray, new: np.ndarray, expert_bytes: int, live: np.ndarray | None = None) -> int:
+    """Bytes of the minimal move set from `old` to `new` hosts: every expert `new` puts on a (live) server
+    that `old` lacks there, loaded once (= placement/cost.py's migration_bytes). A plan's loads can only
+    exceed it (temporary copies, moves through a third server)."""
+    added = np.asarray(new, bool) & ~np.asarray(old, bool)
+    if live is not None:
+        added = added[np.asarray(live, bool)]
+    return int(added.sum()) * int(expert_bytes)
