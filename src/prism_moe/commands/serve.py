@@ -27,6 +27,15 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="benchmark mode: routers take their top-k from the server's workload trace "
                         "(for tiny random models; shown in /metrics and /health)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per remote expert call attempt")
+    p.add_argument("--record-trace", default=None, metavar="PATH",
+                   help="record the top-k expert ids and router weights of every token this server routes, at every "
+                        "MoE layer, and write them as a prism-moe trace (.safetensors) to PATH on shutdown and on "
+                        "POST /prism/trace/save; '{server}' in PATH becomes the server name (needed by `cluster up` "
+                        "with several servers). Continuous batching does not tag a forward's rows by request, so "
+                        "each forward (a prefill or decode step) is one sequence of the trace. Use it as a workload "
+                        "(`workload: PATH` in the cluster file) for `prism place`")
+    p.add_argument("--record-max-tokens", type=int, default=1_000_000, metavar="N",
+                   help="stop recording after N tokens (memory bound: about N * layers * k * 6 bytes; default 1e6)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's; `cluster up` gives each local server its share "
                         "of the cores so servers on one machine do not oversubscribe it)")
@@ -48,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--cluster", required=True, help="cluster YAML file")
     up.add_argument("--run-dir", default=None, help="folder for logs and state (default: .prism/<cluster name>)")
     up.add_argument("--health-timeout", type=float, default=300.0, help="seconds to wait for all servers")
+    up.add_argument("--coordinator", nargs="?", type=int, const=0, default=None, metavar="PORT",
+                    help="also start `prism coordinator` (on PORT, default a free one); `cluster down` stops it")
     _add_placement_args(up)
     _add_server_args(up)
     up.set_defaults(func=run_cluster_up)
@@ -99,7 +110,10 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("PRISM_API_KEY") or None,
         keys_dir=Path(args.keys) if args.keys else None,
         replay=cluster.server(args.server).workload if args.replay else None,
-        data_dir=args.data_dir, call_timeout=args.timeout)
+        data_dir=args.data_dir, call_timeout=args.timeout, record_trace=args.record_trace,
+        record_max_tokens=args.record_max_tokens)
+    if args.record_max_tokens < 1:
+        raise ValueError("--record-max-tokens must be at least 1")
     if args.replay and not options.replay:
         raise ValueError(f"--replay needs a `workload:` for server {args.server} in the cluster file")
     run_server(cluster, args.server, options)
@@ -115,6 +129,10 @@ def forwarded_server_args(args: argparse.Namespace) -> list[str]:
             out += [flag, str(value)]
     if args.replay:
         out.append("--replay")
+    if getattr(args, "record_trace", None):
+        # absolute: the servers may run in another folder; '{server}' is filled in by each server
+        out += ["--record-trace", os.path.abspath(os.path.expanduser(args.record_trace)),
+                "--record-max-tokens", str(args.record_max_tokens)]
     return out
 
 
@@ -123,6 +141,9 @@ def run_cluster_up(args: argparse.Namespace) -> int:
     from prism_moe.runtime.launcher import start_local_cluster
 
     cluster = load_cluster(args.cluster)
+    if args.record_trace and len(cluster.servers) > 1 and "{server}" not in args.record_trace:
+        raise ValueError("--record-trace: with several servers put '{server}' in the path (e.g. "
+                         "traces/{server}.safetensors), else they would all write the same file")
     if args.threads is None:
         args.threads = max(1, (os.cpu_count() or 1) // len(cluster.servers))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.cluster)
@@ -134,7 +155,15 @@ def run_cluster_up(args: argparse.Namespace) -> int:
     lc = start_local_cluster(cluster, run_dir, ["--placement", str(placement_path.resolve()),
                                                 *forwarded_server_args(args)],
                              health_timeout=args.health_timeout)
-    print(json.dumps({"run_dir": str(run_dir), "endpoints": lc.endpoints()}, indent=2))
+    out: dict[str, Any] = {"run_dir": str(run_dir), "endpoints": lc.endpoints()}
+    if args.coordinator is not None:
+        from prism_moe.runtime.launcher import start_coordinator
+
+        key = ["--api-key", args.api_key] if args.api_key else []
+        out["coordinator"] = start_coordinator(lc, args.coordinator or None,
+                                               ["--placement", str(placement_path.resolve()), *key])
+        out["coordinator_log"] = str(run_dir / "coordinator.log")
+    print(json.dumps(out, indent=2))
     print(f"stop with: prism cluster down --cluster {args.cluster}"
           + (f" --run-dir {args.run_dir}" if args.run_dir else ""))
     return 0

@@ -14,6 +14,9 @@ Live migration and failures (see docs/operations.md):
   other copy exists, the call waits up to `repair_wait` seconds for a placement that re-hosts it.
 * Each forward computes from a frozen copy of the expert store, so a concurrent drop cannot pull an
   expert out between "is it held?" and "compute it".
+
+With `recorder` set (`prism serve --record-trace`, a `prism_moe.runtime.recording.ForwardRecorder`),
+`moe_forward` also hands each layer's top-k ids and gate weights to it, so the server keeps per-token traces.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
 from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,6 +107,9 @@ class ClusterDispatcher(RemoteDispatcher):
         self.failovers = 0  # batches (or parts) re-sent to another holder
         self.local_invocations = 0  # routed (token, expert) pairs, cumulative
         self.remote_invocations = 0
+        # optional per-token trace recorder (`prism serve --record-trace`): sees every forward's routing,
+        # layer by layer on the generation thread (`prism_moe.runtime.recording.ForwardRecorder`)
+        self.recorder: Any = None
 
     @property
     def placement(self) -> Placement:
@@ -158,6 +165,9 @@ class ClusterDispatcher(RemoteDispatcher):
     # --- routing ---------------------------------------------------------------------------------------------
     def moe_forward(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                     experts: ExpertStore) -> Tensor:
+        rec = self.recorder
+        if rec is not None:
+            rec.observe(layer, top_k_index, top_k_weights)
         return super().moe_forward(layer, hidden, top_k_index, top_k_weights, frozen_store(experts))
 
     def locate(self, layer: int, expert_id: int) -> Hashable:

@@ -50,6 +50,8 @@ class ServeOptions:
     call_retries: int = 1
     max_running: int = 32
     push_chunk_bytes: int = 64 * 2**20  # experts per `load_expert` message to a peer, by bytes
+    record_trace: str | None = None  # write this server's per-token routing trace here ("{server}": its name)
+    record_max_tokens: int = 1_000_000  # stop recording after this many tokens (memory bound)
 
 
 class ControlError(Exception):
@@ -128,6 +130,9 @@ class EdgeServer:
         self._ckpt: Any = None
         self.checkpoint_experts = False  # whether the local checkpoint has every routed expert
         self._control_lock = threading.Lock()  # one load/drop/switch at a time: slot counts stay exact
+        self.recorder: Any = None  # ForwardRecorder when --record-trace is given
+        self.record_path: Path | None = None
+        self._save_lock = threading.Lock()  # one trace save at a time
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -188,6 +193,8 @@ class EdgeServer:
                                      retries=self.options.call_retries, on_call=self._on_call)
 
         self.dispatcher = ClusterDispatcher(self.name, p, self.pool, self.metrics, stores=self.stores)
+        if self.options.record_trace:
+            self._start_recording(spec)
         dispatcher: Any = self.dispatcher
         if self.options.replay:
             dispatcher = self._replay_dispatcher(spec)
@@ -196,6 +203,31 @@ class EdgeServer:
         self.engine = Engine(model, tokenizer, device=None, max_running=self.options.max_running)
         self.model_name = ckpt.name
         self._started_at = time.time()
+
+    def _start_recording(self, spec: Any) -> None:
+        """Record every forward's routing (what the dispatcher routes, so replayed routing under --replay)."""
+        from prism_moe.runtime.recording import ForwardRecorder
+
+        assert self.options.record_trace
+        self.record_path = Path(self.options.record_trace.replace("{server}", self.name)).expanduser()
+        self.record_path.parent.mkdir(parents=True, exist_ok=True)  # fail at start, not at shutdown
+        self.recorder = ForwardRecorder(spec.num_moe_layers, spec.top_k, spec.num_experts,
+                                        max_tokens=self.options.record_max_tokens,
+                                        source=f"prism serve {self.name} {time.strftime('%Y-%m-%dT%H:%M:%S')}",
+                                        model=spec.name, name=self.name)
+        self.dispatcher.recorder = self.recorder
+        log.info("%s: recording routing traces to %s (at most %d tokens)", self.name, self.record_path,
+                 self.options.record_max_tokens)
+
+    def save_trace(self) -> dict[str, Any]:
+        """Write the routing trace recorded so far to the --record-trace file (recording goes on)."""
+        if self.recorder is None or self.record_path is None:
+            raise ControlError(409, f"server {self.name} does not record a trace (start it with --record-trace)")
+        with self._save_lock:
+            out = self.recorder.save(self.record_path)
+        log.info("%s: saved routing trace of %d tokens (%d forwards) to %s", self.name, out["tokens"],
+                 out["sequences"], out["path"])
+        return {"server": self.name, **out}
 
     def _replay_dispatcher(self, spec: Any) -> Any:
         from prism_moe.model.replay import ReplayDispatcher, ReplayRouting
@@ -235,6 +267,12 @@ class EdgeServer:
     def close(self) -> None:
         if self.engine is not None and self.engine.is_running:
             self.engine.stop()
+        if self.recorder is not None:
+            try:
+                self.save_trace()
+            except Exception:  # closing must go on (ports, threads) even if the disk is full
+                log.exception("%s: could not save the routing trace to %s", self.name, self.record_path)
+            self.recorder = None
         if self.pool is not None:
             self.pool.close()
         if self.service is not None and self.loop_thread is not None and not self.loop_thread.closed:
@@ -287,7 +325,14 @@ class EdgeServer:
                 "capacity": self.capacity, "started_at": self._started_at,
                 "checkpoint_experts": self.checkpoint_experts,
                 "resident_weight_bytes": self.resident_bytes, "trace_replay": bool(self.options.replay),
-                "replay": self.options.replay}
+                "replay": self.options.replay, "trace_recording": self._recording_stats()}
+
+    def _recording_stats(self) -> dict[str, Any] | None:
+        r = self.recorder
+        if r is None:
+            return None
+        return {"path": str(self.record_path), "tokens": r.num_tokens, "forwards": r.num_sequences,
+                "max_tokens": r.max_tokens, "stopped": r.stopped, "dropped_forwards": r.dropped_forwards}
 
     # --- live migration: load, send, switch, drop ------------------------------------------------------------
     def held(self) -> dict[int, list[int]]:
@@ -505,7 +550,8 @@ class EdgeServer:
         return app
 
     def _add_control_routes(self, app: Any) -> None:
-        """POST /prism/experts/{load,send,drop}, GET|POST /prism/placement, /prism/down, /prism/replay."""
+        """POST /prism/experts/{load,send,drop}, GET|POST /prism/placement, /prism/down, /prism/replay,
+        POST /prism/trace/save (write the --record-trace file now)."""
         import secrets
         from typing import get_type_hints
 
@@ -514,14 +560,17 @@ class EdgeServer:
 
         from prism_moe.runtime.http_api import APIError
 
+        def check_key(request: Request) -> None:
+            key = self.options.api_key
+            if key is not None:
+                scheme, _, given = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
+                    raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
         def guarded(fn: Any) -> Any:
             # sync handlers: FastAPI runs them in its thread pool, off the event loop
             def handler(request: Request, body: Any) -> Any:
-                key = self.options.api_key
-                if key is not None:
-                    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-                    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
-                        raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+                check_key(request)
                 try:
                     return fn(body)
                 except ControlError as err:
@@ -561,6 +610,16 @@ class EdgeServer:
                          ("/prism/replay", replay)):
             app.add_api_route(path, guarded(fn), methods=["POST"])
         app.add_api_route("/prism/placement", lambda: self.dispatcher.placement.to_dict(), methods=["GET"])
+
+        def save_trace(request: Request) -> Any:  # no body; sync: the save runs in FastAPI's thread pool
+            check_key(request)
+            try:
+                return self.save_trace()
+            except ControlError as err:
+                return JSONResponse({"error": {"message": err.message, "server": self.name}}, status_code=err.status)
+
+        save_trace.__annotations__ = {"request": Request}
+        app.add_api_route("/prism/trace/save", save_trace, methods=["POST"])
 
 
 def run_server(cluster: ClusterSpec, name: str, options: ServeOptions) -> None:
