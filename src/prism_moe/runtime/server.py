@@ -19,6 +19,7 @@ generation thread, HTTP on uvicorn's loop. Nothing of the model runs on an event
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -622,11 +623,18 @@ class EdgeServer:
         app.add_api_route("/prism/trace/save", save_trace, methods=["POST"])
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_server(cluster: ClusterSpec, name: str, options: ServeOptions) -> None:
     """Start the server and serve HTTP until SIGINT/SIGTERM (what `prism serve` does)."""
     import uvicorn
 
     server = EdgeServer(cluster, name, options)
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default SIGTERM action
+    # the process would die there, before `close()` saves the trace and releases the sockets.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         server.start()
         s = cluster.server(name)
