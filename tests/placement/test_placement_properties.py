@@ -17,9 +17,7 @@ from prism_moe.placement.optimal import solve_lp
 from prism_moe.placement.problem import Problem
 from prism_moe.placement.registry import ALGORITHMS, place
 
-# `latency` (placement/latency.py) belongs to the simulator and has its own tests; on one server it
-# fails (argmin of an empty sequence), reported to its owner. Every other algorithm is checked here.
-CHECKED = [name for name in ALGORITHMS if name != "latency"]
+CHECKED = list(ALGORITHMS)
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

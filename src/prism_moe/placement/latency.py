@@ -398,6 +398,8 @@ def latency(stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, *, prom
     hosts = best.copy()
     lm.set_load(hosts, best_route)  # link queueing of the current placement, held fixed for a round
     order = np.argsort(-cap, kind="stable")  # big servers first: they free the small ones' sole experts
+    if problem.num_servers == 1:
+        rounds = 0  # one server holds every expert: there is nothing to trade
     for _ in range(rounds):
         changed = False
         for s in order.tolist():
