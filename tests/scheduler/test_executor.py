@@ -12,6 +12,8 @@ from prism_moe.scheduler.client import ControlFailed
 from prism_moe.scheduler.executor import Executor, MigrationReport
 from prism_moe.scheduler.migration import plan_migration
 
+from .cases import full_swap_case
+
 NAMES = ["a", "b", "c"]
 LINK = np.ones((3, 3))
 
@@ -65,19 +67,8 @@ class FakeServers:
         return {"dropped": len(experts)}
 
 
-def _case():
-    old = np.zeros((3, 2, 8), dtype=bool)
-    for e in range(8):
-        old[e % 3, :, e] = True
-    new = old.copy()
-    new[0, :, [2, 5]] = True
-    new[0, :, 6] = False
-    new[1, :, 6] = True
-    return old, new, np.array([8, 8, 8])
-
-
 def _run(fake: FakeServers, transfer: str = "peer"):
-    old, new, cap = _case()
+    old, new, cap = full_swap_case()
     versions = itertools.count(1)
     ex = Executor(fake, NAMES, LINK, cap, expert_bytes=100, next_version=lambda: next(versions), transfer=transfer)
     plan = plan_migration(old, new, cap)
@@ -87,7 +78,7 @@ def _run(fake: FakeServers, transfer: str = "peer"):
 
 
 def test_migration_reaches_the_target_within_slots():
-    old, _, cap = _case()
+    old, _, cap = full_swap_case()
     fake = FakeServers(old, cap)
     report, serving, _, new = _run(fake)
     assert report.ok and (serving.hosts == new).all() and (fake.held == new).all()
@@ -96,14 +87,14 @@ def test_migration_reaches_the_target_within_slots():
 
 
 def test_checkpoint_transfer_moves_no_bytes_over_links():
-    old, _, cap = _case()
+    old, _, cap = full_swap_case()
     report, _, _, _ = _run(FakeServers(old, cap), transfer="checkpoint")
     assert report.ok and report.bytes_moved == 0
 
 
 @pytest.mark.parametrize("fail", ["send", "switch"])
 def test_a_failed_step_rolls_back_to_the_serving_placement(fail):
-    old, _, cap = _case()
+    old, _, cap = full_swap_case()
     fake = FakeServers(old, cap, fail=fail)
     report, serving, old, _ = _run(fake)
     assert not report.ok and report.rolled_back and fail in report.error

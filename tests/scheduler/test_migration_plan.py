@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from prism_moe.scheduler.migration import plan_migration
 
+from .cases import full_swap_case
+
 
 def _check(old, new, cap, live, plan):
     """Replay the plan: slots, sources, coverage, switch-before-drop. Returns the final hosts."""
@@ -42,14 +44,7 @@ def _check(old, new, cap, live, plan):
 
 def test_two_full_servers_swap_through_an_intermediate_switch():
     # the worked case of the multi-process test, as pure arrays: 3 servers, 2 layers x 8 experts, 8 slots
-    old = np.zeros((3, 2, 8), dtype=bool)
-    for e in range(8):
-        old[e % 3, :, e] = True
-    new = old.copy()
-    new[0, :, [2, 5]] = True
-    new[0, :, 6] = False
-    new[1, :, 6] = True
-    cap = np.array([8, 8, 8])
+    old, new, cap = full_swap_case()
     plan = plan_migration(old, new, cap)
     _check(old, new, cap, np.ones(3, bool), plan)
     assert plan.skipped == 0 and (plan.reached == new).all()
