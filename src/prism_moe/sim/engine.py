@@ -271,6 +271,16 @@ class Engine:
             step_new[s] = []
             start_step(s, t)
 
+        def transmit(src: int, dst: int, nbytes: float, ready: float) -> float:
+            """Serialise `nbytes` on link src->dst (FIFO) once ready; returns when the last bit left."""
+            lf = link_free[src][dst]
+            t0 = lf if lf > ready else ready
+            t1 = t0 + nbytes * bits_s[src][dst]
+            link_free[src][dst] = t1
+            link_busy[src][dst] += t1 - t0
+            st.cross_bytes += nbytes
+            return t1
+
         def do_layer(s: int, t: float) -> None:
             """Run layer[s] of server s's step from time t; loops over layers while nothing else is due."""
             while True:
@@ -288,13 +298,7 @@ class Engine:
                     if p == s:
                         n_loc, d_loc = np_, nd
                         continue
-                    nbytes = nt * tok_b + np_ * PAIR_BYTES + HEADER_BYTES
-                    lf = link_free[s][p]
-                    t0 = lf if lf > dense_end else dense_end
-                    t1 = t0 + nbytes * bits_s[s][p]
-                    link_free[s][p] = t1
-                    link_busy[s][p] += t1 - t0
-                    st.cross_bytes += nbytes
+                    t1 = transmit(s, p, nt * tok_b + np_ * PAIR_BYTES + HEADER_BYTES, dense_end)
                     st.remote_pairs += np_
                     n_calls += 1
                     hpush(heap, (t1 + lat[s][p], next(counter), ARRIVE, p, (s, nd, np_, nt)))
@@ -321,14 +325,7 @@ class Engine:
 
         def do_return(a: int, s: int, nt: int, t: float) -> None:
             """Holder a's reply to s leaves at t; when s's last reply of the layer is in, s goes on."""
-            nbytes = nt * tok_b + HEADER_BYTES
-            lf = link_free[a][s]
-            t0 = lf if lf > t else t
-            t1 = t0 + nbytes * bits_s[a][s]
-            link_free[a][s] = t1
-            link_busy[a][s] += t1 - t0
-            st.cross_bytes += nbytes
-            back = t1 + lat[a][s]
+            back = transmit(a, s, nt * tok_b + HEADER_BYTES, t) + lat[a][s]
             if back > layer_done[s]:
                 layer_done[s] = back
             pending[s] -= 1
