@@ -11,12 +11,15 @@ For hidden states of [tokens, H] (float32 and bfloat16) it times one round trip 
   async:MODE   `PeerClient.call` awaited on the transport loop (header encode/decode, validation,
                request ids, deadlines) against an `ExpertService` in a child process whose identity
                handler runs in MODE;
-  sync:MODE    `SyncPeerPool.call` from a plain thread (what the model's forward uses: adds the hop onto
-               the transport loop and back).
+  sync:MODE    `SyncPeerPool.call` from a plain thread: what the model's forward uses, a `DirectCall` sent
+               and awaited on the calling thread's own socket;
+  loop:MODE    `SyncPeerPool.submit(...).result()` from a plain thread: the same call through the transport
+               loop (the way emulated links and failovers go), i.e. two more thread hops.
 
-Handler MODEs (each its own service process): `threads` (sync handler in the service's thread pool,
-the default, for GPU or large compute), `inline` (sync handler on the service's loop,
-`compute_threads=0`, for tiny CPU compute) and `async` (an async handler on the loop).
+Handler MODEs (each its own service process): `threads` (sync handler in the service's thread pool:
+what `prism serve` uses when links are emulated), `inline` (sync handler on the service's loop,
+`compute_threads=0`: what `prism serve` uses otherwise) and `async` (an async handler on the loop).
+The goal (issue 3) is read on `sync:inline`, the path of a real cluster.
 
 The methods are interleaved sample by sample so load spikes on a shared machine hit them alike. Prints
 JSON: per-size medians (us), ratios to raw, and the median ratio of each method over the sizes. It
@@ -176,8 +179,14 @@ def main() -> None:
                         pool.call("peer", 0, ids, hidden)
                         return time.perf_counter() - t
 
+                    def loop_once(pool: SyncPeerPool = pool, hidden: Any = hidden, ids: Any = ids) -> float:
+                        t = time.perf_counter()
+                        pool.submit("peer", 0, ids, hidden).result()
+                        return time.perf_counter() - t
+
                     methods[f"async:{mode}"] = lambda f=async_once: lt.run(f())
                     methods[f"sync:{mode}"] = sync_once
+                    methods[f"loop:{mode}"] = loop_once
                 samples: dict[str, list[float]] = {m: [] for m in methods}
                 for _ in range(20):  # warm up
                     for f in methods.values():

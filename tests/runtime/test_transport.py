@@ -711,3 +711,142 @@ def test_loop_thread_submit_results_errors_and_cancellation() -> None:
             lt.submit(cancel_self()).result(5)
         with pytest.raises(TimeoutError):
             lt.run(forever(), timeout=0.05)
+
+
+# ------------------------------------------------------------------ direct calls (no loop hop)
+
+
+def _connected(pool: SyncPeerPool, peer: str, ids: torch.Tensor, x: torch.Tensor) -> None:
+    """Make the peer's direct socket connected (its first call goes the loop way while it connects)."""
+    deadline = time.monotonic() + 5
+    while True:
+        call = pool.start_call(peer, 0, ids, x)
+        call.result(5)
+        if isinstance(call, transport.DirectCall):
+            return
+        assert time.monotonic() < deadline, "the direct socket never connected"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_direct_calls_are_exact_and_fall_back_when_the_link_is_busy(inline: bool) -> None:
+    with LoopThread() as lt:
+        kw: dict[str, Any] = {"compute_threads": 0} if inline else {}
+        svc = ExpertService("tcp://127.0.0.1:*", known, num_layers=L, num_experts=E, hidden_size=H, **kw)
+        ep = lt.run(svc.start())
+        events: list[CallEvent] = []
+        pool = SyncPeerPool({"srv": ep}, loop_thread=lt, on_call=events.append)
+        try:
+            ids, x = batch()
+            _connected(pool, "srv", ids, x)
+            first = pool.start_call("srv", 1, ids, x)
+            second = pool.start_call("srv", 2, ids, x)  # the direct socket is held by `first`
+            assert isinstance(first, transport.DirectCall)
+            assert isinstance(second, concurrent.futures.Future)
+            assert torch.equal(second.result(5), known(2, ids, x))
+            assert torch.equal(first.result(5), known(1, ids, x))
+            assert first.done() and torch.equal(first.result(), known(1, ids, x))  # the result is kept
+            for dtype in (torch.float16, torch.bfloat16):
+                ids, xd = batch(4, dtype)
+                call = pool.start_call("srv", 3, ids.int(), xd)
+                assert isinstance(call, transport.DirectCall)
+                out = call.result(5)
+                assert out.dtype == dtype and torch.equal(out, known(3, ids, xd))
+            empty = pool.call("srv", 0, torch.empty(0, dtype=torch.int64), torch.empty(0, H))
+            assert empty.shape == (0, H)
+            ok = [e for e in events if e.outcome == "ok" and e.type == "expert_call"]
+            assert len(ok) == pool.stats()["srv"].ok == len(events)
+            assert events[-1].bytes_sent > 0 and events[-1].bytes_received > 0
+            with pytest.raises(ValueError, match="need hidden"):
+                pool.start_call("srv", 0, ids, x[:2])
+            with pytest.raises(KeyError, match="unknown peer"):
+                pool.start_call("nobody", 0, ids, x)
+        finally:
+            pool.close()
+            lt.run(svc.close())
+
+
+def test_direct_call_retries_times_out_and_reports_remote_errors() -> None:
+    calls: list[int] = []
+    release = threading.Event()
+
+    def handler(layer: int, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        calls.append(layer)
+        if layer == 1 and len(calls) == 1:
+            time.sleep(0.5)  # first attempt of layer 1 is late: its reply answers the retry
+        if layer == 2:
+            release.wait(5)  # hangs past every deadline
+        if layer == 3:
+            raise ServiceError("not_held", "gone")
+        return known(layer, ids, hidden)
+
+    with LoopThread() as lt:
+        svc = ExpertService(
+            "tcp://127.0.0.1:*", handler, num_layers=L, num_experts=E, hidden_size=H, compute_threads=4
+        )
+        ep = lt.run(svc.start())
+        pool = SyncPeerPool({"srv": ep}, loop_thread=lt, timeout=0.3, retries=2)
+        try:
+            ids, x = batch()
+            _connected(pool, "srv", ids, x)
+            calls.clear()
+            call = pool.start_call("srv", 1, ids, x)
+            assert isinstance(call, transport.DirectCall)
+            assert torch.equal(call.result(), known(1, ids, x))
+            assert pool.stats()["srv"].retries >= 1
+            t0 = time.monotonic()
+            with pytest.raises(PeerUnavailable, match="no reply within 0.3s"):
+                pool.call("srv", 2, ids, x, retries=1)
+            assert 0.5 < time.monotonic() - t0 < 2.0
+            with pytest.raises(RemoteError) as err:
+                pool.call("srv", 3, ids, x)
+            assert err.value.code == "not_held"
+            # a call given up on: its late reply is dropped by the next call on that socket
+            call = pool.start_call("srv", 2, ids, x, timeout=5)
+            with pytest.raises(TimeoutError):
+                call.result(0.05)  # still running: ask again or cancel
+            assert call.cancel() and not call.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                call.result()
+            release.set()
+            again = pool.start_call("srv", 0, ids, x)
+            assert isinstance(again, transport.DirectCall)  # cancel let go of the socket
+            assert torch.equal(again.result(5), known(0, ids, x))
+            assert pool.stats()["srv"].unmatched_replies >= 1
+        finally:
+            release.set()
+            pool.close()
+            lt.run(svc.close())
+
+
+def test_direct_calls_go_the_loop_way_on_emulated_links_and_survive_peer_changes() -> None:
+    with LoopThread() as lt:
+        a = ExpertService("tcp://127.0.0.1:*", known, num_layers=L, num_experts=E, hidden_size=H, name="a")
+        b = ExpertService(
+            "tcp://127.0.0.1:*",
+            lambda l, i, h: known(l, i, h) + 1,
+            num_layers=L,
+            num_experts=E,
+            hidden_size=H,
+        )
+        ep_a, ep_b = lt.run(a.start()), lt.run(b.start())
+        pool = SyncPeerPool(
+            {"a": ep_a, "slow": ep_a}, loop_thread=lt, links={"slow": LinkProfile(delay_ms=1.0)}
+        )
+        try:
+            ids, x = batch()
+            assert isinstance(pool.start_call("slow", 0, ids, x), concurrent.futures.Future)
+            _connected(pool, "a", ids, x)
+            held = pool.start_call("a", 1, ids, x)
+            assert isinstance(held, transport.DirectCall)
+            pool.add_peer("a", ep_b)  # replaced while a call holds the old socket
+            assert torch.equal(held.result(5), known(1, ids, x))  # the old peer still answers it
+            _connected(pool, "a", ids, x)
+            assert torch.equal(pool.call("a", 1, ids, x), known(1, ids, x) + 1)  # the new peer
+            pool.remove_peer("a")
+            with pytest.raises(KeyError):
+                pool.start_call("a", 0, ids, x)
+        finally:
+            pool.close()
+            lt.run(a.close())
+            lt.run(b.close())

@@ -291,3 +291,161 @@ def test_validate_rejects_other_types_and_missing_tensors() -> None:
     h, t = decode(encode({"type": "expert_call", "id": 2, "layer": 0}, {"hidden": torch.randn(1, 8)}))
     with pytest.raises(WireError, match="needs tensors"):
         validate_expert_call(h, t, 4, 4, 8)
+
+
+# ------------------------------------------------------------------------ fast paths (hot messages)
+# encode_expert_call / encode_expert_result / decode_request / decode_expected must give exactly what
+# the generic encode / decode / validate_expert_call give: the same bytes, tensors and errors.
+
+
+def _outcome(fn, *args):
+    """(kind, value) of calling fn: its result, or the WireError's message and request id."""
+    try:
+        return "ok", fn(*args)
+    except WireError as e:
+        return "error", (str(e), e.request_id, e.code)
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and _raw_bytes(a[k]) == _raw_bytes(b[k])
+        for k in a
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32], ids=str)
+def test_fast_encoders_give_the_generic_bytes(dtype: torch.dtype, ids_dtype: torch.dtype) -> None:
+    for n in (0, 1, 5):
+        x, ids = torch.randn(n, 8).to(dtype), torch.randint(0, 4, (n,), dtype=ids_dtype)
+        fast = wire.encode_expert_call(2**40, 3, ids, x)
+        slow = encode({"type": "expert_call", "id": 2**40, "layer": 3}, {"hidden": x, "expert_ids": ids})
+        assert [bytes(f) for f in fast] == [bytes(f) for f in slow]
+        fast = wire.encode_expert_result(9, 1, x, wire.DEFAULT_LIMITS)
+        slow = encode({"type": "expert_result", "id": 9, "layer": 1}, {"out": x})
+        assert [bytes(f) for f in fast] == [bytes(f) for f in slow]
+    # inputs the fast path does not take go the generic way (same bytes, same errors)
+    x = torch.randn(8, 4).t()  # not contiguous
+    ids = torch.tensor([0, 1, 2, 3])
+    assert [bytes(f) for f in wire.encode_expert_call(1, 0, ids, x)] == [
+        bytes(f)
+        for f in encode({"type": "expert_call", "id": 1, "layer": 0}, {"hidden": x, "expert_ids": ids})
+    ]
+    with pytest.raises(WireError, match="dtype"):
+        wire.encode_expert_result(1, 0, torch.zeros(2, 2, dtype=torch.float64))
+    with pytest.raises(WireError, match="above the limit"):
+        wire.encode_expert_result(1, 0, torch.zeros(4, 4), WireLimits(max_total_bytes=32))
+
+
+def _call_frames(header_edit=None, frames_edit=None, n=3, h=8, dtype=torch.float32, ids=None):
+    x = torch.randn(n, h).to(dtype)
+    ids = torch.tensor([0, 3, 3][:n] + [1] * max(0, n - 3)) if ids is None else ids
+    frames = [
+        bytes(f)
+        for f in encode({"type": "expert_call", "id": 11, "layer": 1}, {"hidden": x, "expert_ids": ids})
+    ]
+    if header_edit is not None:
+        header = msgpack.unpackb(frames[0])
+        header_edit(header)
+        frames[0] = msgpack.packb(header)
+    if frames_edit is not None:
+        frames_edit(frames)
+    return [zmq.Frame(f) for f in frames]
+
+
+def _set(path, value):
+    def edit(h):
+        d = h
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+
+    return edit
+
+
+CALL_VARIANTS = {
+    "ok": {},
+    "ok_bf16_int32": {"dtype": torch.bfloat16, "ids": torch.tensor([1, 2, 3], dtype=torch.int32)},
+    "ok_empty": {"n": 0, "ids": torch.empty(0, dtype=torch.int64)},
+    "layer_out_of_range": {"header_edit": _set(["layer"], 4)},
+    "layer_bool": {"header_edit": _set(["layer"], True)},
+    "hidden_size": {"h": 6},
+    "ids_out_of_range": {"ids": torch.tensor([0, 9, 1])},
+    "ids_negative": {"ids": torch.tensor([0, -1, 1])},
+    "ids_float": {"ids": torch.tensor([0.0, 1.0, 2.0])},
+    "ids_length": {"header_edit": _set(["tensors", 1, "shape"], [2])},
+    "hidden_int": {"header_edit": _set(["tensors", 0, "dtype"], "int32")},
+    "dtype_list": {"header_edit": _set(["tensors", 0, "dtype"], ["float32"])},
+    "dim_bool": {"header_edit": _set(["tensors", 0, "shape"], [True, 8])},
+    "dim_negative": {"header_edit": _set(["tensors", 0, "shape"], [-3, 8])},
+    "three_dims": {"header_edit": _set(["tensors", 0, "shape"], [3, 8, 1])},
+    "ok_extra_desc_key": {"header_edit": _set(["tensors", 0, "extra"], 1)},
+    "renamed": {"header_edit": _set(["tensors", 0, "name"], "h")},
+    "bad_version": {"header_edit": _set(["v"], 2)},
+    "bad_id": {"header_edit": _set(["id"], -1)},
+    "ping_type": {"header_edit": _set(["type"], "ping")},
+    "short_frame": {"frames_edit": lambda f: f.__setitem__(1, f[1][:-4])},
+    "missing_frame": {"frames_edit": lambda f: f.pop()},
+    "garbage_header": {"frames_edit": lambda f: f.__setitem__(0, b"\xc1\xff")},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(CALL_VARIANTS))
+def test_decode_request_matches_decode_then_validate(variant: str) -> None:
+    frames = _call_frames(**CALL_VARIANTS[variant])
+    limits = WireLimits()
+
+    def generic(fr):
+        header, tensors = decode(fr, limits)
+        call = validate_expert_call(header, tensors, 4, 4, 8) if header["type"] == "expert_call" else None
+        return header, tensors, call
+
+    kind_fast, fast = _outcome(wire.decode_request, frames, limits, 4, 4, 8)
+    kind_slow, slow = _outcome(generic, frames)
+    assert kind_fast == kind_slow
+    if kind_fast == "error":
+        assert fast == slow
+    else:
+        assert fast[0] == slow[0] and _same_tensors(fast[1], slow[1])
+        assert (fast[2] is None) == (slow[2] is None)
+        if fast[2] is not None:
+            assert fast[2][0] == slow[2][0] and _same_tensors(
+                {"i": fast[2][1], "h": fast[2][2]}, {"i": slow[2][1], "h": slow[2][2]}
+            )
+    assert variant.startswith("ok") == (kind_fast == "ok" and fast[2] is not None) or variant == "ping_type"
+
+
+def test_decode_expected_matches_decode() -> None:
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    good = [zmq.Frame(bytes(f)) for f in encode({"type": "expert_result", "id": 4, "layer": 2}, {"out": x})]
+    desc = wire.result_descriptor(x)
+    header, tensors = wire.decode_expected(good, desc)
+    assert header == decode(good)[0] and _same_tensors(tensors, {"out": x})
+    # another shape, an error reply, a corrupt frame: the generic decode's answer (or error)
+    other = [bytes(f) for f in encode({"type": "expert_result", "id": 4}, {"out": torch.randn(2, 8)})]
+    err = [bytes(f) for f in encode({"type": "error", "id": 4, "code": "not_held", "message": "m"})]
+    corrupt = [bytes(good[0]), bytes(good[1])[:-2]]
+    for frames in (other, err, corrupt, [b"\x00"]):
+        a, b = _outcome(wire.decode_expected, frames, desc), _outcome(decode, frames)
+        assert a[0] == b[0]
+        if a[0] == "error":
+            assert a[1] == b[1]
+        else:
+            assert a[1][0] == b[1][0] and _same_tensors(a[1][1], b[1][1])
+
+
+def test_decode_request_on_random_garbage_only_raises_wire_error() -> None:
+    rng = random.Random(1)
+    good = [bytes(f) for f in _call_frames()]
+    for _ in range(400):
+        frames = [bytearray(f) for f in good]
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(frames))
+            if frames[i] and rng.random() < 0.7:
+                frames[i][rng.randrange(len(frames[i]))] = rng.randrange(256)
+            else:
+                frames[i] = frames[i][: rng.randrange(len(frames[i]) + 1)]
+        try:
+            wire.decode_request(frames, WireLimits(), 4, 4, 8)
+        except WireError:
+            pass

@@ -96,3 +96,26 @@ def test_without_any_copy_the_call_fails_after_the_repair_wait(setup):
     lt.run(c.service.close())
     with pytest.raises(PeerUnavailable):
         d.remote(0, {"c": (torch.tensor([3]), _x(1))})["c"].result(10)
+
+
+def test_direct_call_answered_not_held_fails_over_on_the_loop(setup):
+    d, b, c, _, _ = setup
+    ids = torch.tensor([1, 2, 2])
+    deadline = time.monotonic() + 5
+    while True:  # the first calls go the loop way while b's direct socket connects
+        reply = d.remote(0, {"b": (ids, _x(3))})["b"]
+        assert torch.equal(reply.result(10), _x(3) * (ids[:, None] + 1))
+        if type(reply).__name__ == "_Reply":
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    b.held.clear()
+    reply = d.remote(0, {"b": (ids, _x(3))})["b"]
+    assert type(reply).__name__ == "_Reply"  # sent from this thread
+    assert d.inflight() == {0: 1}  # counted for draining until collected
+    assert torch.equal(reply.result(10), _x(3) * (ids[:, None] + 1))
+    assert d.failovers == 1 and c.calls == 1 and d.inflight() == {}
+    # a reply collected by nobody is let go with cancel(): nothing stays in flight
+    b.held.update({1, 2})
+    reply = d.remote(0, {"b": (ids, _x(3))})["b"]
+    assert reply.cancel() and d.inflight() == {}

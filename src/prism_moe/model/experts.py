@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from concurrent.futures import Future
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -28,8 +27,18 @@ IMPLEMENTATION = "prism"
 
 # (token rows [n], top-k slots [n]) of the tokens that chose one expert, in eager order.
 Group = tuple[Tensor, Tensor]
-# remote(layer, {server: (expert_ids [m], x [m, H])}) -> {server: Future of y [m, H] (or y itself)}
-RemoteFn = Callable[[int, dict[Hashable, tuple[Tensor, Tensor]]], Mapping[Hashable, "Future[Tensor] | Tensor"]]
+
+
+class PendingReply(Protocol):
+    """A remote batch in flight: a `concurrent.futures.Future` or anything with the same two methods."""
+
+    def result(self, timeout: float | None = None) -> Tensor: ...
+
+    def cancel(self) -> bool: ...
+
+
+# remote(layer, {server: (expert_ids [m], x [m, H])}) -> {server: pending y [m, H] (or y itself)}
+RemoteFn = Callable[[int, dict[Hashable, tuple[Tensor, Tensor]]], Mapping[Hashable, "PendingReply | Tensor"]]
 # locate(layer, expert_id) -> the server to send that expert's tokens to
 LocateFn = Callable[[int, int], Hashable]
 
@@ -206,10 +215,11 @@ class RemoteDispatcher(LocalDispatcher):
     `remote(layer, {server: (expert_ids [m], x [m, H])})` once with every server's batch (rows of one
     expert are contiguous, experts ascending) and get futures back; compute the local experts while those
     run; wait; split each reply [m, H] back per expert; combine. Pass `remote`/`locate` or override the
-    methods. `remote` must not block: return `concurrent.futures.Future`s (or finished tensors).
+    methods. `remote` must not block: return `concurrent.futures.Future`s, finished tensors, or any handle
+    with `result(timeout)` and `cancel()` (the cluster's `DirectCall`s, which wait on the calling thread).
 
     Threading: `moe_forward` runs on whatever thread runs the model (under continuous batching, the
-    manager's generation thread) and blocks in `Future.result`, so never run the model on an asyncio event
+    manager's generation thread) and blocks in `result()`, so never run the model on an asyncio event
     loop thread; from asyncio code hand coroutines over with `asyncio.run_coroutine_threadsafe`. Replies may
     live on any device (moved in `combine`). Results are bit-identical to local compute when the peer uses
     the same device type and dtype, since it sees the same rows per expert in the same order.
@@ -229,7 +239,7 @@ class RemoteDispatcher(LocalDispatcher):
         return self._locate(layer, expert_id)
 
     def remote(self, layer: int, batches: dict[Hashable, tuple[Tensor, Tensor]]
-               ) -> Mapping[Hashable, Future[Tensor] | Tensor]:
+               ) -> Mapping[Hashable, PendingReply | Tensor]:
         if self._remote is None:
             raise NotImplementedError("give RemoteDispatcher a remote function or override remote()")
         return self._remote(layer, batches)
@@ -252,17 +262,22 @@ class RemoteDispatcher(LocalDispatcher):
             expert_ids = torch.repeat_interleave(torch.tensor(ids, device=hidden.device), counts)
             batches[server] = (expert_ids, hidden[torch.cat(rows)])
         pending = self.remote(layer, batches) if batches else {}
+        try:
+            outputs = {e: experts.compute(e, hidden[groups[e][0]]) for e in local}  # overlaps the remote calls
 
-        outputs = {e: experts.compute(e, hidden[groups[e][0]]) for e in local}  # overlaps the remote calls
-
-        for server, ids in plan.items():
-            reply = pending[server]
-            y = reply.result(self.timeout) if isinstance(reply, Future) else reply
-            if y.shape != batches[server][1].shape:
-                raise RuntimeError(f"MoE layer {layer}: server {server!r} answered {tuple(y.shape)} for a "
-                                   f"batch of {tuple(batches[server][1].shape)}")
-            for e, part in zip(ids, torch.split(y, [len(groups[e][0]) for e in ids]), strict=True):
-                outputs[e] = part
+            for server, ids in plan.items():
+                reply = pending[server]
+                y = reply if isinstance(reply, Tensor) else reply.result(self.timeout)
+                if y.shape != batches[server][1].shape:
+                    raise RuntimeError(f"MoE layer {layer}: server {server!r} answered {tuple(y.shape)} for a "
+                                       f"batch of {tuple(batches[server][1].shape)}")
+                for e, part in zip(ids, torch.split(y, [len(groups[e][0]) for e in ids]), strict=True):
+                    outputs[e] = part
+        except BaseException:
+            for reply in pending.values():  # let go of calls still out (e.g. after a failed local expert)
+                if not isinstance(reply, Tensor):
+                    reply.cancel()
+            raise
         return combine(hidden, groups, outputs, top_k_weights)
 
 

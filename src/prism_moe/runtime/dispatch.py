@@ -27,7 +27,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -81,6 +80,55 @@ class _Tag:
 
     def __init__(self) -> None:
         self.version: int | None = None
+
+
+def can_fail_over(err: Exception) -> bool:
+    """A failed batch may go to another holder: its peer is unavailable, or no longer holds the experts."""
+    return isinstance(err, PeerUnavailable) or (isinstance(err, RemoteError) and err.code == NOT_HELD)
+
+
+class _Reply:
+    """One remote batch of a forward step sent directly (`SyncPeerPool.try_direct`); if that attempt fails
+    over, the rest runs on the transport loop. `result()` is called on the model's thread."""
+
+    def __init__(self, owner: ClusterDispatcher, layer: int, server: str, ids: Tensor, x: Tensor,
+                 call: Any, tag: _Tag) -> None:
+        self._owner, self._layer, self._server, self._ids, self._x = owner, layer, server, ids, x
+        self._call, self._tag = call, tag
+        self._finished = False
+
+    def result(self, timeout: float | None = None) -> Tensor:
+        owner = self._owner
+        try:
+            try:
+                return self._call.result(timeout)
+            except (PeerUnavailable, RemoteError) as err:
+                if not can_fail_over(err):
+                    raise
+                assert owner.pool is not None
+                again = owner.pool.loop_thread.submit(
+                    owner._failover(self._layer, self._server, self._ids, self._x, err, (), self._tag))
+                try:
+                    return again.result(timeout)
+                except BaseException:
+                    again.cancel()
+                    raise
+            except BaseException:
+                self._call.cancel()  # e.g. a timeout: the first attempt must let go of its peer's link
+                raise
+        finally:
+            self._finish()
+
+    def cancel(self) -> bool:
+        """Stop waiting for it (a forward that failed elsewhere)."""
+        self._call.cancel()
+        self._finish()
+        return True
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._owner._track(self._tag, None)
 
 
 class ClusterDispatcher(RemoteDispatcher):
@@ -177,18 +225,32 @@ class ClusterDispatcher(RemoteDispatcher):
             target = self._alternative(p, layer, expert_id, ()) or target
         return target
 
-    def remote(self, layer: int, batches: dict[Hashable, tuple[Tensor, Tensor]]
-               ) -> Mapping[Hashable, Future[Tensor] | Tensor]:
+    def remote(self, layer: int, batches: dict[Hashable, tuple[Tensor, Tensor]]) -> Mapping[Hashable, Any]:
         if self.pool is None:
             raise RuntimeError(f"server {self.me} has no peers but layer {layer} needs experts it does not hold")
-        out: dict[Hashable, Future[Tensor]] = {}
-        for server, (ids, x) in batches.items():
-            tag = _Tag()
-            self._track(tag, self._placement.version)
-            # The wire carries CPU tensors; the reply is moved back to the model's device in `combine`.
-            fut = self.pool.loop_thread.submit(self._call(layer, str(server), ids.cpu(), x.detach().cpu(), (), tag))
-            fut.add_done_callback(lambda _f, t=tag: self._track(t, None))
-            out[server] = fut
+        out: dict[Hashable, Any] = {}
+        try:
+            for server, (ids, x) in batches.items():
+                tag = _Tag()
+                self._track(tag, self._placement.version)
+                # The wire carries CPU tensors; the reply is moved back to the model's device in `combine`.
+                ids, x = ids.cpu(), x.detach().cpu()
+                try:
+                    # sent from this thread: no hop onto the transport loop (when the link allows it)
+                    call = self.pool.try_direct(str(server), layer, ids, x)
+                except BaseException:
+                    self._track(tag, None)
+                    raise
+                if call is not None:
+                    out[server] = _Reply(self, layer, str(server), ids, x, call, tag)
+                else:  # the loop way: the call and any failover proceed there, in the background
+                    fut = self.pool.loop_thread.submit(self._call(layer, str(server), ids, x, (), tag))
+                    fut.add_done_callback(lambda _f, t=tag: self._track(t, None))
+                    out[server] = fut
+        except BaseException:
+            for reply in out.values():
+                reply.cancel()
+            raise
         return out
 
     def _track(self, tag: _Tag, version: int | None) -> None:
@@ -210,36 +272,41 @@ class ClusterDispatcher(RemoteDispatcher):
         try:
             return await self.pool.pool.call(server, layer, ids, x)
         except (PeerUnavailable, RemoteError) as err:
-            if isinstance(err, RemoteError) and err.code != NOT_HELD:
+            if not can_fail_over(err):
                 raise
-            if isinstance(err, PeerUnavailable):
-                self._suspect[server] = time.monotonic() + self.suspect_ttl
-            tried = (*tried, server)
-            targets = self._regroup(self._placement, layer, ids, tried)
+            return await self._failover(layer, server, ids, x, err, tried, tag)
+
+    async def _failover(self, layer: int, server: str, ids: Tensor, x: Tensor, err: Exception,
+                        tried: tuple[str, ...], tag: _Tag | None) -> Tensor:
+        """The batch `server` failed with `err`: send its experts to other holders (runs on the loop)."""
+        if isinstance(err, PeerUnavailable):
+            self._suspect[server] = time.monotonic() + self.suspect_ttl
+        tried = (*tried, server)
+        targets = self._regroup(self._placement, layer, ids, tried)
+        if targets is None:
+            # No other copy: the coordinator is re-hosting it (repair). Wait for that placement rather
+            # than fail every request of this step; give up after `repair_wait` seconds.
+            # While waiting it is in flight nowhere: a switch must not wait for it (the repair's own
+            # intermediate switch would otherwise wait for a call that waits for the repair).
+            if tag is not None:
+                self._track(tag, None)
+            version, deadline = self._placement.version, time.monotonic() + self.repair_wait
+            while targets is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                if self._placement.version != version:
+                    version, tried = self._placement.version, (server,)
+                    targets = self._regroup(self._placement, layer, ids, tried)
             if targets is None:
-                # No other copy: the coordinator is re-hosting it (repair). Wait for that placement rather
-                # than fail every request of this step; give up after `repair_wait` seconds.
-                # While waiting it is in flight nowhere: a switch must not wait for it (the repair's own
-                # intermediate switch would otherwise wait for a call that waits for the repair).
-                if tag is not None:
-                    self._track(tag, None)
-                version, deadline = self._placement.version, time.monotonic() + self.repair_wait
-                while targets is None and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                    if self._placement.version != version:
-                        version, tried = self._placement.version, (server,)
-                        targets = self._regroup(self._placement, layer, ids, tried)
-                if targets is None:
-                    raise
-                if tag is not None:
-                    self._track(tag, version)
-            self.failovers += 1
-            masks = {s: torch.isin(ids, torch.tensor(es, dtype=ids.dtype)) for s, es in targets.items()}
-            parts = await asyncio.gather(*(self._part(layer, s, ids[m], x[m], tried) for s, m in masks.items()))
-            out = torch.empty_like(x)
-            for m, part in zip(masks.values(), parts, strict=True):
-                out[m] = part
-            return out
+                raise err
+            if tag is not None:
+                self._track(tag, version)
+        self.failovers += 1
+        masks = {s: torch.isin(ids, torch.tensor(es, dtype=ids.dtype)) for s, es in targets.items()}
+        parts = await asyncio.gather(*(self._part(layer, s, ids[m], x[m], tried) for s, m in masks.items()))
+        out = torch.empty_like(x)
+        for m, part in zip(masks.values(), parts, strict=True):
+            out[m] = part
+        return out
 
     def _regroup(self, p: Placement, layer: int, ids: Tensor, tried: tuple[str, ...]) -> dict[str, list[int]] | None:
         """{holder: expert ids} for the batch's experts on holders not tried (this server when its store has

@@ -13,7 +13,9 @@ routes under `/prism/`: load experts from the local checkpoint, send held expert
 service answers a call for an expert it no longer holds with `not_held`, so the caller re-routes.
 
 Threads: the transport runs on one asyncio loop thread (`LoopThread`), the model on the engine's
-generation thread, HTTP on uvicorn's loop. Nothing of the model runs on an event loop.
+generation thread, HTTP on uvicorn's loop. The model's own expert calls are sent and awaited on its
+generation thread (`SyncPeerPool.start_call`); peers' calls are computed on the transport loop itself, or
+in a worker thread when links are emulated (the emulator's timers share that loop).
 """
 
 from __future__ import annotations
@@ -179,9 +181,14 @@ class EdgeServer:
         if not port:
             raise ConfigError(f"server {self.name}: expert_port is not set (prism cluster up picks free ports; "
                               f"a real cluster gives them in the cluster file)")
+        links = _links_for(self.cluster, self.name)
+        # Peers' expert calls compute right on the transport loop (inline: no hop to a worker thread and
+        # back), since this server's own calls go out from the model's thread (`SyncPeerPool.start_call`).
+        # With emulated links the loop also runs the emulator's timers, which must not wait behind expert
+        # compute: then a worker thread computes.
         self.service = ExpertService(f"tcp://{host}:{port}", self._serve_experts, num_layers=spec.num_moe_layers,
                                      num_experts=spec.num_experts, hidden_size=spec.hidden_size, name=self.name,
-                                     identity=identity)
+                                     identity=identity, compute_threads=1 if links else 0)
         # async wrappers: migration work runs in the default thread pool, not in the service's single
         # compute thread, so peers' expert calls are not queued behind incoming weights
         self.service.on("load_expert", self._off_thread(self._on_load_message))
@@ -190,7 +197,7 @@ class EdgeServer:
         peers = {s.name: f"tcp://{s.host}:{s.expert_port}" for s in self.cluster.servers if s.name != self.name}
         if peers:
             self.pool = SyncPeerPool(peers, loop_thread=self.loop_thread, identity=identity,
-                                     links=_links_for(self.cluster, self.name), timeout=self.options.call_timeout,
+                                     links=links, timeout=self.options.call_timeout,
                                      retries=self.options.call_retries, on_call=self._on_call)
 
         self.dispatcher = ClusterDispatcher(self.name, p, self.pool, self.metrics, stores=self.stores)

@@ -48,9 +48,13 @@ from .wire import (
     WireError,
     WireLimits,
     decode,
+    decode_expected,
+    decode_request,
     encode,
+    encode_expert_call,
+    encode_expert_result,
     frames_nbytes,
-    validate_expert_call,
+    result_descriptor,
 )
 
 log = logging.getLogger(__name__)
@@ -457,13 +461,13 @@ class ExpertService:
         stats.bytes_received += frames_nbytes(body)
         rid = 0  # id 0 = unattributable; clients number requests from 1
         try:
-            header, tensors = decode(body, self.limits)
+            header, tensors, call = decode_request(
+                body, self.limits, self.num_layers, self.num_experts, self.hidden_size
+            )
             rid = header["id"]
             mtype = header["type"]
-            if mtype == EXPERT_CALL:
-                layer, ids, hidden = validate_expert_call(
-                    header, tensors, self.num_layers, self.num_experts, self.hidden_size
-                )
+            if call is not None:
+                layer, ids, hidden = call
                 stats.expert_calls += 1
                 n = hidden.shape[0]
                 stats.tokens += n
@@ -499,7 +503,7 @@ class ExpertService:
         self._reply(route, rid, reply)
 
     def _result(self, rid: int, layer: int, out: torch.Tensor) -> list[bytes | memoryview]:
-        return encode({"type": EXPERT_RESULT, "id": rid, "layer": layer}, {"out": out}, self.limits)
+        return encode_expert_result(rid, layer, out, self.limits)
 
     def _handler_is_async(self) -> bool:
         handler = self.handler  # public attribute: look again if it was replaced
@@ -682,7 +686,12 @@ class PeerClient:
             return self
         if self._ctx is None:
             self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.DEALER)
+        self._io = _LoopSocket(self.new_socket(self._ctx), self._on_reply)
+        return self
+
+    def new_socket(self, ctx: zmq.Context) -> zmq.Socket:
+        """A DEALER connected to this peer with the client's settings (keys, limits)."""
+        sock = ctx.socket(zmq.DEALER)
         try:
             sock.linger = 0
             # queue only on completed connections: while the peer is down, sends wait (and time out)
@@ -697,8 +706,7 @@ class PeerClient:
         except BaseException:
             sock.close(linger=0)
             raise
-        self._io = _LoopSocket(sock, self._on_reply)
-        return self
+        return sock
 
     async def close(self) -> None:
         """Fail requests still in flight with PeerUnavailable and release the socket."""
@@ -730,10 +738,7 @@ class PeerClient:
     ) -> torch.Tensor:
         """Run the peer's experts: row i of hidden [n, H] through expert expert_ids[i] ([n] int) of MoE
         layer `layer`; return out [n, H] in hidden's dtype. Do not modify the inputs before it returns."""
-        if hidden.dim() != 2 or expert_ids.dim() != 1 or expert_ids.shape[0] != hidden.shape[0]:
-            raise ValueError(
-                f"need hidden [n, H] and expert_ids [n], got {list(hidden.shape)} and {list(expert_ids.shape)}"
-            )
+        _check_call_args(expert_ids, hidden)
         _, tensors = await self.request(
             EXPERT_CALL,
             {"layer": layer},
@@ -741,13 +746,7 @@ class PeerClient:
             timeout=timeout,
             retries=retries,
         )
-        out = tensors.get("out")
-        if out is None or out.shape != hidden.shape or out.dtype != hidden.dtype:
-            got = "nothing" if out is None else f"{list(out.shape)} {out.dtype}"
-            raise RemoteError(
-                self.name, BAD_REPLY, f"expected out {list(hidden.shape)} {hidden.dtype}, got {got}"
-            )
-        return out
+        return _expert_output(self.name, tensors, hidden)
 
     async def ping(self, *, timeout: float = 1.0, retries: int = 0) -> float:
         """Round-trip time in seconds; raises PeerUnavailable."""
@@ -859,27 +858,49 @@ class PeerClient:
                     fut.cancel()
                 elif not fut.cancelled():
                     fut.exception()  # a failure nobody awaits any more must not be logged as unretrieved
-            latency = loop.time() - t0
-            if self.on_call is None:
-                stats._add(outcome, latency)
-            else:
-                hidden = tensors.get("hidden") if tensors else None
-                ev = CallEvent(
-                    peer=self.name,
-                    type=msg_type,
-                    layer=fields.get("layer") if fields else None,
-                    tokens=0 if hidden is None else int(hidden.shape[0]),
-                    bytes_sent=sent,
-                    bytes_received=received,
-                    latency_s=latency,
-                    attempts=attempts,
-                    outcome=outcome,
-                )
-                stats.record(ev)
-                try:
-                    self.on_call(ev)
-                except Exception:
-                    log.exception("on_call hook failed")
+            hidden = tensors.get("hidden") if tensors else None
+            self.record(
+                msg_type,
+                fields.get("layer") if fields else None,
+                hidden,
+                sent,
+                received,
+                loop.time() - t0,
+                attempts,
+                outcome,
+            )
+
+    def record(
+        self,
+        msg_type: str,
+        layer: int | None,
+        hidden: torch.Tensor | None,
+        sent: int,
+        received: int,
+        latency: float,
+        attempts: int,
+        outcome: str,
+    ) -> None:
+        """Count one finished request in `stats` and hand it to the `on_call` hook."""
+        if self.on_call is None:
+            self.stats._add(outcome, latency)
+            return
+        ev = CallEvent(
+            peer=self.name,
+            type=msg_type,
+            layer=layer,
+            tokens=0 if hidden is None else int(hidden.shape[0]),
+            bytes_sent=sent,
+            bytes_received=received,
+            latency_s=latency,
+            attempts=attempts,
+            outcome=outcome,
+        )
+        self.stats.record(ev)
+        try:
+            self.on_call(ev)
+        except Exception:
+            log.exception("on_call hook failed")
 
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
         nbytes = frames_nbytes(frames)
@@ -914,6 +935,22 @@ class PeerClient:
             self._pending[rid] = kept
         else:
             self.stats.unmatched_replies += 1
+
+
+def _check_call_args(expert_ids: torch.Tensor, hidden: torch.Tensor) -> None:
+    if hidden.dim() != 2 or expert_ids.dim() != 1 or expert_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"need hidden [n, H] and expert_ids [n], got {list(hidden.shape)} and {list(expert_ids.shape)}"
+        )
+
+
+def _expert_output(peer: str, tensors: Mapping[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """The `out` tensor of an expert_result, checked against the call's hidden states."""
+    out = tensors.get("out")
+    if out is None or out.shape != hidden.shape or out.dtype != hidden.dtype:
+        got = "nothing" if out is None else f"{list(out.shape)} {out.dtype}"
+        raise RemoteError(peer, BAD_REPLY, f"expected out {list(hidden.shape)} {hidden.dtype}, got {got}")
+    return out
 
 
 class _AttemptExpired(Exception):
@@ -1164,12 +1201,187 @@ def _forward_cancel(
             pass  # the loop is closed
 
 
+class _DirectLink:
+    """A plain DEALER to one peer, used straight from the calling thread: no hop onto the event loop.
+
+    One call at a time holds it (`lock`, taken without waiting: when it is busy, a call goes the loop
+    way instead). A reply that arrives after its call gave up is read and dropped by a later call.
+    """
+
+    def __init__(self, client: PeerClient, ctx: zmq.Context):
+        self.client = client
+        self.sock = client.new_socket(ctx)
+        self.lock = threading.Lock()
+        self.rcvtimeo = -1  # the socket's current receive timeout (ms), set only when it changes
+        self.retired = False  # the peer was removed or replaced: close once the holder lets go
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class DirectCall:
+    """An expert call sent from the caller's thread; `result()` waits for its reply on that thread.
+
+    The same contract as `PeerClient.call` (per-attempt deadline, retries with the same request id,
+    `PeerUnavailable` after the last, `RemoteError` for an error reply), without the two thread hops of
+    going through the event loop: on loopback that is about half the Python cost of a small call. It
+    holds its peer's link until `result()` or `cancel()`; call one of them.
+    """
+
+    def __init__(
+        self,
+        link: _DirectLink,
+        rid: int,
+        layer: int,
+        hidden: torch.Tensor,
+        frames: list[Any],
+        timeout: float,
+        retries: int,
+    ):
+        self._link, self._rid, self._layer, self._hidden = link, rid, layer, hidden
+        self._frames, self._timeout, self._retries = frames, timeout, retries
+        self._nbytes = frames_nbytes(frames)
+        self._t0 = time.monotonic()
+        self._deadline = self._t0 + timeout
+        self._attempts, self._sent, self._received = 1, self._nbytes, 0
+        self._outcome: str | None = None  # set once finished
+        self._value: torch.Tensor | None = None
+        self._error: BaseException | None = None
+        self._descs: list[dict[str, Any]] | None = None  # the tensors of the expected reply
+
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    def cancel(self) -> bool:
+        """Give up waiting (the reply, if it comes, is dropped); False if already finished."""
+        if self._outcome is not None:
+            return False
+        self._finish("cancelled")
+        return True
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        """out [n, H]; raises PeerUnavailable, RemoteError, or TimeoutError after `timeout` seconds
+        (the call then still runs: ask again or cancel)."""
+        if self._outcome is None:
+            try:
+                self._value = self._wait(timeout)
+            except (PeerUnavailable, RemoteError) as e:
+                self._error = e
+                self._finish("unavailable" if isinstance(e, PeerUnavailable) else "error")
+            except TimeoutError:
+                raise
+            except BaseException:
+                self._finish("cancelled")
+                raise
+            else:
+                self._finish("ok")
+        if self._outcome == "cancelled":
+            raise concurrent.futures.CancelledError()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+    def _wait(self, timeout: float | None) -> torch.Tensor:
+        link, client = self._link, self._link.client
+        sock, stats = link.sock, client.stats
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            if now >= self._deadline:
+                if self._attempts > self._retries:
+                    raise PeerUnavailable(
+                        client.name,
+                        after=now - self._t0,
+                        attempts=self._attempts,
+                        endpoint=client.endpoint,
+                        reason=f"no reply within {self._timeout}s per attempt",
+                    )
+                self._attempts += 1
+                stats.retries += 1
+                self._deadline = now + self._timeout
+                self._resend()
+                continue
+            if give_up is not None and now >= give_up:
+                raise TimeoutError(f"no reply from {client.name!r} within {timeout}s")
+            until = self._deadline if give_up is None else min(self._deadline, give_up)
+            ms = max(1, int((until - now) * 1000) + 1)
+            if ms != link.rcvtimeo:
+                sock.rcvtimeo = link.rcvtimeo = ms
+            try:  # blocks, without the GIL, until a reply or the timeout
+                frame = _recv_frame(sock, 0, False, False)
+            except zmq.Again:
+                continue
+            frames = [frame]
+            while frame.more:
+                frame = _recv_frame(sock, _NOBLOCK, False, False)
+                frames.append(frame)
+            nbytes = frames_nbytes(frames)
+            stats.bytes_received += nbytes
+            if self._descs is None:
+                self._descs = result_descriptor(self._hidden)
+            try:
+                header, tensors = decode_expected(frames, self._descs, client.limits)
+            except WireError as e:
+                if e.request_id != self._rid:
+                    stats.unmatched_replies += 1
+                    continue
+                raise RemoteError(client.name, BAD_REPLY, str(e)) from None
+            if header["id"] != self._rid:
+                stats.unmatched_replies += 1  # a late reply to a call that gave up
+                continue
+            self._received += nbytes
+            if header["type"] == ERROR:
+                raise RemoteError(
+                    client.name, str(header.get("code")), str(header.get("message"))[:MAX_REMOTE_MESSAGE]
+                )
+            if header["type"] != EXPERT_RESULT:
+                raise RemoteError(client.name, BAD_REPLY, f"{header['type']!r} in reply to {EXPERT_CALL!r}")
+            return _expert_output(client.name, tensors, self._hidden)
+
+    def _resend(self) -> None:
+        """Send the request again, waiting (up to the attempt's deadline) for a connection to the peer."""
+        sock = self._link.sock
+        last = len(self._frames) - 1
+        ms = max(1, int((self._deadline - time.monotonic()) * 1000))
+        if not sock.poll(ms, zmq.POLLOUT):
+            return  # still no connection: this attempt times out
+        for i, f in enumerate(self._frames):
+            _send_frame(sock, f, _NOBLOCK_MORE if i < last else _NOBLOCK, False, False)
+        self._sent += self._nbytes
+        self._link.client.stats.bytes_sent += self._nbytes
+
+    def _finish(self, outcome: str) -> None:
+        self._outcome = outcome
+        link = self._link
+        try:
+            link.client.record(
+                EXPERT_CALL,
+                self._layer,
+                self._hidden,
+                self._sent,
+                self._received,
+                time.monotonic() - self._t0,
+                self._attempts,
+                outcome,
+            )
+        finally:
+            self._frames = []
+            if link.retired:
+                link.close()
+            link.lock.release()
+
+
 class SyncPeerPool:
     """`PeerPool` for threads without an event loop (the model's forward). Thread-safe.
 
-    Calls go to a `LoopThread` (its own unless one is passed, e.g. the one hosting this server's
-    ExpertService). `submit*` return concurrent.futures.Futures so a layer can overlap remote calls
-    with local expert compute; `call*` block. Every call is bounded by its timeout and retries.
+    `start_call` sends an expert call right from the calling thread on a per-peer socket of its own
+    (`DirectCall`) and returns a handle whose `result()` waits for the reply there: no hop onto the
+    event loop and back. It goes the loop way (a concurrent.futures.Future) when the peer's link is
+    emulated (the emulator's timers live on the loop), its direct socket is busy with another call, or
+    the peer is not connected yet. `submit*` always go through the `LoopThread` (its own unless one is
+    passed, e.g. the one hosting this server's ExpertService); `call*` block. Every call is bounded by
+    its timeout and retries.
     """
 
     def __init__(
@@ -1178,12 +1390,94 @@ class SyncPeerPool:
         self._own_loop = loop_thread is None
         self.loop_thread = loop_thread if loop_thread is not None else LoopThread()
         self.pool = PeerPool(peers, **pool_kw)
+        self._direct_ctx = zmq.Context()
+        self._direct: dict[str, _DirectLink] = {}
+        self._direct_lock = threading.Lock()  # guards the dict (links are made lazily, from any thread)
+        self._closed = False
         try:
             self.loop_thread.run(self.pool.start())
         except BaseException:
             if self._own_loop:
                 self.loop_thread.close()
+            self._direct_ctx.term()
             raise
+
+    def start_call(
+        self,
+        server: str,
+        layer: int,
+        expert_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> DirectCall | concurrent.futures.Future[torch.Tensor]:
+        """Send one expert call now; `.result(timeout)` of the returned handle gives out [n, H].
+        Call `.result()` or `.cancel()` on it. Do not modify the inputs before it finishes."""
+        call = self.try_direct(server, layer, expert_ids, hidden, timeout=timeout, retries=retries)
+        if call is not None:
+            return call
+        return self.submit(server, layer, expert_ids, hidden, timeout=timeout, retries=retries)
+
+    def try_direct(
+        self,
+        server: str,
+        layer: int,
+        expert_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> DirectCall | None:
+        """`start_call` on the direct socket, or None (nothing sent) where only the loop way can go now."""
+        client = self.pool[server]
+        _check_call_args(expert_ids, hidden)
+        timeout = client.timeout if timeout is None else timeout
+        retries = client.retries if retries is None else retries
+        if timeout <= 0 or retries < 0:
+            raise ValueError(f"need timeout > 0 and retries >= 0, got {timeout}, {retries}")
+        link = None if client.link is not None or self._closed else self._link(server, client)
+        if link is None or not link.lock.acquire(blocking=False):
+            return None
+        try:
+            rid = next(client._ids)
+            frames = encode_expert_call(rid, layer, expert_ids, hidden, client.limits)
+            last = len(frames) - 1
+            sock = link.sock
+            # multipart is atomic: if the first part is accepted, so are the others
+            for i, f in enumerate(frames):
+                _send_frame(sock, f, _NOBLOCK_MORE if i < last else _NOBLOCK, False, False)
+        except zmq.Again:  # not connected (yet): the loop way waits for the connection within the deadline
+            link.lock.release()
+            return None
+        except BaseException:
+            link.lock.release()
+            raise
+        call = DirectCall(link, rid, layer, hidden, frames, timeout, retries)
+        client.stats.bytes_sent += call._nbytes
+        return call
+
+    def _link(self, server: str, client: PeerClient) -> _DirectLink | None:
+        link = self._direct.get(server)
+        if link is not None and link.client is client:
+            return link
+        with self._direct_lock:
+            if self._closed:
+                return None
+            old = self._direct.get(server)
+            if old is not None and old.client is client:
+                return old
+            if old is not None:  # the peer was replaced (add_peer)
+                self._retire(old)
+            link = self._direct[server] = _DirectLink(client, self._direct_ctx)
+            return link
+
+    @staticmethod
+    def _retire(link: _DirectLink) -> None:
+        link.retired = True
+        if link.lock.acquire(blocking=False):  # else its call closes it when it finishes
+            link.close()
+            link.lock.release()
 
     def submit(
         self, server: str, layer: int, expert_ids: torch.Tensor, hidden: torch.Tensor, **kw: Any
@@ -1193,7 +1487,7 @@ class SyncPeerPool:
     def call(
         self, server: str, layer: int, expert_ids: torch.Tensor, hidden: torch.Tensor, **kw: Any
     ) -> torch.Tensor:
-        return self.submit(server, layer, expert_ids, hidden, **kw).result()
+        return self.start_call(server, layer, expert_ids, hidden, **kw).result()
 
     def submit_many(
         self, requests: Mapping[str, tuple[int, torch.Tensor, torch.Tensor]], **kw: Any
@@ -1209,15 +1503,37 @@ class SyncPeerPool:
         return self.loop_thread.run(self.pool[server].ping(timeout=timeout))
 
     def add_peer(self, name: str, endpoint: str, link: LinkProfile | None = None) -> None:
+        with self._direct_lock:
+            old = self._direct.pop(name, None)
+            if old is not None:
+                self._retire(old)
         self.loop_thread.run(self.pool.add_peer(name, endpoint, link))
 
     def remove_peer(self, name: str) -> None:
+        with self._direct_lock:
+            link = self._direct.pop(name, None)
+            if link is not None:
+                self._retire(link)
         self.loop_thread.run(self.pool.remove_peer(name))
 
     def stats(self) -> dict[str, PeerStats]:
         return self.pool.stats()
 
     def close(self) -> None:
+        with self._direct_lock:
+            self._closed = True
+            links, self._direct = list(self._direct.values()), {}
+        all_closed = True
+        for link in links:
+            # a call still holding a link ends within its deadline and retries
+            wait = link.client.timeout * (link.client.retries + 1) + 1.0
+            if link.lock.acquire(timeout=wait):
+                link.close()
+                link.lock.release()
+            else:  # pragma: no cover - a caller that never collects its call
+                all_closed = False
+        if all_closed:
+            self._direct_ctx.term()
         try:
             if not self.loop_thread.closed:
                 self.loop_thread.run(self.pool.close(), timeout=10)

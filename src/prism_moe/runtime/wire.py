@@ -306,6 +306,193 @@ def _from_buffer(mv: memoryview, dtype: torch.dtype, shape: tuple[int, ...], cop
     return t
 
 
+# --- fast paths for the two hot messages ---------------------------------------------------------------
+# A decode step sends one expert_call per (layer, peer) and gets one expert_result back, each a few KB:
+# there, Python work per message is most of the cost above the socket round trip. These functions give
+# exactly what the generic `encode`/`decode` (+ `validate_expert_call`) give, with fewer calls for the
+# well-formed case, and hand anything else to the generic code so every error reads the same.
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return t.is_cpu and not t.requires_grad and t.is_contiguous() and t.dtype in DTYPE_NAMES
+
+
+def encode_expert_call(
+    rid: int, layer: int, expert_ids: torch.Tensor, hidden: torch.Tensor, limits: WireLimits | None = None
+) -> list[bytes | memoryview]:
+    """`encode({"type": "expert_call", "id": rid, "layer": layer}, {"hidden": hidden, "expert_ids": ids})`."""
+    if not (
+        _plain(hidden)
+        and _plain(expert_ids)
+        and hidden.dim() == 2
+        and expert_ids.dim() == 1
+        and type(rid) is int
+        and 0 <= rid <= MAX_ID
+        and (limits is None or hidden.nbytes + expert_ids.nbytes <= limits.max_total_bytes)
+    ):
+        return encode(
+            {"type": EXPERT_CALL, "id": rid, "layer": layer},
+            {"hidden": hidden, "expert_ids": expert_ids},
+            limits,
+        )
+    n, h = hidden.shape
+    header = {
+        "type": EXPERT_CALL,
+        "id": rid,
+        "layer": layer,
+        "v": PROTOCOL_VERSION,
+        "tensors": [
+            {"name": "hidden", "dtype": DTYPE_NAMES[hidden.dtype], "shape": [n, h]},
+            {"name": "expert_ids", "dtype": DTYPE_NAMES[expert_ids.dtype], "shape": [expert_ids.shape[0]]},
+        ],
+    }
+    return [msgpack.packb(header, use_bin_type=True), _tensor_bytes(hidden), _tensor_bytes(expert_ids)]
+
+
+def encode_expert_result(
+    rid: int, layer: int, out: torch.Tensor, limits: WireLimits | None = None
+) -> list[bytes | memoryview]:
+    """`encode({"type": "expert_result", "id": rid, "layer": layer}, {"out": out})`."""
+    if not (
+        _plain(out)
+        and type(rid) is int
+        and 0 <= rid <= MAX_ID
+        and (limits is None or out.nbytes <= limits.max_total_bytes)
+    ):
+        return encode({"type": EXPERT_RESULT, "id": rid, "layer": layer}, {"out": out}, limits)
+    header = {
+        "type": EXPERT_RESULT,
+        "id": rid,
+        "layer": layer,
+        "v": PROTOCOL_VERSION,
+        "tensors": [{"name": "out", "dtype": DTYPE_NAMES[out.dtype], "shape": list(out.shape)}],
+    }
+    return [msgpack.packb(header, use_bin_type=True), _tensor_bytes(out)]
+
+
+def result_descriptor(like: torch.Tensor) -> list[dict[str, Any]]:
+    """The `tensors` entry of a well-formed expert_result answering a call with hidden states `like`."""
+    return [{"name": "out", "dtype": DTYPE_NAMES[like.dtype], "shape": list(like.shape)}]
+
+
+def decode_expected(
+    frames: Sequence[Frame], descs: list[dict[str, Any]], limits: WireLimits = DEFAULT_LIMITS
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`decode(frames, limits)` for a message expected to carry exactly the tensors `descs` (as
+    `result_descriptor` builds them): one comparison checks every descriptor; otherwise the generic
+    decode runs."""
+    head = frames[0] if frames else b""
+    if (
+        len(frames) == 1 + len(descs)
+        and len(descs) <= limits.max_tensors
+        and _nbytes(head) <= limits.max_header_bytes
+    ):
+        try:
+            header = msgpack.unpackb(memoryview(head), raw=False, strict_map_key=True, use_list=True)
+        except Exception:
+            header = None
+        if (
+            type(header) is dict
+            and header.get("tensors") == descs
+            and header.get("v") == PROTOCOL_VERSION
+            and header.get("type") in MESSAGE_TYPES
+            and type(header.get("id")) is int
+            and 0 <= header["id"] <= MAX_ID
+            and type(header.get("layer", 0)) is int
+        ):
+            tensors: dict[str, torch.Tensor] = {}
+            total = 0
+            for desc, frame in zip(descs, frames[1:], strict=True):
+                dtype, shape = DTYPES[desc["dtype"]], desc["shape"]
+                mv = memoryview(frame)
+                want = math.prod(shape) * dtype.itemsize
+                total += want
+                if mv.ndim != 1 or mv.itemsize != 1 or mv.nbytes != want or total > limits.max_total_bytes:
+                    break
+                tensors[desc["name"]] = _from_buffer(mv, dtype, tuple(shape), False)
+            else:
+                return header, tensors
+    return decode(frames, limits)
+
+
+def decode_request(
+    frames: Sequence[Frame], limits: WireLimits, num_layers: int, num_experts: int, hidden_size: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], tuple[int, torch.Tensor, torch.Tensor] | None]:
+    """`decode`, then `validate_expert_call` if it is an expert call: (header, tensors, call), call being
+    (layer, expert_ids [n], hidden [n, H]) for an expert_call and None for other types. Raises WireError
+    exactly as they do."""
+    if (
+        len(frames) == 3
+        and _nbytes(frames[0]) <= limits.max_header_bytes
+        and limits.max_tensors >= 2
+        and limits.max_ndim >= 2
+    ):
+        try:
+            header = msgpack.unpackb(memoryview(frames[0]), raw=False, strict_map_key=True, use_list=True)
+        except Exception:
+            header = None
+        descs = header.get("tensors") if type(header) is dict else None
+        if type(descs) is list and len(descs) == 2 and header.get("v") == PROTOCOL_VERSION:
+            d_h, d_i = descs
+            rid, layer = header.get("id"), header.get("layer")
+            if (
+                type(d_h) is dict
+                and type(d_i) is dict
+                and len(d_h) == 3
+                and len(d_i) == 3
+                and d_h.get("name") == "hidden"
+                and d_i.get("name") == "expert_ids"
+                and header.get("type") == EXPERT_CALL
+                and type(rid) is int
+                and 0 <= rid <= MAX_ID
+                and type(layer) is int
+                and 0 <= layer < num_layers
+            ):
+                h_dtype = _FLOAT_BY_NAME.get(d_h.get("dtype")) if type(d_h.get("dtype")) is str else None
+                i_dtype = _INT_BY_NAME.get(d_i.get("dtype")) if type(d_i.get("dtype")) is str else None
+                h_shape, i_shape = d_h.get("shape"), d_i.get("shape")
+                if (
+                    h_dtype is not None
+                    and i_dtype is not None
+                    and type(h_shape) is list
+                    and type(i_shape) is list
+                    and len(h_shape) == 2
+                    and len(i_shape) == 1
+                ):
+                    n, h = h_shape
+                    if (
+                        type(n) is int
+                        and type(h) is int
+                        and h == hidden_size
+                        and 0 <= n <= limits.max_dim
+                        and h <= limits.max_dim
+                        and i_shape[0] == n
+                        and type(i_shape[0]) is int
+                        and n * (h * h_dtype.itemsize + i_dtype.itemsize) <= limits.max_total_bytes
+                    ):
+                        mv_h, mv_i = memoryview(frames[1]), memoryview(frames[2])
+                        if (
+                            mv_h.ndim == 1
+                            and mv_i.ndim == 1
+                            and mv_h.itemsize == 1
+                            and mv_i.itemsize == 1
+                            and mv_h.nbytes == n * h * h_dtype.itemsize
+                            and mv_i.nbytes == n * i_dtype.itemsize
+                        ):
+                            hidden = _from_buffer(mv_h, h_dtype, (n, h), False)
+                            ids = _from_buffer(mv_i, i_dtype, (n,), False)
+                            _check_expert_range(ids, num_experts, rid)
+                            return header, {"hidden": hidden, "expert_ids": ids}, (layer, ids, hidden)
+    header, tensors = decode(frames, limits)
+    if header["type"] != EXPERT_CALL:
+        return header, tensors, None
+    return header, tensors, validate_expert_call(header, tensors, num_layers, num_experts, hidden_size)
+
+
+_FLOAT_BY_NAME = {DTYPE_NAMES[d]: d for d in FLOAT_DTYPES}
+_INT_BY_NAME = {DTYPE_NAMES[d]: d for d in INT_DTYPES}
+
+
 def validate_expert_call(
     header: Mapping[str, Any],
     tensors: Mapping[str, torch.Tensor],
@@ -340,6 +527,11 @@ def validate_expert_call(
         )
     if ids.dtype not in INT_DTYPES:
         raise WireError(f"expert_ids must be int32 or int64, got {ids.dtype}", request_id=rid)
+    _check_expert_range(ids, num_experts, rid)
+    return layer, ids, hidden
+
+
+def _check_expert_range(ids: torch.Tensor, num_experts: int, rid: Any) -> None:
     n = ids.shape[0]
     if n:
         if n <= 64:  # a list is cheaper than a torch reduction for a few tokens
@@ -351,4 +543,3 @@ def validate_expert_call(
             raise WireError(
                 f"expert ids must be in [0, {num_experts}), got min {lo} max {hi}", request_id=rid
             )
-    return layer, ids, hidden
