@@ -1,12 +1,19 @@
-"""Cost of a decode step through the Engine relative to plain `model.generate`, measured in one run.
+"""Cost of a decode step through prism's experts hook, relative to plain transformers, in one run.
 
-A decode step's time is isolated as (time for N new tokens - time for 1 new token) / (N - 1), which removes
-prefill and per-request setup. Three paths on identical weights (two model copies, so continuous batching's
-attention switch can never touch the `generate` copy):
-  generate   `model.generate(do_sample=False)`, a batch of B equal-length prompts;
+Issue 3's goal: with every expert local, a decode step costs at most 1.1x the same step in plain
+transformers. A step's time is isolated as (time for N new tokens - time for 1 new token) / (N - 1),
+which removes prefill and per-request setup. Paths, on identical weights (separate model copies):
+  generate   plain transformers: `model.generate(do_sample=False)` with its default experts kernel
+             (`grouped_mm` in transformers 5), a batch of B equal-length prompts;
+  eager      the same with transformers' per-expert loop (`experts_implementation="eager"`), for scale;
+  prism      the same `generate` after `attach(...)`: every MoE layer goes through the hook and the
+             `ClusterDispatcher` of `prism serve` (activation counting, routing table, frozen store),
+             with a one-server placement holding every expert (no peers);
   manager    transformers' ContinuousBatchingManager alone (add_request / get_result), B requests
              (skipped for latent-attention models such as deepseek_v2, which it cannot serve);
-  engine     `Engine.submit` from asyncio (its batching loop + sampling + pump thread; detokenizer off).
+  engine     `Engine.submit` from asyncio on the prism-attached model: the serving loop of `prism serve`
+             (its batching loop + sampling + pump thread; detokenizer off).
+The goal is read on `ratio_prism_vs_generate`; `ratio_engine_vs_manager` is the serving loop's own cost.
 Repetitions are interleaved and medians reported; only the ratios mean something across machines.
 
     python benchmarks/decode_overhead.py [--device cpu] [--arch mixtral] [--batch 1 8] [--tokens 48] [--reps 5]
@@ -22,12 +29,28 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+from prism_moe.model.experts import attach
 from prism_moe.model.tiny import make_tiny_model
+from prism_moe.placement.placement import Placement
+from prism_moe.runtime.dispatch import ClusterDispatcher
 from prism_moe.runtime.engine import Engine, caches_latents, resolve_device
+
+
+def attach_all_local(model: Any) -> ClusterDispatcher:
+    """Attach the hook with the dispatcher `prism serve` uses, for a one-server cluster holding every expert."""
+    from prism_moe.model.spec import ModelSpec
+
+    spec = ModelSpec.from_hf_config(model.config.to_dict())
+    hosts = np.ones((1, spec.num_moe_layers, spec.num_experts), dtype=bool)
+    placement = Placement.from_hosts(["me"], hosts, np.zeros((1, 1)))
+    dispatcher = ClusterDispatcher("me", placement, None)
+    attach(model, dispatcher, spec)
+    return dispatcher
 
 
 def _sync(device: torch.device) -> None:
@@ -92,9 +115,13 @@ def main() -> None:
                                intermediate_size=2 * args.hidden, num_attention_heads=8,
                                num_key_value_heads=8 if args.arch.startswith("deepseek") else 4,  # MLA: kv = q heads
                                max_position_embeddings=1024)
-        gen_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-        cb_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        def load(**kw: Any) -> Any:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).to(device).eval()
+
+        gen_model, eager_model, prism_model, cb_model = load(), load(experts_implementation="eager"), load(), load()
         eng_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        attach_all_local(prism_model)
+        eng_dispatcher = attach_all_local(eng_model.to(device))
     vocab = gen_model.config.vocab_size
     max_b = max(args.batch)
     g = torch.Generator().manual_seed(0)
@@ -113,12 +140,15 @@ def main() -> None:
     engine.decode = lambda ids: ""  # no tokenizer needed: measure the serving path, not detokenization
     engine.start()
     paths = {"generate": lambda p, n: time_generate(gen_model, p, n),
+             "eager": lambda p, n: time_generate(eager_model, p, n),
+             "prism": lambda p, n: time_generate(prism_model, p, n),
              "manager": lambda p, n: time_manager(manager, p, n),
              "engine": lambda p, n: time_engine(engine, p, n)}
     if manager is None:
         del paths["manager"]
     result: dict[str, Any] = {
         "device": str(device), "torch_threads": torch.get_num_threads(), "engine_batching": engine.batching,
+        "default_experts_implementation": gen_model.config._experts_implementation,
         "model": {"arch": args.arch, "hidden": args.hidden, "layers": args.layers,
                   "params_m": round(sum(p.numel() for p in gen_model.parameters()) / 1e6, 2)},
         "prompt_len": args.prompt_len, "new_tokens": args.tokens, "reps": args.reps}
@@ -133,11 +163,14 @@ def main() -> None:
                     times[name].append(per_step(fn, prompts, args.tokens))
             ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             row: dict[str, Any] = {"ms_per_step": {k: round(v, 3) for k, v in ms.items()},
+                                   "ratio_prism_vs_generate": round(ms["prism"] / ms["generate"], 3),
+                                   "ratio_eager_vs_generate": round(ms["eager"] / ms["generate"], 3),
                                    "ratio_engine_vs_generate": round(ms["engine"] / ms["generate"], 3)}
             if "manager" in ms:
                 row["ratio_manager_vs_generate"] = round(ms["manager"] / ms["generate"], 3)
                 row["ratio_engine_vs_manager"] = round(ms["engine"] / ms["manager"], 3)
             result[f"batch_{b}"] = row
+        result["engine_remote_invocations"] = eng_dispatcher.remote_invocations  # 0: every expert local
     finally:
         engine.stop()
         if manager is not None:
