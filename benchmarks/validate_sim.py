@@ -5,8 +5,10 @@ The same tiny DeepSeek-V2-shaped model, the same 3 servers (memory shares and em
 trace replay; N requests per server, all sent at once, prompts cut to P tokens, O output tokens) go
 through
   (a) the simulator, its cost model calibrated on this machine (`prism_moe.sim.calibrate`: per-layer
-      dense and expert time of the tiny model on CPU with torch threads=1, transport round trip on
-      loopback; links as in the cluster file), and
+      dense and expert time of the tiny model on CPU with torch threads=1 through the servers' dispatcher
+      stack with trace replay, the serving loop's per-step cost, and what an expert call costs beyond
+      its emulated link, measured through an emulated link to another process; links as in the cluster
+      file), and
   (b) a real local cluster (`prism demo`'s `run_one`: 3 `prism serve` processes, `--placement`,
       `--replay`), `--repeats` times per placement (the machine is shared: the spread is reported).
 
@@ -33,7 +35,7 @@ from prism_moe.demo import _prompts, demo_cluster, run_one, tiny_checkpoint
 from prism_moe.sim import Engine, EngineConfig, SimResult, build_scenario
 from prism_moe.sim.calibrate import calibrate, calibrated_cost
 from prism_moe.sim.workload import Requests
-from prism_moe.stats.workload import resolve_data_dir
+from prism_moe.stats.workload import load_workload, resolve_data_dir
 
 
 def sim_requests(scen, prompts: dict[str, list[list[int]]], output_tokens: int, seed: int) -> Requests:
@@ -71,7 +73,9 @@ def main() -> None:
     prompts = _prompts(ckpt, args.data_dir, True, args.requests, args.prompt_tokens)
 
     t0 = time.perf_counter()
-    cal = calibrate(ckpt, threads=1)
+    # the servers replay traces over emulated links: calibrate that path (one domain's trace will do)
+    replay = load_workload(cluster.servers[0].workload, args.data_dir).trace
+    cal = calibrate(ckpt, threads=1, emulated=cluster.network.emulate, batch=args.requests, replay=replay)
     console.print(f"calibration ({time.perf_counter() - t0:.0f} s): {cal.as_dict()}")
     scen = build_scenario(cluster, args.data_dir, seed=args.seed)
     base = scen.cost
@@ -79,6 +83,13 @@ def main() -> None:
     # the 3 servers share this machine's cores; the simulator gives each its own "GPU"
     shared = calibrated_cost(base, cal, slowdown=max(1.0, len(cluster.servers) / (os.cpu_count() or 1)))
 
+    # the serving engine's admission: DeepSeek's latent-attention cache is served by the padded loop, which
+    # prefills new requests one at a time (one forward each) before a step's decode
+    from transformers import AutoConfig
+
+    from prism_moe.runtime.engine import caches_latents
+
+    engine_cfg = EngineConfig(max_batch_tokens=1) if caches_latents(AutoConfig.from_pretrained(ckpt)) else EngineConfig()
     rows = {}
     for algorithm in args.algorithms:
         measured, placement = [], None
@@ -89,10 +100,11 @@ def main() -> None:
             console.print(f"[{algorithm} #{rep}] {measured[-1]['mean_latency_s']:.3f} s, "
                           f"remote {measured[-1]['remote_fraction']:.3f}, failed {measured[-1]['failed']}")
         reqs = sim_requests(scen, prompts, args.max_tokens, args.seed)
-        first, finish, st, wall = Engine(scen.cost, placement, scen.pools, reqs, EngineConfig()).run()
+        first, finish, st, wall = Engine(scen.cost, placement, scen.pools, reqs, engine_cfg).run()
         sim = SimResult(tuple(cluster.server_names), reqs, first, finish, st, wall, algorithm).summary()
         shared_lat = SimResult(tuple(cluster.server_names), reqs,
-                               *Engine(shared, placement, scen.pools, reqs).run(), algorithm).summary()["mean_latency_s"]
+                               *Engine(shared, placement, scen.pools, reqs, engine_cfg).run(),
+                               algorithm).summary()["mean_latency_s"]
         lat = [m["mean_latency_s"] for m in measured]
         mean = statistics.fmean(lat)
         rows[algorithm] = {

@@ -9,8 +9,11 @@ placement is the default algorithm's on the starting domains. Streaming clients 
 Scenario `shift`: every server switches to another domain mid-run. The coordinator (in this process,
 the same code `prism coordinator` runs) detects each server's shift, decides, and migrates live. Printed:
 remote fraction of routed (token, expert) pairs before the shift, after it until the first migration
-starts, and after the last migration the shift caused; migrations, bytes, and the longest gap between two tokens of a stream that
-overlaps a migration (max_stall_ms, next to the median gap of the run).
+starts, and after the last migration the shift caused, next to the exact optimum (flow) for the new
+workloads' traces; migrations, bytes against the minimal move set, and the longest gap between two
+tokens of a stream that overlaps a migration (max_stall_ms; by step: load, switch, drop), next to the
+longest gap of the phase before the shift (same traffic, no migration) and a remote call's median round
+trip.
 
 Scenario `kill`: one server is killed mid-run (SIGKILL). Survivors route to remaining replicas at once;
 the coordinator marks it down and re-hosts the experts it held alone. Printed as above, plus
@@ -134,8 +137,41 @@ async def _until(cond, timeout: float, step: float = 0.25) -> bool:
 
 
 def _stall(traffic: Traffic, windows: list[tuple[float, float]]) -> float | None:
+    """The longest gap between two tokens of a stream that overlaps any of `windows`, ms."""
     gaps = [g for t, g in traffic.gaps if any(t - g <= w1 and t >= w0 for w0, w1 in windows)]
     return round(max(gaps) * 1e3, 1) if gaps else None
+
+
+def _stall_by_step(traffic: Traffic, reports: list[Any]) -> dict[str, float | None]:
+    """The longest token gap overlapping each kind of migration step (load, switch, drop)."""
+    out: dict[str, float | None] = {}
+    for step in ("load", "switch", "drop"):
+        out[step] = _stall(traffic, [(t0, t1) for m in reports for name, t0, t1 in m.phases if name == step])
+    return out
+
+
+async def _remote_call_p50_ms(urls: dict[str, str]) -> float | None:
+    """Median over servers of their median remote expert call round trip (from /prism/stats), ms."""
+    vals = []
+    async with httpx.AsyncClient(timeout=10) as http:
+        for url in urls.values():
+            try:
+                v = (await http.get(f"{url}/prism/stats")).json().get("remote_call_p50_s")
+            except (httpx.HTTPError, ValueError):
+                continue
+            if v is not None:
+                vals.append(v)
+    return round(statistics.median(vals) * 1e3, 2) if vals else None
+
+
+def _optimum_after_shift(cluster: Any, data_dir: str | None, end: Any) -> dict[str, Any]:
+    """The exact optimum (flow) for the new workloads, and the placement the coordinator ended at, both
+    scored on the new workloads' trace counts."""
+    servers = [s.model_copy(update={"workload": AFTER[s.name]}) for s in cluster.servers]
+    best = plan(cluster.model_copy(update={"servers": servers}), "flow", data_dir)
+    demand = best.problem.demand
+    return {"remote_fraction_optimal_for_new_workload": round(best.remote_fraction, 4),
+            "remote_fraction_planned_after_migration": round(end.remote_fraction(demand), 4)}
 
 
 def _migration_summary(reports: list[Any], expert_bytes: int, start: Any = None, end: Any = None,
@@ -157,7 +193,8 @@ def _migration_summary(reports: list[Any], expert_bytes: int, start: Any = None,
             "planned_seconds": [round(m.planned_seconds, 4) for m in reports]}
 
 
-async def shift_scenario(lc: Any, coord: Coordinator, traffic: Traffic, phase: float, spec: ModelSpec) -> dict:
+async def shift_scenario(lc: Any, coord: Coordinator, traffic: Traffic, phase: float, spec: ModelSpec,
+                         data_dir: str | None = None) -> dict:
     urls = lc.endpoints()
     await _until(lambda: traffic.wait_requests(0.0), 120)
     t0 = time.time()
@@ -189,13 +226,23 @@ async def shift_scenario(lc: Any, coord: Coordinator, traffic: Traffic, phase: f
     reqs = [r for r in traffic.requests if t0 <= r["start"] <= t_end]
     shifts = [e for e in coord.events if e["kind"] == "shift" and e["time"] >= t_shift]
     detected = {e["server"]: round(e["time"] - t_shift, 2) for e in reversed(shifts)}
+    after = traffic.remote_fraction(t_mig1, t_end, NAMES) if migrated else None
+    optimum = _optimum_after_shift(lc.cluster, data_dir, p_end)
+    best = optimum["remote_fraction_optimal_for_new_workload"]
     return {
         "scenario": "shift", "requests": len(reqs), "failed_requests": sum(not r["ok"] for r in reqs),
         "remote_fraction_before_shift": traffic.remote_fraction(t0, t_shift, NAMES),
         "remote_fraction_after_shift_before_migration": traffic.remote_fraction(t_shift, t_mig0, NAMES),
-        "remote_fraction_after_migration": traffic.remote_fraction(t_mig1, t_end, NAMES) if migrated else None,
+        "remote_fraction_after_migration": after,
+        **optimum,
+        "after_migration_over_optimum": round(after / best, 3) if after is not None and best else None,
+        "migrations_after_shift": len(ok),
+        "migrations_after_settling": len([m for m in coord.migrations if m.ok and m.started_at > t_mig1]),
         **_migration_summary(reports, spec.expert_bytes, p_start, p_end),
         "max_stall_ms": _stall(traffic, [(m.started_at, m.finished_at) for m in reports]),
+        "max_stall_ms_by_step": _stall_by_step(traffic, reports),
+        "max_token_gap_before_shift_ms": _stall(traffic, [(t0, t_shift)]),  # same traffic, no migration
+        "remote_call_p50_ms": await _remote_call_p50_ms(urls),
         "median_token_gap_ms": round(statistics.median(g for _, g in traffic.gaps) * 1e3, 1),
         "shift_detected_after_s": detected,
         "migration_started_after_shift_s": round(t_mig0 - t_shift, 2) if ok else None,
@@ -272,7 +319,7 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
         traffic = Traffic(lc.endpoints(), ckpt.name, args.clients, args.max_tokens)
         runner = asyncio.create_task(traffic.run())
         if args.scenario in ("both", "shift"):
-            results.append(await shift_scenario(lc, coord, traffic, args.phase, spec))
+            results.append(await shift_scenario(lc, coord, traffic, args.phase, spec, args.data_dir))
             print(json.dumps(results[-1]), flush=True)
         if args.scenario in ("both", "kill"):
             results.append(await kill_scenario(lc, coord, traffic, args.phase, spec))

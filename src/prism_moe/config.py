@@ -60,6 +60,8 @@ class GpuProfileSpec(_Strict):
     memory_gib: float = Field(gt=0)
     memory_bandwidth_gbs: float = Field(gt=0, description="GB/s")
     bf16_tflops: float = Field(gt=0, description="dense bf16 TFLOP/s")
+    kernel_overhead_s: float = Field(default=10e-6, ge=0, description="fixed cost of one kernel call (launch, sync)")
+    step_overhead_s: float = Field(default=0.0, ge=0, description="serving loop's host work per step")
 
 
 class ServerSpec(_Strict):

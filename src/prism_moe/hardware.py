@@ -22,7 +22,10 @@ class GpuProfile:
     """One device (or a multi-GPU server once `scaled`).
 
     memory_gib: device memory; memory_bandwidth_gbs: GB/s (1e9 bytes/s); bf16_tflops: dense bf16
-    tensor throughput, 1e12 FLOP/s; kernel_overhead_s: fixed cost of one roofline call (launch, sync).
+    tensor throughput, 1e12 FLOP/s; kernel_overhead_s: fixed cost of one roofline call (launch, sync);
+    step_overhead_s: host-side cost of one serving step outside the model (batch building, sampling,
+    handing tokens out), 0 where not measured (the published GPU profiles; `prism_moe.sim.calibrate`
+    measures it for this machine's serving loop).
     """
 
     name: str
@@ -31,6 +34,7 @@ class GpuProfile:
     bf16_tflops: float
     kernel_overhead_s: float = 10e-6
     source: str = ""
+    step_overhead_s: float = 0.0
 
     @property
     def bytes_per_s(self) -> float:
@@ -112,7 +116,8 @@ def get_profile(name: str, cluster: ClusterSpec | None = None) -> GpuProfile:
     """A profile by name: the cluster file's `gpu_profiles` first, then the built-in ones."""
     if cluster is not None and name in cluster.gpu_profiles:
         p = cluster.gpu_profiles[name]
-        return GpuProfile(name, p.memory_gib, p.memory_bandwidth_gbs, p.bf16_tflops, source="cluster file")
+        return GpuProfile(name, p.memory_gib, p.memory_bandwidth_gbs, p.bf16_tflops, source="cluster file",
+                          kernel_overhead_s=p.kernel_overhead_s, step_overhead_s=p.step_overhead_s)
     if name in PROFILES:
         return PROFILES[name]
     known = sorted(PROFILES) + sorted(cluster.gpu_profiles if cluster else ())

@@ -119,3 +119,41 @@ def test_direct_call_answered_not_held_fails_over_on_the_loop(setup):
     b.held.update({1, 2})
     reply = d.remote(0, {"b": (ids, _x(3))})["b"]
     assert reply.cancel() and d.inflight() == {}
+
+
+def test_a_switch_draining_old_calls_does_not_hold_up_new_steps(setup):
+    """Live migration's switch waits for calls of the old placement; steps under the new one go on."""
+    import threading
+
+    d, b, c, lt, link = setup
+    release = threading.Event()
+    plain = b.service.handler
+
+    def slow_for_expert_2(layer: int, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if 2 in ids.tolist():
+            release.wait(10)  # an old-version call still running on b
+        return plain(layer, ids, x)
+
+    b.service.handler = slow_for_expert_2
+    try:
+        old = d.remote(0, {"b": (torch.tensor([2]), _x(1))})["b"]
+        assert d.inflight() == {0: 1}
+        # version 1 routes experts 1 and 2 to c only (b keeps its copies until the switch has drained)
+        p1 = _placement([[0], [], [1, 2, 3]], 1, link)
+        switched: list[bool] = []
+        switcher = threading.Thread(target=lambda: switched.append(d.set_placement(p1, drain_timeout=10)))
+        switcher.start()
+        time.sleep(0.1)
+        assert switcher.is_alive()  # draining the old call
+        t0 = time.monotonic()
+        new = d.remote(0, {d.locate(0, 1): (torch.tensor([1, 1]), _x(2))})
+        assert list(new) == ["c"]
+        assert torch.equal(new["c"].result(10), _x(2) * 2)
+        assert time.monotonic() - t0 < 2.0 and switcher.is_alive()  # the new step did not wait for the drain
+        release.set()
+        assert torch.equal(old.result(10), _x(1) * 3)
+        switcher.join(10)
+        assert switched == [True] and d.inflight() == {}
+    finally:
+        release.set()
+        b.service.handler = plain

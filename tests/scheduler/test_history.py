@@ -7,6 +7,7 @@ import pytest
 
 from prism_moe.scheduler.history import (
     ActivationHistory,
+    change_point,
     decay_factor,
     detect_shift,
     js_divergence,
@@ -62,3 +63,37 @@ def test_history_decays_rates_and_resets_on_shift():
     assert shifted.tolist() == [True]
     h.reset_to_recent(shifted)
     assert h.counts[0, 0].tolist() == [0.0, 100.0]
+
+
+def _polls(rng: np.random.Generator, shares: np.ndarray, n: int, per_poll: int = 200) -> np.ndarray:
+    """n polls of one server: [n, L, E] multinomial counts from per-layer shares [L, E]."""
+    return np.stack([np.stack([rng.multinomial(per_poll, p) for p in shares]) for _ in range(n)]).astype(float)
+
+
+def test_change_point_finds_where_the_routing_changed():
+    rng = np.random.default_rng(0)
+    layers, experts = 4, 16
+    a = rng.dirichlet(np.ones(experts), size=layers)
+    b = rng.dirichlet(np.ones(experts), size=layers)
+    polls = np.concatenate([_polls(rng, a, 25), _polls(rng, b, 15)])
+    k, gain = change_point(polls)
+    assert k == 25 and gain > layers * (experts - 1)
+    # no change inside the window (same law throughout, or changed before it started): keep it all
+    assert change_point(_polls(rng, a, 40))[0] == 0
+    assert change_point(_polls(rng, b, 40))[0] == 0
+    assert change_point(_polls(rng, a, 1)) == (0, 0.0)
+
+
+def test_reset_keeps_only_the_polls_after_the_change():
+    rng = np.random.default_rng(1)
+    a = np.array([[0.7, 0.1, 0.1, 0.1]])
+    b = np.array([[0.1, 0.1, 0.1, 0.7]])
+    h = ActivationHistory((2, 1, 4), half_life=1e9, window=100.0)
+    polls = np.concatenate([_polls(rng, a, 30), _polls(rng, b, 10)])
+    for i, p in enumerate(polls):  # server 0 shifts at poll 30; server 1 keeps law a
+        h.observe(np.stack([p, _polls(rng, a, 1)[0]]), now=float(i))
+    h.reset_to_recent(np.array([True, False]))
+    assert h.counts[0].sum() == pytest.approx(polls[30:].sum())  # the 10 polls after the change, no blend
+    assert h.elapsed[0] == pytest.approx(10.0)
+    assert h.recent()[0].sum() == pytest.approx(polls[30:].sum())
+    assert h.counts[1].sum() == pytest.approx(40 * 200)  # server 1 untouched

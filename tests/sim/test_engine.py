@@ -29,6 +29,18 @@ def test_one_server_one_request_exact_latency():
     assert stats.pairs == 2 * (3 * 2) + 2 * 2 * (1 * 2)  # (token, expert) pairs over both layers
 
 
+def test_step_overhead_comes_before_every_step():
+    # the same case with 0.5 ms of serving-loop work per step: 3 steps of 6.5 ms
+    from dataclasses import replace
+
+    base = cost_model(1, layers=2)
+    cost = replace(base, profiles=(replace(base.profiles[0], step_overhead_s=0.5 * MS),))
+    hosts = np.ones((1, 2, 4), dtype=bool)
+    first, finish, _ = run(cost, hosts, requests([(0, 0.5, 3, 3)]), [const_pool(2, [0, 1])])
+    assert first[0] - 0.5 == pytest.approx(6.5 * MS)
+    assert finish[0] - 0.5 == pytest.approx(19.5 * MS)
+
+
 def test_remote_call_adds_wire_latency_and_peer_compute():
     # Server 0 holds expert 0, server 1 holds expert 1; the token needs both (k = 2), one layer.
     bw, lat = 8e6, 1 * MS  # 1 byte = 1 us on the wire

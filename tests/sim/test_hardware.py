@@ -26,12 +26,14 @@ def test_roofline_and_scaling():
 def test_custom_profile_from_cluster_and_multi_gpu_servers():
     c = cluster_from_dict({
         "model": "olmoe-1b-7b",
-        "gpu_profiles": {"my-npu": {"memory_gib": 32, "memory_bandwidth_gbs": 400, "bf16_tflops": 50}},
+        "gpu_profiles": {"my-npu": {"memory_gib": 32, "memory_bandwidth_gbs": 400, "bf16_tflops": 50,
+                                    "step_overhead_s": 0.002}},
         "servers": [{"name": "a", "gpu": "my-npu", "memory_gib": 8},
                     {"name": "b", "gpu": "a100-40gb", "gpus": 2, "memory_gib": 8}],
     })
     a, b = server_profiles(c)
     assert a.memory_bandwidth_gbs == 400 and a.source == "cluster file"
+    assert a.step_overhead_s == 0.002 and a.kernel_overhead_s == 10e-6  # given; default
     assert b.memory_bandwidth_gbs == 2 * 1555 and b.memory_gib == 80
     with pytest.raises(ConfigError, match="unknown GPU profile"):
         get_profile("no-such-gpu", c)

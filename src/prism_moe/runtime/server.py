@@ -96,6 +96,10 @@ def checkpoint_dir(cluster: ClusterSpec) -> Path:
                       "(`prism make-tiny-model --out DIR` writes one)")
 
 
+def _median(xs: list[float]) -> float | None:
+    return float(np.median(xs)) if xs else None
+
+
 def _links_for(cluster: ClusterSpec, me: str) -> dict[str, Any]:
     """Per-peer link emulation profiles (only when `network.emulate` is on)."""
     if not cluster.network.emulate:
@@ -327,6 +331,8 @@ class EdgeServer:
                 "remote_fraction": (total - local) / total if total else 0.0,
                 "routed_local": d.local_invocations, "routed_remote": d.remote_invocations,
                 "failovers": d.failovers, "down": d.down(),
+                "remote_call_p50_s": _median([q for ps in peers.values()
+                                              if (q := ps.latency_quantile(0.5)) is not None]),
                 "peer_bytes_sent": sum(ps.bytes_sent for ps in peers.values()),
                 "peer_bytes_received": sum(ps.bytes_received for ps in peers.values()),
                 "held": {str(k): v for k, v in self.held().items() if v}, "experts_held": self.held_count(),

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ class MigrationReport:
     switch_ms: list[float] = field(default_factory=list)  # per switch: the slowest server's answer
     started_at: float = 0.0  # wall clock (time.time())
     finished_at: float = 0.0
+    # (step, start, end) wall clock of every load / switch / drop, to tell what a slow token overlapped
+    phases: list[tuple[str, float, float]] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
@@ -52,6 +55,15 @@ class MigrationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "seconds": self.seconds}
+
+
+@contextmanager
+def _phase(report: MigrationReport, name: str) -> Iterator[None]:
+    t0 = time.time()
+    try:
+        yield
+    finally:
+        report.phases.append((name, t0, time.time()))
 
 
 @dataclass
@@ -76,11 +88,14 @@ class Executor:
         try:
             for rnd in plan.rounds:
                 report.rounds += 1
-                self._loads(rnd.loads, attempted, report)
+                with _phase(report, "load"):
+                    self._loads(rnd.loads, attempted, report)
                 if rnd.switch is not None and (rnd.drops or rnd.loads or not (rnd.switch == serving.hosts).all()):
-                    serving = self._switch(self._placement(rnd.switch, serving, algorithm), live_names, down,
-                                           report)
-                self._drops(rnd.drops, report)
+                    with _phase(report, "switch"):
+                        serving = self._switch(self._placement(rnd.switch, serving, algorithm), live_names, down,
+                                               report)
+                with _phase(report, "drop"):
+                    self._drops(rnd.drops, report)
             report.ok = True
             report.to_version = serving.version
         except ControlFailed as err:

@@ -7,7 +7,7 @@ Why decay and reset: decayed counts forget slowly (half-life of minutes) so nois
 but after a real workload shift the old history would keep the old placement alive for several
 half-lives. So each poll compares the recent window with the older history per server; when they
 differ by more than a threshold (mean total-variation distance over layers), that server's history is
-replaced by the recent window.
+replaced by the part of the recent window after the change (`change_point`).
 """
 
 from __future__ import annotations
@@ -68,6 +68,35 @@ def detect_shift(older: np.ndarray, recent: np.ndarray, threshold: float, min_pe
     return enough & (shift_distance(older, recent) > threshold)
 
 
+def change_point(samples: np.ndarray) -> tuple[int, float]:
+    """Where one server's routing changed within a window of poll samples [m, L, E] (counts per poll).
+
+    Returns (k, gain): samples k.. follow the change (k = 0: no clear change inside the window). The split
+    maximises the multinomial log-likelihood ratio of "two segments" over "one segment", per layer summed
+    over layers; with no change that gain is noise of mean about L (E - 1) / 2 (half a chi-square), so a
+    split counts only when the gain exceeds twice that.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    m, layers, experts = x.shape
+    if m < 2:
+        return 0, 0.0
+    prefix = np.cumsum(x, axis=0)[:-1]  # [m-1, L, E]: samples before split k = 1..m-1
+    total = prefix[-1] + x[-1]
+    suffix = total[None] - prefix
+
+    def loglik(c: np.ndarray) -> np.ndarray:  # sum_e c log(c / n) per layer, summed over layers
+        n = c.sum(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(c > 0, c * np.log(np.where(c > 0, c, 1.0) / np.where(n > 0, n, 1.0)), 0.0)
+        return t.sum(axis=(-1, -2))
+
+    gain = loglik(prefix) + loglik(suffix) - loglik(total[None])  # [m-1]
+    k = int(np.argmax(gain))
+    if gain[k] <= layers * (experts - 1):
+        return 0, float(gain[k])
+    return k + 1, float(gain[k])
+
+
 @dataclass
 class ActivationHistory:
     """Decayed counts per server, plus a sliding recent window for shift detection.
@@ -118,10 +147,26 @@ class ActivationHistory:
         return self._recent[-1][0] - self._recent[0][0]
 
     def reset_to_recent(self, servers: np.ndarray) -> None:
-        """Forget the history of `servers` (bool [S]) except the recent window."""
-        rec = self.recent()
-        self.counts[servers] = rec[servers]
-        self.elapsed[servers] = max(self.window_seconds(), 1e-9)
+        """Forget the history of `servers` (bool [S]) except what the recent window saw after the change.
+
+        A shift is detected once the window differs enough from the older history, typically while the
+        window still holds polls from before the change: those are dropped too (`change_point`), or the
+        first re-plan would fit a blend of both workloads and a later one move experts again.
+        """
+        if not self._recent:
+            self.counts[servers] = 0.0
+            self.elapsed[servers] = 0.0
+            return
+        times = [t for t, _ in self._recent]
+        stacked = np.stack([d for _, d in self._recent])  # [m, S, L, E]
+        for s in np.flatnonzero(servers):
+            k, _ = change_point(stacked[:, s])
+            self.counts[s] = stacked[k:, s].sum(axis=0)
+            # each poll's deltas cover the time since the previous poll
+            start = times[k - 1] if k > 0 else times[0] - (times[1] - times[0] if len(times) > 1 else 0.0)
+            self.elapsed[s] = max(times[-1] - start, 1e-9)
+            for _, d in list(self._recent)[:k]:  # older polls of this server leave the window as well
+                d[s] = 0.0
 
     def forget(self, server: int) -> None:
         """Drop everything known about one server (it restarted or left)."""

@@ -3,7 +3,8 @@
 Compute is a roofline per kernel call on the server's (scaled) GPU profile: max(bytes / bandwidth,
 FLOPs / throughput) + a fixed overhead. Per MoE layer a server runs one dense kernel (attention,
 norms, router, shared experts: the model's dense part spread evenly over its MoE layers) and one
-grouped expert kernel over the distinct experts its tokens use. Attention FLOPs over the context and
+grouped expert kernel over the distinct experts its tokens use. Each step also pays the profile's
+`step_overhead_s` (the serving loop's own host work) before its first layer. Attention FLOPs over the context and
 KV-cache reads are not modelled (small next to the weights at these batch sizes).
 
 A remote call carries, per token, one hidden state out and one back (the peer combines that token's
@@ -90,6 +91,7 @@ class CostModel:
             "mem_bps": [p.bytes_per_s for p in self.profiles],
             "flops": [p.flops_per_s for p in self.profiles],
             "overhead": [p.kernel_overhead_s for p in self.profiles],
+            "step_overhead": [p.step_overhead_s for p in self.profiles],
             "bits_s": [[8.0 / b if np.isfinite(b) else 0.0 for b in row] for row in self.bandwidth_bps],
             "lat": [list(map(float, row)) for row in self.latency_s],
         }

@@ -8,7 +8,7 @@ use here against ~0.5 us for the free-at update (benchmarks/sim_speed.py).
 
 Per server, continuous batching: a step admits the waiting requests (whole prompts, up to
 `max_batch_tokens` new tokens and `max_batch_requests` requests) and decodes one token of every
-running request. Per MoE layer of a step, at event time t:
+running request; its first layer starts after the profile's `step_overhead_s`. Per MoE layer of a step, at event time t:
   GPU: dense part, then the local experts, one FIFO claim from max(t, gpu_free).
   Each peer p holding experts of this layer's tokens gets one batched call, sent when the dense part
   ends: serialised on link s->p (FIFO), + one-way latency -> ARRIVE at p, which queues on p's GPU
@@ -171,6 +171,7 @@ class Engine:
         L = self.route.shape[1]
         arr = cost.engine_arrays()
         mem_bps, flops, ovh, bits_s, lat = arr["mem_bps"], arr["flops"], arr["overhead"], arr["bits_s"], arr["lat"]
+        step_ovh = arr["step_overhead"]
         ebytes, eflops = cost.expert_bytes, cost.expert_flops_per_pair
         tok_b = cost.token_bytes
         dl_bytes, dl_flops = cost.dense_layer_bytes, cost.dense_layer_flops_per_token
@@ -250,7 +251,7 @@ class Engine:
             step_new[s] = new
             layer[s] = 0
             st.steps += 1
-            push(t, LAYER, s)
+            push(t + step_ovh[s], LAYER, s)  # the serving loop's host work comes first
 
         def end_step(s: int, t: float) -> None:
             keep = []
