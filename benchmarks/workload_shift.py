@@ -190,6 +190,7 @@ def _migration_summary(reports: list[Any], expert_bytes: int, start: Any = None,
             "minimal_bytes_per_migration": [m.minimal_bytes for m in reports],
             "bytes_over_links": sum(m.bytes_moved for m in reports),
             "migration_seconds": [round(m.seconds, 3) for m in reports],
+            "migration_steps_seconds": [[(name, round(t1 - t0, 3)) for name, t0, t1 in m.phases] for m in reports],
             "planned_seconds": [round(m.planned_seconds, 4) for m in reports]}
 
 

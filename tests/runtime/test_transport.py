@@ -850,3 +850,23 @@ def test_direct_calls_go_the_loop_way_on_emulated_links_and_survive_peer_changes
             pool.close()
             lt.run(a.close())
             lt.run(b.close())
+
+
+def test_direct_call_collected_after_its_deadline_takes_the_reply_that_came_in_time() -> None:
+    """A layer collects its calls one after another: a reply that arrived while another call was being
+    waited for must count, even if the collector comes back after the deadline."""
+    with LoopThread() as lt:
+        svc = ExpertService("tcp://127.0.0.1:*", known, num_layers=L, num_experts=E, hidden_size=H)
+        ep = lt.run(svc.start())
+        pool = SyncPeerPool({"srv": ep}, loop_thread=lt, timeout=0.2, retries=0)
+        try:
+            ids, x = batch()
+            _connected(pool, "srv", ids, x)
+            call = pool.start_call("srv", 2, ids, x)
+            assert isinstance(call, transport.DirectCall)
+            time.sleep(0.5)  # the reply came within milliseconds; nobody read it before the deadline
+            assert torch.equal(call.result(), known(2, ids, x))
+            assert pool.stats()["srv"].retries == 0
+        finally:
+            pool.close()
+            lt.run(svc.close())

@@ -157,3 +157,92 @@ def test_a_switch_draining_old_calls_does_not_hold_up_new_steps(setup):
     finally:
         release.set()
         b.service.handler = plain
+
+
+def _warm_direct(d: ClusterDispatcher, server: str, expert: int) -> None:
+    """Call `server` until the call goes out directly (its socket is connected)."""
+    deadline = time.monotonic() + 5
+    while True:
+        reply = d.remote(0, {server: (torch.tensor([expert]), _x(1))})[server]
+        reply.result(10)
+        if type(reply).__name__ == "_Reply":
+            return
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_failover_waiting_for_the_repair_lets_go_of_its_layers_other_direct_calls(setup):
+    """Batches to b (answers) and c (stops answering; sole holder of expert 3) in one layer: collecting c's
+    first makes it wait for the repair, whose switch drains version 0. b's answered batch must not stay
+    counted under version 0 meanwhile, or the switch and the failover wait for each other."""
+    import threading
+
+    d, b, c, lt, link = setup
+    _warm_direct(d, "b", 1)
+    _warm_direct(d, "c", 3)
+    hang = threading.Event()
+    plain = c.service.handler
+    c.service.handler = lambda layer, ids, x: (hang.wait(10), plain(layer, ids, x))[1]
+    try:
+        replies = d.remote(0, {"b": (torch.tensor([1]), _x(1)), "c": (torch.tensor([3, 3]), _x(2))})
+        assert {type(r).__name__ for r in replies.values()} == {"_Reply"}
+        got: dict[str, torch.Tensor] = {}
+        waiter = threading.Thread(target=lambda: got.setdefault("c", replies["c"].result(20)))
+        waiter.start()  # the model's thread collects c first: timeout after 0.3 s, then the repair wait
+        deadline = time.monotonic() + 5
+        while d.inflight():
+            assert time.monotonic() < deadline, d.inflight_calls()
+            time.sleep(0.02)
+        b.held.add(3)
+        assert d.set_placement(_placement([[0], [1, 2, 3], [1, 2, 3]], 1, link), drain_timeout=2.0)
+        waiter.join(10)
+        assert torch.equal(got["c"], _x(2) * 4)
+        assert torch.equal(replies["b"].result(1), _x(1) * 2)  # kept from when c's failover collected it
+        assert d.inflight() == {}
+    finally:
+        hang.set()
+        c.service.handler = plain
+
+
+def test_a_batch_for_a_server_declared_down_waits_for_the_repair_without_sending(setup):
+    d, b, c, lt, link = setup
+    lt.run(c.service.close())
+    d.set_down(["c"])  # the coordinator's word: c is down; expert 3 has no other copy yet
+    calls_before = c.calls
+    t0 = time.monotonic()
+    fut = d.remote(0, {d.locate(0, 3): (torch.tensor([3]), _x(1))})["c"]
+    assert d.inflight() == {}  # counted nowhere: the repair's switch does not wait for it
+    b.held.add(3)
+    assert d.set_placement(_placement([[0], [1, 2, 3], [1, 2, 3]], 1, link), drain_timeout=1.0)
+    assert torch.equal(fut.result(10), _x(1) * 4)
+    assert time.monotonic() - t0 < 1.0  # no peer deadline (0.3 s here) waited out
+    assert c.calls == calls_before
+
+
+def test_declaring_a_server_down_fails_its_calls_in_flight_at_once(setup):
+    """A direct call to c, which stopped answering, fails over as soon as the coordinator declares c down,
+    not after its deadline (30 s here)."""
+    import threading
+
+    d, b, c, lt, link = setup
+    d.pool.pool["c"].timeout = 30.0
+    _warm_direct(d, "c", 1)
+    hang = threading.Event()
+    plain = c.service.handler
+    c.service.handler = lambda layer, ids, x: (hang.wait(10), plain(layer, ids, x))[1]
+    try:
+        reply = d.remote(0, {"c": (torch.tensor([1, 2]), _x(2))})["c"]
+        assert type(reply).__name__ == "_Reply"
+        got: dict[str, torch.Tensor] = {}
+        waiter = threading.Thread(target=lambda: got.setdefault("y", reply.result(20)))
+        waiter.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        d.set_down(["c"])
+        waiter.join(5)
+        assert time.monotonic() - t0 < 1.0
+        assert torch.equal(got["y"], _x(2) * torch.tensor([[2.0], [3.0]]))  # failed over to b
+        assert d.failovers == 1
+    finally:
+        hang.set()
+        c.service.handler = plain

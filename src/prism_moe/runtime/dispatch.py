@@ -76,10 +76,13 @@ class ActivationCounter:
 class _Tag:
     """The placement version a remote call counts under for draining (None while it waits for a repair)."""
 
-    __slots__ = ("version",)
+    __slots__ = ("version", "what", "since", "closed")
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "") -> None:
         self.version: int | None = None
+        self.closed = False  # its caller is done with it: a failover still winding down must not count it again
+        self.what = what  # for the log when a drain times out: "layer 3 -> edge-c (direct)"
+        self.since = time.monotonic()
 
 
 def can_fail_over(err: Exception) -> bool:
@@ -89,32 +92,59 @@ def can_fail_over(err: Exception) -> bool:
 
 class _Reply:
     """One remote batch of a forward step sent directly (`SyncPeerPool.try_direct`); if that attempt fails
-    over, the rest runs on the transport loop. `result()` is called on the model's thread."""
+    over, the rest runs on the transport loop. `result()` is called on the model's thread.
+
+    A direct call completes only when collected, so before a failover (which may wait for a repair) the
+    batch first collects its siblings, the layer's other direct batches: a sibling answered meanwhile must
+    not stay counted as in flight under the old placement, or the repair's switch would wait for it while
+    this failover waits for that switch.
+    """
 
     def __init__(self, owner: ClusterDispatcher, layer: int, server: str, ids: Tensor, x: Tensor,
-                 call: Any, tag: _Tag) -> None:
+                 call: Any, tag: _Tag, siblings: list[_Reply]) -> None:
         self._owner, self._layer, self._server, self._ids, self._x = owner, layer, server, ids, x
-        self._call, self._tag = call, tag
+        self._call, self._tag, self._siblings = call, tag, siblings
         self._finished = False
+        self._outcome: tuple[Tensor | None, BaseException | None] | None = None  # the first attempt's
+
+    def _first_attempt(self, timeout: float | None) -> tuple[Tensor | None, BaseException | None]:
+        """Wait for the direct call itself (no failover); a success or a final error lets go of the tag."""
+        if self._outcome is None:
+            try:
+                self._outcome = (self._call.result(timeout), None)
+                self._finish()
+            except (PeerUnavailable, RemoteError) as err:
+                self._outcome = (None, err)
+                if not can_fail_over(err):
+                    self._finish()
+            except BaseException:
+                self._call.cancel()  # e.g. a timeout: the attempt must let go of its peer's link
+                self._finish()
+                raise
+        return self._outcome
 
     def result(self, timeout: float | None = None) -> Tensor:
         owner = self._owner
         try:
+            value, err = self._first_attempt(timeout)
+            if value is not None:
+                return value
+            assert err is not None
+            if not can_fail_over(err):
+                raise err
+            for sib in self._siblings:
+                if sib is not self:
+                    try:
+                        sib._first_attempt(timeout)
+                    except BaseException:  # noqa: S110 - its own result() reports it
+                        pass
+            assert owner.pool is not None
+            again = owner.pool.loop_thread.submit(
+                owner._failover(self._layer, self._server, self._ids, self._x, err, (), self._tag))
             try:
-                return self._call.result(timeout)
-            except (PeerUnavailable, RemoteError) as err:
-                if not can_fail_over(err):
-                    raise
-                assert owner.pool is not None
-                again = owner.pool.loop_thread.submit(
-                    owner._failover(self._layer, self._server, self._ids, self._x, err, (), self._tag))
-                try:
-                    return again.result(timeout)
-                except BaseException:
-                    again.cancel()
-                    raise
+                return again.result(timeout)
             except BaseException:
-                self._call.cancel()  # e.g. a timeout: the first attempt must let go of its peer's link
+                again.cancel()
                 raise
         finally:
             self._finish()
@@ -128,7 +158,7 @@ class _Reply:
     def _finish(self) -> None:
         if not self._finished:
             self._finished = True
-            self._owner._track(self._tag, None)
+            self._owner._track(self._tag, None, close=True)
 
 
 class ClusterDispatcher(RemoteDispatcher):
@@ -151,6 +181,7 @@ class ClusterDispatcher(RemoteDispatcher):
         self._down: frozenset[str] = frozenset()  # servers the coordinator declared down
         self._suspect: dict[str, float] = {}  # server -> monotonic time until which we avoid it
         self._inflight: Counter[int] = Counter()  # remote calls in flight, by placement version
+        self._tracked: set[_Tag] = set()  # the calls behind `_inflight`
         self._cv = threading.Condition()
         self.failovers = 0  # batches (or parts) re-sent to another holder
         self.local_invocations = 0  # routed (token, expert) pairs, cumulative
@@ -188,12 +219,26 @@ class ClusterDispatcher(RemoteDispatcher):
         with self._cv:
             return dict(self._inflight)
 
+    def inflight_calls(self, below: int | None = None) -> list[str]:
+        """What the calls in flight are (those issued under versions below `below`), oldest first."""
+        now = time.monotonic()
+        with self._cv:
+            tags = sorted((t for t in self._tracked if below is None or (t.version or 0) < below),
+                          key=lambda t: t.since)
+            return [f"{t.what} under version {t.version}, {now - t.since:.1f} s" for t in tags]
+
     # --- liveness --------------------------------------------------------------------------------------------
     def set_down(self, names: Iterable[str]) -> None:
-        """The coordinator's view of which servers are down (replaces it; clears local suspicions of others)."""
+        """The coordinator's view of which servers are down (replaces it; clears local suspicions of others).
+        Calls in flight to a newly declared server fail over at once instead of waiting out its deadlines."""
         down = frozenset(names)
+        newly = down - self._down
         self._down = down
         self._suspect = {n: t for n, t in self._suspect.items() if n in down}
+        if self.pool is not None:
+            for name in newly:
+                if name in self.pool.pool:
+                    self.pool.fail_inflight(name, "declared down by the coordinator")
 
     def is_down(self, name: str) -> bool:
         return name in self._down or self._suspect.get(name, 0.0) > time.monotonic()
@@ -229,23 +274,39 @@ class ClusterDispatcher(RemoteDispatcher):
         if self.pool is None:
             raise RuntimeError(f"server {self.me} has no peers but layer {layer} needs experts it does not hold")
         out: dict[Hashable, Any] = {}
+        direct: list[_Reply] = []  # this layer's direct batches, which collect each other before a failover
         try:
             for server, (ids, x) in batches.items():
-                tag = _Tag()
+                tag = _Tag(f"layer {layer} -> {server}")
                 self._track(tag, self._placement.version)
                 # The wire carries CPU tensors; the reply is moved back to the model's device in `combine`.
                 ids, x = ids.cpu(), x.detach().cpu()
+                if str(server) in self._down:
+                    # The coordinator declared it down and `locate` found no other copy: sending would only
+                    # wait out a dead peer's deadlines (holding up the repair's switch meanwhile), so wait
+                    # for the repair right away, counted nowhere. (A server only suspected locally is
+                    # still tried: it may be back.)
+                    tag.what += " (holder down)"
+                    self._track(tag, None)
+                    down = PeerUnavailable(str(server), after=0.0, attempts=0, reason="marked down")
+                    fut = self.pool.loop_thread.submit(self._failover(layer, str(server), ids, x, down, (), tag))
+                    fut.add_done_callback(lambda _f, t=tag: self._track(t, None, close=True))
+                    out[server] = fut
+                    continue
                 try:
                     # sent from this thread: no hop onto the transport loop (when the link allows it)
                     call = self.pool.try_direct(str(server), layer, ids, x)
                 except BaseException:
-                    self._track(tag, None)
+                    self._track(tag, None, close=True)
                     raise
                 if call is not None:
-                    out[server] = _Reply(self, layer, str(server), ids, x, call, tag)
+                    tag.what += " (direct)"
+                    out[server] = _Reply(self, layer, str(server), ids, x, call, tag, direct)
+                    direct.append(out[server])
                 else:  # the loop way: the call and any failover proceed there, in the background
+                    tag.what += " (loop)"
                     fut = self.pool.loop_thread.submit(self._call(layer, str(server), ids, x, (), tag))
-                    fut.add_done_callback(lambda _f, t=tag: self._track(t, None))
+                    fut.add_done_callback(lambda _f, t=tag: self._track(t, None, close=True))
                     out[server] = fut
         except BaseException:
             for reply in out.values():
@@ -253,9 +314,13 @@ class ClusterDispatcher(RemoteDispatcher):
             raise
         return out
 
-    def _track(self, tag: _Tag, version: int | None) -> None:
-        """Count a top-level call as in flight under `version` (None: not in flight on any holder)."""
+    def _track(self, tag: _Tag, version: int | None, close: bool = False) -> None:
+        """Count a top-level call as in flight under `version` (None: not in flight on any holder); `close`:
+        the caller is done with it (finished or given up), so it never counts again."""
         with self._cv:
+            if tag.closed:
+                return
+            tag.closed = close
             if tag.version is not None:
                 self._inflight[tag.version] -= 1
                 if self._inflight[tag.version] <= 0:
@@ -263,6 +328,9 @@ class ClusterDispatcher(RemoteDispatcher):
             tag.version = version
             if version is not None:
                 self._inflight[version] += 1
+                self._tracked.add(tag)
+            else:
+                self._tracked.discard(tag)
             self._cv.notify_all()
 
     async def _call(self, layer: int, server: str, ids: Tensor, x: Tensor, tried: tuple[str, ...],
@@ -282,7 +350,8 @@ class ClusterDispatcher(RemoteDispatcher):
         if isinstance(err, PeerUnavailable):
             self._suspect[server] = time.monotonic() + self.suspect_ttl
         tried = (*tried, server)
-        targets = self._regroup(self._placement, layer, ids, tried)
+        placement = self._placement
+        targets = self._regroup(placement, layer, ids, tried)
         if targets is None:
             # No other copy: the coordinator is re-hosting it (repair). Wait for that placement rather
             # than fail every request of this step; give up after `repair_wait` seconds.
@@ -290,7 +359,8 @@ class ClusterDispatcher(RemoteDispatcher):
             # intermediate switch would otherwise wait for a call that waits for the repair).
             if tag is not None:
                 self._track(tag, None)
-            version, deadline = self._placement.version, time.monotonic() + self.repair_wait
+            # (from the placement regrouped above: a switch landing just now must count as the change)
+            version, deadline = placement.version, time.monotonic() + self.repair_wait
             while targets is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
                 if self._placement.version != version:

@@ -544,7 +544,7 @@ class EdgeServer:
         if not drained:
             out["inflight"] = self.dispatcher.inflight()
             log.warning("%s: calls of older placements still in flight after %.1f s: %s", self.name, drain_timeout,
-                        out["inflight"])
+                        "; ".join(self.dispatcher.inflight_calls(placement.version)))
         return out
 
     # --- HTTP -----------------------------------------------------------------------------------------------

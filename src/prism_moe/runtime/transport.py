@@ -292,6 +292,13 @@ class _LoopSocket:
                 if w in self._waiters:
                     self._waiters.remove(w)
 
+    def fail_waiters(self, reason: str) -> None:
+        """Fail the sends waiting for room now (their peer is known to be gone)."""
+        for w in self._waiters:
+            if not w.done():
+                w.set_exception(_SocketClosed(reason))
+        self._waiters.clear()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -902,6 +909,16 @@ class PeerClient:
         except Exception:
             log.exception("on_call hook failed")
 
+    def fail_inflight(self, reason: str) -> None:
+        """Fail the requests in flight now with `PeerUnavailable` (call on the client's loop)."""
+        if self._io is not None:
+            self._io.fail_waiters(reason)  # sends still waiting for a connection
+        for w in list(self._pending.values()):
+            if not w.done():
+                w.set_exception(
+                    PeerUnavailable(self.name, after=0.0, attempts=0, endpoint=self.endpoint, reason=reason)
+                )
+
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
         nbytes = frames_nbytes(frames)
         self.stats.bytes_received += nbytes
@@ -1201,6 +1218,9 @@ def _forward_cancel(
             pass  # the loop is closed
 
 
+MAX_WAIT_MS = 100  # a direct call's longest blocking receive before it looks at `fail_inflight` again
+
+
 class _DirectLink:
     """A plain DEALER to one peer, used straight from the calling thread: no hop onto the event loop.
 
@@ -1214,6 +1234,8 @@ class _DirectLink:
         self.lock = threading.Lock()
         self.rcvtimeo = -1  # the socket's current receive timeout (ms), set only when it changes
         self.retired = False  # the peer was removed or replaced: close once the holder lets go
+        self.failed = 0  # bumped by `SyncPeerPool.fail_inflight`: calls started before give up at once
+        self.failed_reason = ""
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -1243,6 +1265,7 @@ class DirectCall:
         self._nbytes = frames_nbytes(frames)
         self._t0 = time.monotonic()
         self._deadline = self._t0 + timeout
+        self._failed = link.failed
         self._attempts, self._sent, self._received = 1, self._nbytes, 0
         self._outcome: str | None = None  # set once finished
         self._value: torch.Tensor | None = None
@@ -1288,30 +1311,45 @@ class DirectCall:
         give_up = None if timeout is None else time.monotonic() + timeout
         while True:
             now = time.monotonic()
-            if now >= self._deadline:
-                if self._attempts > self._retries:
+            if now >= self._deadline or (give_up is not None and now >= give_up):
+                # A reply may have arrived while nobody was reading (the caller collected another call
+                # first): it counts, like a reply landing between a deadline and its retry.
+                try:
+                    frame = _recv_frame(sock, _NOBLOCK, False, False)
+                except zmq.Again:
+                    if now < self._deadline:
+                        raise TimeoutError(f"no reply from {client.name!r} within {timeout}s") from None
+                    if self._attempts > self._retries:
+                        raise PeerUnavailable(
+                            client.name,
+                            after=now - self._t0,
+                            attempts=self._attempts,
+                            endpoint=client.endpoint,
+                            reason=f"no reply within {self._timeout}s per attempt",
+                        ) from None
+                    self._attempts += 1
+                    stats.retries += 1
+                    self._deadline = now + self._timeout
+                    self._resend()
+                    continue
+            else:
+                if link.failed != self._failed:
                     raise PeerUnavailable(
                         client.name,
                         after=now - self._t0,
                         attempts=self._attempts,
                         endpoint=client.endpoint,
-                        reason=f"no reply within {self._timeout}s per attempt",
+                        reason=link.failed_reason,
                     )
-                self._attempts += 1
-                stats.retries += 1
-                self._deadline = now + self._timeout
-                self._resend()
-                continue
-            if give_up is not None and now >= give_up:
-                raise TimeoutError(f"no reply from {client.name!r} within {timeout}s")
-            until = self._deadline if give_up is None else min(self._deadline, give_up)
-            ms = max(1, int((until - now) * 1000) + 1)
-            if ms != link.rcvtimeo:
-                sock.rcvtimeo = link.rcvtimeo = ms
-            try:  # blocks, without the GIL, until a reply or the timeout
-                frame = _recv_frame(sock, 0, False, False)
-            except zmq.Again:
-                continue
+                until = self._deadline if give_up is None else min(self._deadline, give_up)
+                # wake at least every MAX_WAIT_MS to notice `fail_inflight`
+                ms = min(max(1, int((until - now) * 1000) + 1), MAX_WAIT_MS)
+                if ms != link.rcvtimeo:
+                    sock.rcvtimeo = link.rcvtimeo = ms
+                try:  # blocks, without the GIL, until a reply or the timeout
+                    frame = _recv_frame(sock, 0, False, False)
+                except zmq.Again:
+                    continue
             frames = [frame]
             while frame.more:
                 frame = _recv_frame(sock, _NOBLOCK, False, False)
@@ -1518,6 +1556,18 @@ class SyncPeerPool:
 
     def stats(self) -> dict[str, PeerStats]:
         return self.pool.stats()
+
+    def fail_inflight(self, name: str, reason: str = "declared down") -> None:
+        """Make every call to `name` in flight now raise `PeerUnavailable` at once (within 0.1 s for a
+        direct call) instead of waiting out its deadlines: the peer is known to be gone. Later calls are
+        sent as usual."""
+        link = self._direct.get(name)
+        if link is not None:
+            link.failed_reason = reason
+            link.failed += 1
+        if name in self.pool:
+            client = self.pool[name]
+            self.loop_thread.loop.call_soon_threadsafe(client.fail_inflight, reason)
 
     def close(self) -> None:
         with self._direct_lock:
