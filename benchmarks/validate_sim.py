@@ -77,11 +77,17 @@ def main() -> None:
     replay = load_workload(cluster.servers[0].workload, args.data_dir).trace
     cal = calibrate(ckpt, threads=1, emulated=cluster.network.emulate, batch=args.requests, replay=replay)
     console.print(f"calibration ({time.perf_counter() - t0:.0f} s): {cal.as_dict()}")
+    # the same with the other servers' load on this machine's cores (an upper bound of the sharing)
+    others = len(cluster.servers) - 1
+    cal_loaded = calibrate(ckpt, threads=1, emulated=cluster.network.emulate, batch=args.requests, replay=replay,
+                           contention=others)
+    console.print(f"calibration with {others} busy processes: {cal_loaded.as_dict()}")
     scen = build_scenario(cluster, args.data_dir, seed=args.seed)
     base = scen.cost
     scen.cost = calibrated_cost(base, cal)
     # the 3 servers share this machine's cores; the simulator gives each its own "GPU"
     shared = calibrated_cost(base, cal, slowdown=max(1.0, len(cluster.servers) / (os.cpu_count() or 1)))
+    loaded = calibrated_cost(base, cal_loaded)
 
     # the serving engine's admission: DeepSeek's latent-attention cache is served by the padded loop, which
     # prefills new requests one at a time (one forward each) before a step's decode
@@ -105,6 +111,9 @@ def main() -> None:
         shared_lat = SimResult(tuple(cluster.server_names), reqs,
                                *Engine(shared, placement, scen.pools, reqs, engine_cfg).run(),
                                algorithm).summary()["mean_latency_s"]
+        loaded_lat = SimResult(tuple(cluster.server_names), reqs,
+                               *Engine(loaded, placement, scen.pools, reqs, engine_cfg).run(),
+                               algorithm).summary()["mean_latency_s"]
         lat = [m["mean_latency_s"] for m in measured]
         mean = statistics.fmean(lat)
         rows[algorithm] = {
@@ -115,6 +124,8 @@ def main() -> None:
             "relative_error": round((sim["mean_latency_s"] - mean) / mean, 3),
             "predicted_shared_cpu_s": round(shared_lat, 4),
             "relative_error_shared_cpu": round((shared_lat - mean) / mean, 3),
+            "predicted_calibrated_under_load_s": round(loaded_lat, 4),
+            "relative_error_calibrated_under_load": round((loaded_lat - mean) / mean, 3),
             "predicted_remote_fraction": round(sim["remote_fraction"], 4),
             "measured_remote_fraction": round(statistics.fmean(m["remote_fraction"] for m in measured), 4),
             "plan_remote_fraction": round(measured[0]["predicted_remote_fraction"], 4),
@@ -130,6 +141,7 @@ def main() -> None:
                     "max_tokens": args.max_tokens, "repeats": args.repeats, "cpus": os.cpu_count(),
                     "load_avg_1m": round(os.getloadavg()[0], 2)},
         "calibration_us": cal.as_dict(),
+        "calibration_under_load_us": cal_loaded.as_dict(),
         "placements": rows,
         "ranking": {"predicted": by, "measured": real, "agrees": by == real},
         "within_25pct": all(abs(r["relative_error"]) <= 0.25 for r in rows.values()),

@@ -255,12 +255,44 @@ def measure_step_overhead(ckpt: str | Path, batch: int = 4, prompt_tokens: int =
 
 
 def calibrate(ckpt: str | Path, threads: int = 1, emulated: bool = True, batch: int = 4,
-              replay: Any = None) -> Calibration:
+              replay: Any = None, contention: int = 0) -> Calibration:
     """Everything above for `ckpt` (`emulated`: the cluster emulates its links; `batch`: requests per step;
-    `replay`: the `RoutingTrace` the servers replay, if they do)."""
-    dense, per_token, call, expert = measure_model(ckpt, threads=threads, replay=replay)
-    return Calibration(dense, per_token, call, expert, measure_transport(emulated=emulated),
-                       measure_step_overhead(ckpt, batch=batch, threads=threads))
+    `replay`: the `RoutingTrace` the servers replay, if they do).
+
+    `contention`: measure while that many other processes run the model's forwards nonstop (`_busy`), as
+    when the cluster's other servers share this machine's cores. The simulator gives every server its own
+    device, so a local cluster on fewer cores than servers is modelled by calibrating under its load. This
+    is an upper bound: real peers also idle while they wait on the network.
+    """
+    import subprocess
+    import sys
+
+    code = f"from prism_moe.sim.calibrate import _busy; _busy({str(ckpt)!r}, {threads})"
+    load = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for _ in range(contention)]
+    try:
+        if load:
+            time.sleep(5.0)  # let them load the model and start computing
+        dense, per_token, call, expert = measure_model(ckpt, threads=threads, replay=replay)
+        return Calibration(dense, per_token, call, expert, measure_transport(emulated=emulated),
+                           measure_step_overhead(ckpt, batch=batch, threads=threads))
+    finally:
+        for proc in load:
+            proc.kill()
+            proc.wait()
+
+
+def _busy(ckpt: str, threads: int) -> None:
+    """Background load for `calibrate(contention=...)`: decode-sized forwards of the model until killed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = torch.randint(3, model.config.vocab_size, (4, 1))
+    with torch.inference_mode():
+        while True:
+            model(ids)
 
 
 def calibrated_cost(cost: CostModel, cal: Calibration, slowdown: float = 1.0) -> CostModel:
