@@ -153,14 +153,11 @@ def group_by_expert(top_k_index: Tensor) -> dict[int, Group]:
     num_tokens = top_k_index.shape[0]
     flat = top_k_index.t().reshape(-1)  # [k * T], slot-major
     order = torch.argsort(flat, stable=True)
-    ids_sorted = flat[order]
-    uniq, counts = torch.unique_consecutive(ids_sorted, return_counts=True)
-    groups: dict[int, Group] = {}
-    for e, chunk in zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True):
-        if e < 0:
-            continue
-        groups[e] = (chunk % num_tokens, chunk // num_tokens)
-    return groups
+    uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    sizes = counts.tolist()
+    # rows and slots for all pairs at once, then split per expert (two ops, not two per expert)
+    rows, slots = torch.split(order % num_tokens, sizes), torch.split(order // num_tokens, sizes)
+    return {e: (r, s) for e, r, s in zip(uniq.tolist(), rows, slots, strict=True) if e >= 0}
 
 
 def combine(like: Tensor, groups: Mapping[int, Group], outputs: Mapping[int, Tensor],
@@ -168,13 +165,17 @@ def combine(like: Tensor, groups: Mapping[int, Group], outputs: Mapping[int, Ten
     """Weighted sum of expert outputs per token -> [T, H] with `like`'s shape, dtype and device.
 
     `outputs[e]` [n_e, H] holds expert e's results for `groups[e]`'s rows (it may live on another device,
-    e.g. straight from the network). Accumulates in ascending expert id, like the eager path.
+    e.g. straight from the network). Accumulates in ascending expert id, like the eager path: one
+    `index_add_` over the pairs in that order adds them to each row in the same order as one call per expert.
     """
     final = torch.zeros_like(like)
-    for e in sorted(outputs):
-        rows, slots = groups[e]
-        y = outputs[e].to(like.device) * top_k_weights[rows, slots, None]
-        final.index_add_(0, rows, y.to(final.dtype))
+    experts = sorted(outputs)
+    if not experts:
+        return final
+    rows = torch.cat([groups[e][0] for e in experts])
+    slots = torch.cat([groups[e][1] for e in experts])
+    y = torch.cat([outputs[e].to(like.device) for e in experts])
+    final.index_add_(0, rows, (y * top_k_weights[rows, slots, None]).to(final.dtype))
     return final
 
 
