@@ -39,7 +39,6 @@ from .wire import (
     DEFAULT_LIMITS,
     ERROR,
     EXPERT_CALL,
-    EXPERT_RESULT,
     HANDLER_ERROR,
     PING,
     PONG,
@@ -119,6 +118,31 @@ class ServiceError(Exception):
 def _is_async(fn: Callable[..., Any]) -> bool:
     # also async callable objects (`async def __call__`)
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _send_nowait(sock: zmq.Socket, frames: list[Any]) -> None:
+    """Send one multipart message without waiting; zmq.Again (nothing sent) if ZeroMQ cannot take it now.
+    Multipart is atomic: if the first part is accepted, so are the others."""
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        _send_frame(sock, f, _NOBLOCK_MORE if i < last else _NOBLOCK, False, False)
+
+
+def _recv_rest(sock: zmq.Socket, first: zmq.Frame) -> list[zmq.Frame]:
+    """`first` and the other parts of its multipart message (there already once the first arrived)."""
+    frames = [first]
+    while first.more:
+        first = _recv_frame(sock, _NOBLOCK, False, False)
+        frames.append(first)
+    return frames
+
+
+def _check_reply(peer: str, header: Mapping[str, Any], request_type: str) -> None:
+    """Raise RemoteError for an error reply, or for a reply of the wrong type for `request_type`."""
+    if header["type"] == ERROR:
+        raise RemoteError(peer, str(header.get("code")), str(header.get("message"))[:MAX_REMOTE_MESSAGE])
+    if header["type"] != REPLY_TYPE[request_type]:
+        raise RemoteError(peer, BAD_REPLY, f"{header['type']!r} in reply to {request_type!r}")
 
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -248,11 +272,7 @@ class _LoopSocket:
                 if not events & _POLLIN or not self._can_read():
                     return
                 try:
-                    frame = _recv_frame(sock, _NOBLOCK, False, False)
-                    frames = [frame]
-                    while frame.more:  # the other parts of a multipart message are there already
-                        frame = _recv_frame(sock, _NOBLOCK, False, False)
-                        frames.append(frame)
+                    frames = _recv_rest(sock, _recv_frame(sock, _NOBLOCK, False, False))
                 except zmq.Again:
                     return
                 try:
@@ -265,11 +285,9 @@ class _LoopSocket:
 
     def try_send(self, frames: list[Any]) -> bool:
         """Send one multipart message if ZeroMQ can take it now; False (nothing sent) if it cannot."""
-        sock, last = self.sock, len(frames) - 1
+        sock = self.sock
         try:
-            # multipart is atomic: if the first part is accepted, so are the others
-            for i, f in enumerate(frames):
-                _send_frame(sock, f, _NOBLOCK_MORE if i < last else _NOBLOCK, False, False)
+            _send_nowait(sock, frames)
         except zmq.Again:
             return False
         if not self._processing:  # (_process looks at ZMQ_EVENTS again anyway)
@@ -842,14 +860,7 @@ class PeerClient:
                             reason=f"no reply within {timeout}s per attempt",
                         ) from None
                     stats.retries += 1
-            if header["type"] == ERROR:
-                outcome = "error"
-                raise RemoteError(
-                    self.name, str(header.get("code")), str(header.get("message"))[:MAX_REMOTE_MESSAGE]
-                )
-            if header["type"] != REPLY_TYPE[msg_type]:
-                outcome = "error"
-                raise RemoteError(self.name, BAD_REPLY, f"{header['type']!r} in reply to {msg_type!r}")
+            _check_reply(self.name, header, msg_type)  # (RemoteError: outcome "error", below)
             outcome = "ok"
             return header, rtensors
         except RemoteError:
@@ -1267,6 +1278,7 @@ class DirectCall:
         self._deadline = self._t0 + timeout
         self._failed = link.failed
         self._attempts, self._sent, self._received = 1, self._nbytes, 0
+        link.client.stats.bytes_sent += self._nbytes  # the first attempt went out in `try_direct`
         self._outcome: str | None = None  # set once finished
         self._value: torch.Tensor | None = None
         self._error: BaseException | None = None
@@ -1320,12 +1332,8 @@ class DirectCall:
                     if now < self._deadline:
                         raise TimeoutError(f"no reply from {client.name!r} within {timeout}s") from None
                     if self._attempts > self._retries:
-                        raise PeerUnavailable(
-                            client.name,
-                            after=now - self._t0,
-                            attempts=self._attempts,
-                            endpoint=client.endpoint,
-                            reason=f"no reply within {self._timeout}s per attempt",
+                        raise self._unavailable(
+                            now, f"no reply within {self._timeout}s per attempt"
                         ) from None
                     self._attempts += 1
                     stats.retries += 1
@@ -1334,13 +1342,7 @@ class DirectCall:
                     continue
             else:
                 if link.failed != self._failed:
-                    raise PeerUnavailable(
-                        client.name,
-                        after=now - self._t0,
-                        attempts=self._attempts,
-                        endpoint=client.endpoint,
-                        reason=link.failed_reason,
-                    )
+                    raise self._unavailable(now, link.failed_reason)
                 until = self._deadline if give_up is None else min(self._deadline, give_up)
                 # wake at least every MAX_WAIT_MS to notice `fail_inflight`
                 ms = min(max(1, int((until - now) * 1000) + 1), MAX_WAIT_MS)
@@ -1350,10 +1352,7 @@ class DirectCall:
                     frame = _recv_frame(sock, 0, False, False)
                 except zmq.Again:
                     continue
-            frames = [frame]
-            while frame.more:
-                frame = _recv_frame(sock, _NOBLOCK, False, False)
-                frames.append(frame)
+            frames = _recv_rest(sock, frame)
             nbytes = frames_nbytes(frames)
             stats.bytes_received += nbytes
             if self._descs is None:
@@ -1369,23 +1368,26 @@ class DirectCall:
                 stats.unmatched_replies += 1  # a late reply to a call that gave up
                 continue
             self._received += nbytes
-            if header["type"] == ERROR:
-                raise RemoteError(
-                    client.name, str(header.get("code")), str(header.get("message"))[:MAX_REMOTE_MESSAGE]
-                )
-            if header["type"] != EXPERT_RESULT:
-                raise RemoteError(client.name, BAD_REPLY, f"{header['type']!r} in reply to {EXPERT_CALL!r}")
+            _check_reply(client.name, header, EXPERT_CALL)
             return _expert_output(client.name, tensors, self._hidden)
+
+    def _unavailable(self, now: float, reason: str) -> PeerUnavailable:
+        client = self._link.client
+        return PeerUnavailable(
+            client.name,
+            after=now - self._t0,
+            attempts=self._attempts,
+            endpoint=client.endpoint,
+            reason=reason,
+        )
 
     def _resend(self) -> None:
         """Send the request again, waiting (up to the attempt's deadline) for a connection to the peer."""
         sock = self._link.sock
-        last = len(self._frames) - 1
         ms = max(1, int((self._deadline - time.monotonic()) * 1000))
         if not sock.poll(ms, zmq.POLLOUT):
             return  # still no connection: this attempt times out
-        for i, f in enumerate(self._frames):
-            _send_frame(sock, f, _NOBLOCK_MORE if i < last else _NOBLOCK, False, False)
+        _send_nowait(sock, self._frames)
         self._sent += self._nbytes
         self._link.client.stats.bytes_sent += self._nbytes
 
@@ -1480,20 +1482,14 @@ class SyncPeerPool:
         try:
             rid = next(client._ids)
             frames = encode_expert_call(rid, layer, expert_ids, hidden, client.limits)
-            last = len(frames) - 1
-            sock = link.sock
-            # multipart is atomic: if the first part is accepted, so are the others
-            for i, f in enumerate(frames):
-                _send_frame(sock, f, _NOBLOCK_MORE if i < last else _NOBLOCK, False, False)
+            _send_nowait(link.sock, frames)
         except zmq.Again:  # not connected (yet): the loop way waits for the connection within the deadline
             link.lock.release()
             return None
         except BaseException:
             link.lock.release()
             raise
-        call = DirectCall(link, rid, layer, hidden, frames, timeout, retries)
-        client.stats.bytes_sent += call._nbytes
-        return call
+        return DirectCall(link, rid, layer, hidden, frames, timeout, retries)
 
     def _link(self, server: str, client: PeerClient) -> _DirectLink | None:
         link = self._direct.get(server)
