@@ -27,6 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -76,13 +77,17 @@ class ActivationCounter:
 class _Tag:
     """The placement version a remote call counts under for draining (None while it waits for a repair)."""
 
-    __slots__ = ("version", "what", "since", "closed")
+    __slots__ = ("version", "closed", "layer", "server", "how", "since")
 
-    def __init__(self, what: str = "") -> None:
+    def __init__(self, layer: int, server: str) -> None:
         self.version: int | None = None
         self.closed = False  # its caller is done with it: a failover still winding down must not count it again
-        self.what = what  # for the log when a drain times out: "layer 3 -> edge-c (direct)"
-        self.since = time.monotonic()
+        # what the log says when a drain times out (formatted only then: this is made for every remote batch)
+        self.layer, self.server, self.how, self.since = layer, server, "", time.monotonic()
+
+    def describe(self, now: float) -> str:
+        return (f"layer {self.layer} -> {self.server} ({self.how}) under version {self.version}, "
+                f"{now - self.since:.1f} s")
 
 
 def can_fail_over(err: Exception) -> bool:
@@ -225,7 +230,7 @@ class ClusterDispatcher(RemoteDispatcher):
         with self._cv:
             tags = sorted((t for t in self._tracked if below is None or (t.version or 0) < below),
                           key=lambda t: t.since)
-            return [f"{t.what} under version {t.version}, {now - t.since:.1f} s" for t in tags]
+            return [t.describe(now) for t in tags]
 
     # --- liveness --------------------------------------------------------------------------------------------
     def set_down(self, names: Iterable[str]) -> None:
@@ -277,42 +282,46 @@ class ClusterDispatcher(RemoteDispatcher):
         direct: list[_Reply] = []  # this layer's direct batches, which collect each other before a failover
         try:
             for server, (ids, x) in batches.items():
-                tag = _Tag(f"layer {layer} -> {server}")
+                name = str(server)
+                tag = _Tag(layer, name)
                 self._track(tag, self._placement.version)
                 # The wire carries CPU tensors; the reply is moved back to the model's device in `combine`.
                 ids, x = ids.cpu(), x.detach().cpu()
-                if str(server) in self._down:
+                if name in self._down:
                     # The coordinator declared it down and `locate` found no other copy: sending would only
                     # wait out a dead peer's deadlines (holding up the repair's switch meanwhile), so wait
                     # for the repair right away, counted nowhere. (A server only suspected locally is
                     # still tried: it may be back.)
-                    tag.what += " (holder down)"
+                    tag.how = "holder down"
                     self._track(tag, None)
-                    down = PeerUnavailable(str(server), after=0.0, attempts=0, reason="marked down")
-                    fut = self.pool.loop_thread.submit(self._failover(layer, str(server), ids, x, down, (), tag))
-                    fut.add_done_callback(lambda _f, t=tag: self._track(t, None, close=True))
-                    out[server] = fut
+                    down = PeerUnavailable(name, after=0.0, attempts=0, reason="marked down")
+                    out[server] = self._in_background(self._failover(layer, name, ids, x, down, (), tag), tag)
                     continue
                 try:
                     # sent from this thread: no hop onto the transport loop (when the link allows it)
-                    call = self.pool.try_direct(str(server), layer, ids, x)
+                    call = self.pool.try_direct(name, layer, ids, x)
                 except BaseException:
                     self._track(tag, None, close=True)
                     raise
                 if call is not None:
-                    tag.what += " (direct)"
-                    out[server] = _Reply(self, layer, str(server), ids, x, call, tag, direct)
+                    tag.how = "direct"
+                    out[server] = _Reply(self, layer, name, ids, x, call, tag, direct)
                     direct.append(out[server])
                 else:  # the loop way: the call and any failover proceed there, in the background
-                    tag.what += " (loop)"
-                    fut = self.pool.loop_thread.submit(self._call(layer, str(server), ids, x, (), tag))
-                    fut.add_done_callback(lambda _f, t=tag: self._track(t, None, close=True))
-                    out[server] = fut
+                    tag.how = "loop"
+                    out[server] = self._in_background(self._call(layer, name, ids, x, (), tag), tag)
         except BaseException:
             for reply in out.values():
                 reply.cancel()
             raise
         return out
+
+    def _in_background(self, coro: Any, tag: _Tag) -> Future[Tensor]:
+        """Run a batch's coroutine on the transport loop; its tag closes when it is done."""
+        assert self.pool is not None
+        fut = self.pool.loop_thread.submit(coro)
+        fut.add_done_callback(lambda _f: self._track(tag, None, close=True))
+        return fut
 
     def _track(self, tag: _Tag, version: int | None, close: bool = False) -> None:
         """Count a top-level call as in flight under `version` (None: not in flight on any holder); `close`:
