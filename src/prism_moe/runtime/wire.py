@@ -193,13 +193,25 @@ def encode(
     return frames
 
 
+def _unpack(frame: Frame) -> Any:
+    return msgpack.unpackb(memoryview(frame), raw=False, strict_map_key=True, use_list=True)
+
+
+def _unpack_or_none(frame: Frame) -> Any:
+    """`_unpack` for the fast paths: None where it fails (the generic decode then says why)."""
+    try:
+        return _unpack(frame)
+    except Exception:
+        return None
+
+
 def decode_header(frame: Frame, limits: WireLimits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Parse and check frame 0 (version, type, id, layer, tensor list shape); tensors are not read."""
     n = _nbytes(frame)
     if n > limits.max_header_bytes:
         raise WireError(f"header of {n} bytes exceeds the limit of {limits.max_header_bytes}")
     try:
-        header = msgpack.unpackb(memoryview(frame), raw=False, strict_map_key=True, use_list=True)
+        header = _unpack(frame)
     except Exception as e:  # msgpack raises several unrelated types for corrupt input
         raise WireError(f"malformed msgpack header: {type(e).__name__}: {e}") from None
     if not isinstance(header, dict):
@@ -387,10 +399,7 @@ def decode_expected(
         and len(descs) <= limits.max_tensors
         and _nbytes(head) <= limits.max_header_bytes
     ):
-        try:
-            header = msgpack.unpackb(memoryview(head), raw=False, strict_map_key=True, use_list=True)
-        except Exception:
-            header = None
+        header = _unpack_or_none(head)
         if (
             type(header) is dict
             and header.get("tensors") == descs
@@ -421,72 +430,86 @@ def decode_request(
     """`decode`, then `validate_expert_call` if it is an expert call: (header, tensors, call), call being
     (layer, expert_ids [n], hidden [n, H]) for an expert_call and None for other types. Raises WireError
     exactly as they do."""
-    if (
+    fast = _plain_expert_call(frames, limits, num_layers, num_experts, hidden_size)
+    if fast is not None:
+        return fast
+    header, tensors = decode(frames, limits)
+    if header["type"] != EXPERT_CALL:
+        return header, tensors, None
+    return header, tensors, validate_expert_call(header, tensors, num_layers, num_experts, hidden_size)
+
+
+def _plain_expert_call(
+    frames: Sequence[Frame], limits: WireLimits, num_layers: int, num_experts: int, hidden_size: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], tuple[int, torch.Tensor, torch.Tensor]] | None:
+    """`decode_request`'s result for a well-formed expert_call with exactly the expected fields; None for
+    anything else, which the generic checks then decode (and explain). Raises WireError only for expert
+    ids out of range, as `validate_expert_call` does."""
+    if not (
         len(frames) == 3
         and _nbytes(frames[0]) <= limits.max_header_bytes
         and limits.max_tensors >= 2
         and limits.max_ndim >= 2
     ):
-        try:
-            header = msgpack.unpackb(memoryview(frames[0]), raw=False, strict_map_key=True, use_list=True)
-        except Exception:
-            header = None
-        descs = header.get("tensors") if type(header) is dict else None
-        if type(descs) is list and len(descs) == 2 and header.get("v") == PROTOCOL_VERSION:
-            d_h, d_i = descs
-            rid, layer = header.get("id"), header.get("layer")
-            if (
-                type(d_h) is dict
-                and type(d_i) is dict
-                and len(d_h) == 3
-                and len(d_i) == 3
-                and d_h.get("name") == "hidden"
-                and d_i.get("name") == "expert_ids"
-                and header.get("type") == EXPERT_CALL
-                and type(rid) is int
-                and 0 <= rid <= MAX_ID
-                and type(layer) is int
-                and 0 <= layer < num_layers
-            ):
-                h_dtype = _FLOAT_BY_NAME.get(d_h.get("dtype")) if type(d_h.get("dtype")) is str else None
-                i_dtype = _INT_BY_NAME.get(d_i.get("dtype")) if type(d_i.get("dtype")) is str else None
-                h_shape, i_shape = d_h.get("shape"), d_i.get("shape")
-                if (
-                    h_dtype is not None
-                    and i_dtype is not None
-                    and type(h_shape) is list
-                    and type(i_shape) is list
-                    and len(h_shape) == 2
-                    and len(i_shape) == 1
-                ):
-                    n, h = h_shape
-                    if (
-                        type(n) is int
-                        and type(h) is int
-                        and h == hidden_size
-                        and 0 <= n <= limits.max_dim
-                        and h <= limits.max_dim
-                        and i_shape[0] == n
-                        and type(i_shape[0]) is int
-                        and n * (h * h_dtype.itemsize + i_dtype.itemsize) <= limits.max_total_bytes
-                    ):
-                        mv_h, mv_i = memoryview(frames[1]), memoryview(frames[2])
-                        if (
-                            mv_h.ndim == 1
-                            and mv_i.ndim == 1
-                            and mv_h.itemsize == 1
-                            and mv_i.itemsize == 1
-                            and mv_h.nbytes == n * h * h_dtype.itemsize
-                            and mv_i.nbytes == n * i_dtype.itemsize
-                        ):
-                            hidden = _from_buffer(mv_h, h_dtype, (n, h), False)
-                            ids = _from_buffer(mv_i, i_dtype, (n,), False)
-                            _check_expert_range(ids, num_experts, rid)
-                            return header, {"hidden": hidden, "expert_ids": ids}, (layer, ids, hidden)
-    header, tensors = decode(frames, limits)
-    if header["type"] != EXPERT_CALL:
-        return header, tensors, None
-    return header, tensors, validate_expert_call(header, tensors, num_layers, num_experts, hidden_size)
+        return None
+    header = _unpack_or_none(frames[0])
+    descs = header.get("tensors") if type(header) is dict else None
+    if not (type(descs) is list and len(descs) == 2 and header.get("v") == PROTOCOL_VERSION):
+        return None
+    d_h, d_i = descs
+    rid, layer = header.get("id"), header.get("layer")
+    if not (
+        type(d_h) is dict
+        and type(d_i) is dict
+        and len(d_h) == 3
+        and len(d_i) == 3
+        and d_h.get("name") == "hidden"
+        and d_i.get("name") == "expert_ids"
+        and header.get("type") == EXPERT_CALL
+        and type(rid) is int
+        and 0 <= rid <= MAX_ID
+        and type(layer) is int
+        and 0 <= layer < num_layers
+    ):
+        return None
+    h_dtype = _FLOAT_BY_NAME.get(d_h.get("dtype")) if type(d_h.get("dtype")) is str else None
+    i_dtype = _INT_BY_NAME.get(d_i.get("dtype")) if type(d_i.get("dtype")) is str else None
+    h_shape, i_shape = d_h.get("shape"), d_i.get("shape")
+    if not (
+        h_dtype is not None
+        and i_dtype is not None
+        and type(h_shape) is list
+        and type(i_shape) is list
+        and len(h_shape) == 2
+        and len(i_shape) == 1
+    ):
+        return None
+    n, h = h_shape
+    if not (
+        type(n) is int
+        and type(h) is int
+        and h == hidden_size
+        and 0 <= n <= limits.max_dim
+        and h <= limits.max_dim
+        and i_shape[0] == n
+        and type(i_shape[0]) is int
+        and n * (h * h_dtype.itemsize + i_dtype.itemsize) <= limits.max_total_bytes
+    ):
+        return None
+    mv_h, mv_i = memoryview(frames[1]), memoryview(frames[2])
+    if not (
+        mv_h.ndim == 1
+        and mv_i.ndim == 1
+        and mv_h.itemsize == 1
+        and mv_i.itemsize == 1
+        and mv_h.nbytes == n * h * h_dtype.itemsize
+        and mv_i.nbytes == n * i_dtype.itemsize
+    ):
+        return None
+    hidden = _from_buffer(mv_h, h_dtype, (n, h), False)
+    ids = _from_buffer(mv_i, i_dtype, (n,), False)
+    _check_expert_range(ids, num_experts, rid)
+    return header, {"hidden": hidden, "expert_ids": ids}, (layer, ids, hidden)
 
 
 _FLOAT_BY_NAME = {DTYPE_NAMES[d]: d for d in FLOAT_DTYPES}
