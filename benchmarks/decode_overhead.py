@@ -29,14 +29,12 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from prism_moe.model.experts import attach
 from prism_moe.model.tiny import make_tiny_model
-from prism_moe.placement.placement import Placement
 from prism_moe.runtime.dispatch import ClusterDispatcher
 from prism_moe.runtime.engine import Engine, caches_latents, resolve_device
 
@@ -46,9 +44,7 @@ def attach_all_local(model: Any) -> ClusterDispatcher:
     from prism_moe.model.spec import ModelSpec
 
     spec = ModelSpec.from_hf_config(model.config.to_dict())
-    hosts = np.ones((1, spec.num_moe_layers, spec.num_experts), dtype=bool)
-    placement = Placement.from_hosts(["me"], hosts, np.zeros((1, 1)))
-    dispatcher = ClusterDispatcher("me", placement, None)
+    dispatcher = ClusterDispatcher.all_local(spec.num_moe_layers, spec.num_experts)
     attach(model, dispatcher, spec)
     return dispatcher
 

@@ -195,6 +195,13 @@ class ClusterDispatcher(RemoteDispatcher):
         # layer by layer on the generation thread (`prism_moe.runtime.recording.ForwardRecorder`)
         self.recorder: Any = None
 
+    @classmethod
+    def all_local(cls, num_layers: int, num_experts: int) -> ClusterDispatcher:
+        """The dispatcher of a one-server cluster holding every expert: `prism serve`'s experts path with no
+        peers (benchmarks and calibration measure the hook's own cost with it)."""
+        hosts = np.ones((1, num_layers, num_experts), dtype=bool)
+        return cls("me", Placement.from_hosts(["me"], hosts, np.zeros((1, 1))), None)
+
     @property
     def placement(self) -> Placement:
         return self._placement

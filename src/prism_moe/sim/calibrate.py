@@ -85,15 +85,12 @@ def measure_model(ckpt: str | Path, batch_tokens: tuple[int, ...] = (1, 4, 16, 6
     from prism_moe.model.experts import attach
     from prism_moe.model.replay import ReplayDispatcher, ReplayRouting
     from prism_moe.model.spec import ModelSpec
-    from prism_moe.placement.placement import Placement
     from prism_moe.runtime.dispatch import ClusterDispatcher
 
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     spec = ModelSpec.from_hf_config(model.config.to_dict())
-    everything = Placement.from_hosts(["me"], np.ones((1, spec.num_moe_layers, spec.num_experts), dtype=bool),
-                                      np.zeros((1, 1)))
     calls: list[tuple[int, float]] = []  # (distinct experts, seconds) per experts call
-    dispatcher: Any = _Timed(ClusterDispatcher("me", everything, None), calls)
+    dispatcher: Any = _Timed(ClusterDispatcher.all_local(spec.num_moe_layers, spec.num_experts), calls)
     if replay is not None:
         dispatcher = ReplayDispatcher(dispatcher, ReplayRouting(replay.experts, replay.weights, wrap=True))
     attach(model, dispatcher, spec)
