@@ -68,9 +68,11 @@ class LocalCluster:
     cluster: ClusterSpec
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     coordinator: subprocess.Popen | None = None  # `prism coordinator`, when started with the servers
+    started: tuple[str, ...] | None = None  # the servers started here (None: all of the cluster file)
 
     def endpoints(self) -> dict[str, str]:
-        return {s.name: f"http://{s.host}:{s.http_port}" for s in self.cluster.servers}
+        return {s.name: f"http://{s.host}:{s.http_port}" for s in self.cluster.servers
+                if self.started is None or s.name in self.started}
 
     def stop(self, timeout: float = 10.0) -> None:
         extra = {"coordinator": self.coordinator} if self.coordinator is not None else {}
@@ -90,19 +92,25 @@ class LocalCluster:
 
 
 def start_local_cluster(cluster: ClusterSpec, run_dir: Path, extra_args: list[str] | None = None,
-                        health_timeout: float = 300.0, log=print) -> LocalCluster:
-    """Start every server of `cluster` as a local `prism serve` process and wait until all are healthy."""
+                        health_timeout: float = 300.0, log=print, only: list[str] | None = None) -> LocalCluster:
+    """Start every server of `cluster` (or those named in `only`: the caller runs the others itself, on the
+    ports of `lc.cluster`) as a local `prism serve` process and wait until they are healthy."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cluster = with_ports(cluster)
+    unknown = sorted(set(only or ()) - set(cluster.server_names))
+    if unknown:
+        raise LaunchError(f"servers {unknown} are not in the cluster file (it has {cluster.server_names})")
     cluster_file = run_dir / "cluster.yaml"
     write_cluster_file(cluster, cluster_file)
-    lc = LocalCluster(run_dir, cluster)
+    lc = LocalCluster(run_dir, cluster, started=tuple(only) if only is not None else None)
     # Servers on one machine share its cores: without a cap each OpenMP pool takes them all and the
     # processes stall each other (measured: 16 tokens in 55 s instead of 4 s with three servers on 2 cores).
     share = max(1, (os.cpu_count() or 1) // len(cluster.servers))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(share))}
     try:
         for s in cluster.servers:
+            if only is not None and s.name not in only:
+                continue
             log_path = run_dir / f"{s.name}.log"
             cmd = [sys.executable, "-m", "prism_moe.cli", "serve", "--cluster", str(cluster_file), "--server", s.name,
                    *(extra_args or [])]

@@ -2,24 +2,25 @@
 
 A tiny model on a CPU is not a roofline: its kernels are microseconds of FLOPs under tens of
 microseconds of PyTorch/Python overhead per op. So instead of a GPU profile we measure what the
-simulator charges for, with torch threads=1 (as `prism demo` runs each server):
+simulator charges for, on the path a server runs (`measure_server_path`: an `EdgeServer` in this
+process calling a peer `prism serve` process, through its `Engine`, torch threads=1 as `prism demo`
+runs each server):
 
   dense_layer_s   one MoE layer's non-expert work (attention, norms, router, shared experts) plus its
                   share of the step's rest (embeddings, dense first layer, LM head), per decode step;
   dense_token_s   the same per prefill token (the dense time is max(fixed, tokens x this));
-  expert_call_s   fixed cost of one grouped expert call in a decode step (dispatch, grouping, combine);
-  expert_s        per distinct expert in the call (each expert's small matmuls);
-  call_overhead_s one loopback round trip through the project's transport, on top of the emulated link:
-                  the path a cluster with emulated links takes (the hop onto the transport loop, msgpack,
-                  ZeroMQ, the service's compute thread), or the direct path of real links;
-  step_overhead_s the serving loop's own work per decode step (`Engine`: batch building, sampling,
-                  detokenizing, handing tokens to asyncio): the Engine's step minus `model.generate`'s
-                  on the same batch, by the difference method.
+  expert_call_s   fixed cost of one MoE layer's expert work in a decode step (grouping, combine);
+  expert_s        per distinct local expert (each expert's small matmuls);
+  call_overhead_s what one remote call costs beyond its emulated link and the peer's expert compute:
+                  the caller's own work per call (batching, encoding, decoding the reply), the hops onto
+                  the transport loop and back, msgpack, ZeroMQ, the peer's service thread;
+  step_overhead_s the serving loop's own work between two decode forwards (`Engine`: batch building,
+                  sampling, detokenizing, handing tokens to asyncio).
 
 `calibrated_cost(cost, cal)` maps them onto the unchanged `CostModel`: every server gets a profile
 whose bandwidth makes `expert_bytes / bandwidth = expert_s`, whose kernel overhead is `expert_call_s`
 and whose step overhead is `step_overhead_s`, the dense part's bytes and FLOPs are set so its roofline
-gives the measured times, and the transport round trip is added to the links' one-way latencies (half
+gives the measured times, and the call overhead is added to the links' one-way latencies (half
 each way).
 """
 
@@ -52,209 +53,190 @@ class Calibration:
         return {k: round(v * 1e6, 1) for k, v in self.__dict__.items()} | {"unit": "us"}
 
 
-class _Timed:
-    """A dispatcher wrapper that records (distinct experts, seconds) of every routed-experts call."""
+@dataclass
+class PathRecords:
+    """What `_PathTimer` saw in a serving run; times in seconds on the model's thread.
 
-    def __init__(self, inner: Any, calls: list[tuple[int, float]]) -> None:
-        self.inner, self.calls = inner, calls
+    forwards: (start, end, tokens) per model forward; layers: (forward index, seconds, seconds waited on
+    remote replies, distinct local experts, remote calls) per MoE layer call; calls: (round trip, distinct
+    experts) of remote calls whose reply the layer had to wait for (the others came back during the local
+    compute: their round trip is only bounded)."""
 
-    def moe_forward(self, layer: int, hidden: Any, top_k_index: Any, top_k_weights: Any, experts: Any) -> Any:
-        t0 = time.perf_counter()
-        out = self.inner.moe_forward(layer, hidden, top_k_index, top_k_weights, experts)
-        self.calls.append((int(top_k_index.unique().numel()), time.perf_counter() - t0))
-        return out
+    forwards: list[tuple[float, float, int]]
+    layers: list[tuple[int, float, float, int, int]]
+    calls: list[tuple[float, int]]
 
 
-def measure_model(ckpt: str | Path, batch_tokens: tuple[int, ...] = (1, 4, 16, 64), repeats: int = 5,
-                  threads: int = 1, replay: Any = None, decode_batches: tuple[int, ...] = (1, 4),
-                  decode_tokens: int = 16) -> tuple[float, float, float, float]:
-    """(dense_layer_s, dense_token_s, expert_call_s, expert_s), timing every routed-experts call; dense =
-    the rest of the forward / MoE layers. `dense_token_s` comes from prefill forwards of `batch_tokens`
-    tokens; the fixed dense cost per layer and the expert calls from decode steps (`model.generate` with
-    its KV cache) of `decode_batches` sequences, where attention and cache work cost more per layer than a
-    prefill's share suggests.
+class _PathTimer:
+    """Times a running `EdgeServer`: its model's forwards, and in its `ClusterDispatcher` every MoE layer,
+    the remote calls it sends and what it waits for them (instance attributes over the methods)."""
 
-    The experts go through the dispatcher stack `prism serve` runs: the `ClusterDispatcher` (activation
-    counting, routing table, frozen store) of a one-server placement holding every expert, under trace
-    replay when `replay` (a `RoutingTrace`) is given, as with `prism serve --replay`.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
+    def __init__(self, server: Any) -> None:
+        self.rec = PathRecords([], [], [])
+        disp, model = server.dispatcher, server.model
+        moe_forward, remote, forward = disp.moe_forward, disp.remote, model.forward
+        layer_state = {"wait": 0.0, "calls": 0}
+        rec = self.rec
 
-    torch.set_num_threads(threads)
-    from prism_moe.model.experts import attach
-    from prism_moe.model.replay import ReplayDispatcher, ReplayRouting
-    from prism_moe.model.spec import ModelSpec
-    from prism_moe.runtime.dispatch import ClusterDispatcher
+        class Timed:  # wraps one pending reply
+            def __init__(self, reply: Any, t_sent: float, distinct: int) -> None:
+                self.reply, self.t_sent, self.distinct = reply, t_sent, distinct
 
-    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    spec = ModelSpec.from_hf_config(model.config.to_dict())
-    calls: list[tuple[int, float]] = []  # (distinct experts, seconds) per experts call
-    dispatcher: Any = _Timed(ClusterDispatcher.all_local(spec.num_moe_layers, spec.num_experts), calls)
-    if replay is not None:
-        dispatcher = ReplayDispatcher(dispatcher, ReplayRouting(replay.experts, replay.weights, wrap=True))
-    attach(model, dispatcher, spec)
-    n_moe = spec.num_moe_layers
-    # prefill: one sequence of t tokens per forward, for the dense part's cost per extra token
-    dense: dict[int, float] = {}
-    with torch.inference_mode():
-        for t in batch_tokens:
-            ids = torch.randint(3, model.config.vocab_size, (1, t))
-            model(ids)  # warm up
-            per = []
-            for _ in range(repeats):
-                calls.clear()
+            def result(self, timeout: float | None = None) -> Any:
                 t0 = time.perf_counter()
-                model(ids)
-                total = time.perf_counter() - t0
-                per.append((total - sum(s for _, s in calls)) / n_moe)
-            dense[t] = statistics.median(per)
-    # decode: steps with a KV cache (what most of a request's time is), for the dense part's fixed cost per
-    # layer and the expert calls' cost; per step by the difference method: (N new tokens - 1) / (N - 1)
-    decode_dense: list[float] = []
-    every: list[tuple[int, float]] = []
-    g = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        for b in decode_batches:
-            prompts = torch.randint(3, model.config.vocab_size, (b, 32), generator=g)
+                y = self.reply.result(timeout)
+                t1 = time.perf_counter()
+                layer_state["wait"] += t1 - t0
+                if t1 - t0 > 50e-6:  # it had to wait: the reply came in just now
+                    rec.calls.append((t1 - self.t_sent, self.distinct))
+                return y
 
-            def generate(n: int, prompts: Any = prompts) -> tuple[float, float, list[tuple[int, float]]]:
-                calls.clear()
-                t0 = time.perf_counter()
-                model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                               min_new_tokens=n, do_sample=False)
-                return time.perf_counter() - t0, sum(s for _, s in calls), list(calls)
+            def cancel(self) -> Any:
+                return self.reply.cancel()
 
-            generate(2)  # warm up
-            for _ in range(max(1, repeats // 2)):
-                (t_n, e_n, c_n), (t_1, e_1, c_1) = generate(decode_tokens), generate(1)
-                decode_dense.append(((t_n - t_1) - (e_n - e_1)) / (decode_tokens - 1) / n_moe)
-                every.extend(c_n[len(c_1):])  # the decode steps' expert calls
-    # expert call = a + b x distinct experts (least squares over the decode calls)
-    d = np.array([c[0] for c in every], dtype=float)
-    s = np.array([c[1] for c in every])
-    b, a = np.polyfit(d, s, 1) if np.ptp(d) > 0 else (s.mean() / max(d.mean(), 1), 0.0)
-    big = max(batch_tokens)
-    return statistics.median(decode_dense), dense[big] / big, float(max(a, 0.0)), float(max(b, 1e-7))
-
-
-def measure_transport(hidden_size: int = 64, tokens: int = 4, samples: int = 300, emulated: bool = True,
-                      delay_ms: float = 2.0) -> float:
-    """Seconds one expert call costs on loopback beyond what the links account for, by the path
-    `prism serve` takes, against an expert service in another process (as in a cluster): with `emulated`
-    links, through the transport loop and an emulated link of `delay_ms` each way (its timers wake on the
-    loop's millisecond clock) to a service computing in a worker thread; else direct
-    (`SyncPeerPool.start_call`) to an inline service. Returns the median round trip minus 2 x delay."""
-    import subprocess
-    import sys
-
-    import torch
-
-    from prism_moe.runtime.emulation import LinkProfile
-    from prism_moe.runtime.transport import SyncPeerPool
-
-    code = ("import sys; from prism_moe.sim.calibrate import _serve_identity; "
-            f"_serve_identity({hidden_size}, {1 if emulated else 0})")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    pool = None
-    try:
-        assert proc.stdout is not None
-        endpoint = proc.stdout.readline().strip()
-        if not endpoint:
-            raise RuntimeError("calibration: the expert service process did not start")
-        links = {"peer": LinkProfile(delay_ms=delay_ms)} if emulated else {}
-        pool = SyncPeerPool({"peer": endpoint}, links=links, timeout=10.0, retries=0)
-        h, ids = torch.randn(tokens, hidden_size), torch.zeros(tokens, dtype=torch.long)
-
-        def once() -> float:
+        def timed_remote(layer: int, batches: dict) -> dict:
             t0 = time.perf_counter()
-            pool.start_call("peer", 0, ids, h).result()
-            return time.perf_counter() - t0
+            out = remote(layer, batches)
+            layer_state["calls"] += len(out)
+            return {k: Timed(r, t0, int(batches[k][0].unique().numel())) for k, r in out.items()}
 
-        for _ in range(20):
-            once()
-        rtt = statistics.median(once() for _ in range(samples))
-        return max(rtt - (2 * delay_ms / 1e3 if emulated else 0.0), 0.0)
-    finally:
-        if pool is not None:
-            pool.close()
-        proc.kill()
-        proc.wait()
+        def timed_moe(layer: int, hidden: Any, top_k_index: Any, top_k_weights: Any, experts: Any) -> Any:
+            layer_state["wait"], layer_state["calls"] = 0.0, 0
+            t0 = time.perf_counter()
+            y = moe_forward(layer, hidden, top_k_index, top_k_weights, experts)
+            dt = time.perf_counter() - t0
+            local = sum(1 for e in top_k_index.unique().tolist() if e in experts)
+            rec.layers.append((len(rec.forwards), dt, layer_state["wait"], local, layer_state["calls"]))
+            return y
 
+        def timed_forward(*args: Any, **kwargs: Any) -> Any:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            t0 = time.perf_counter()
+            y = forward(*args, **kwargs)
+            rec.forwards.append((t0, time.perf_counter(), int(ids.numel()) if ids is not None else 0))
+            return y
 
-def _serve_identity(hidden_size: int, compute_threads: int) -> None:
-    """The service side of `measure_transport` (run in a child process until killed)."""
-    from prism_moe.runtime.transport import ExpertService, LoopThread
-
-    def identity(layer: int, ids: Any, h: Any) -> Any:
-        return h
-
-    with LoopThread("calib-service") as lt:
-        svc = ExpertService("tcp://127.0.0.1:*", identity, num_layers=64, num_experts=64, hidden_size=hidden_size,
-                            compute_threads=compute_threads)
-        print(lt.run(svc.start()), flush=True)
-        while True:
-            time.sleep(3600)
+        disp.remote, disp.moe_forward, model.forward = timed_remote, timed_moe, timed_forward
 
 
-def measure_step_overhead(ckpt: str | Path, batch: int = 4, prompt_tokens: int = 32, new_tokens: int = 24,
-                          repeats: int = 5, threads: int = 1) -> float:
-    """Seconds the serving loop adds to one decode step of `batch` requests: `Engine` (what `prism serve`
-    runs, detokenizing included) minus `model.generate`, both on the prism experts hook, per step as
-    (time for N tokens - time for 1) / (N - 1). Clipped at 0."""
+def fit_server_path(rec: PathRecords, num_layers: int, decode_tokens: int,
+                    link_s: float) -> tuple[Calibration, float]:
+    """The cost model's terms from a serving run's records (see `measure_server_path`); `link_s`: the
+    emulated links' round-trip delay. Returns (calibration, caller's own seconds per remote call).
+
+    decode forwards (at most `decode_tokens` tokens): dense per layer = (forward - its MoE layers) / layers;
+    step overhead = the gap between one decode forward's end and the next one's start;
+    MoE layers of decode forwards: time - waiting = expert_call + expert x local experts + per_call x calls
+        (least squares), per_call being the caller's own work per remote call (grouping, encoding, decoding);
+    prefill forwards (more tokens): dense per token = (forward - its MoE layers) / layers / tokens;
+    calls: call_overhead = median(round trip - link_s - peer compute) + per_call, where the peer's compute
+        is expert_call + expert x its distinct experts (what the simulator charges on the peer's device).
+    """
+    moe_by_forward: dict[int, float] = {}
+    for f, dt, *_ in rec.layers:
+        moe_by_forward[f] = moe_by_forward.get(f, 0.0) + dt
+    decode = [i for i, (_, _, t) in enumerate(rec.forwards) if 0 < t <= decode_tokens]
+    prefill = [i for i, (_, _, t) in enumerate(rec.forwards) if t > decode_tokens]
+    if len(decode) < 3 or not prefill:
+        raise RuntimeError(f"calibration: {len(decode)} decode and {len(prefill)} prefill forwards recorded; "
+                           f"need at least 3 and 1")
+
+    def dense(i: int) -> float:
+        start, end, _ = rec.forwards[i]
+        return (end - start - moe_by_forward.get(i, 0.0)) / num_layers
+
+    dense_layer = statistics.median(dense(i) for i in decode)
+    gaps = [rec.forwards[j][0] - rec.forwards[i][1] for i, j in zip(decode, decode[1:], strict=False) if j == i + 1]
+    step = statistics.median(gaps) if gaps else 0.0
+    is_decode = set(decode)
+    rows = [(1.0, local, calls, dt - wait) for f, dt, wait, local, calls in rec.layers if f in is_decode]
+    a = np.array(rows)
+    coef, *_ = np.linalg.lstsq(a[:, :3], a[:, 3], rcond=None)
+    call, expert, per_call = float(max(coef[0], 0.0)), float(max(coef[1], 1e-7)), float(max(coef[2], 0.0))
+    per_token = statistics.median(max(dense(i) - call, 0.0) / rec.forwards[i][2] for i in prefill)
+    beyond = [rtt - link_s - (call + expert * k) for rtt, k in rec.calls]
+    overhead = max(statistics.median(beyond), 0.0) + per_call if beyond else per_call
+    return Calibration(dense_layer, per_token, call, expert, overhead, max(step, 0.0)), per_call
+
+
+def _calibration_cluster(ckpt: Path, delay_ms: float, emulated: bool) -> tuple[Any, Any]:
+    """Two servers on loopback: `cal-a` holds every other expert of each layer, `cal-b` all of them."""
+    from prism_moe.config import cluster_from_dict
+    from prism_moe.model.spec import GIB, ModelSpec
+    from prism_moe.placement.placement import Placement
+
+    spec = ModelSpec.from_pretrained(ckpt)
+    memory = round(1.1 * (spec.dense_bytes + spec.total_experts * spec.expert_bytes) / GIB, 6)
+    cluster = cluster_from_dict({
+        "model": str(ckpt), "device": "cpu",
+        "servers": [{"name": "cal-a", "memory_gib": memory}, {"name": "cal-b", "memory_gib": memory}],
+        "network": {"bandwidth_mbps": 100_000, "latency_ms": delay_ms, "emulate": emulated}})
+    hosts = np.ones((2, spec.num_moe_layers, spec.num_experts), dtype=bool)
+    hosts[0, :, 1::2] = False
+    return cluster, Placement.from_hosts(cluster.server_names, hosts, np.array([[0.0, 1.0], [1.0, 0.0]]))
+
+
+def measure_server_path(ckpt: str | Path, replay: str | None = None, data_dir: str | None = None,
+                        emulated: bool = True, delay_ms: float = 2.0, batch: int = 4, prompt_tokens: int = 32,
+                        new_tokens: int = 16, repeats: int = 3, threads: int = 1,
+                        work_dir: str | Path | None = None) -> Calibration:
+    """Calibrate on the path `prism serve` runs: a server (`EdgeServer`, in this process, its `Engine` and
+    `ClusterDispatcher`, trace replay of `replay` when given) holding half of every layer's experts, whose
+    peer (a `prism serve` process) holds them all, over an emulated link of `delay_ms` each way (or the
+    direct path when not `emulated`). `repeats` rounds of `batch` requests of `prompt_tokens` random prompt
+    tokens and `new_tokens` tokens each; the terms come from `fit_server_path`.
+
+    The dense part, the expert calls and the serving loop are thus timed as they run in a server: with its
+    transport thread, its peer's calls and the extra work of a layer that sends some tokens away (which a
+    one-process `model.generate` does not show: measured 1.3-1.9 ms per layer in a server against 0.9 ms in
+    `generate` on this machine).
+    """
     import asyncio
+    import tempfile
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prism_moe.model.experts import LocalDispatcher, attach
-    from prism_moe.runtime.engine import Engine
+    from prism_moe.runtime.launcher import start_local_cluster
+    from prism_moe.runtime.server import EdgeServer, ServeOptions
 
     torch.set_num_threads(threads)
+    ckpt = Path(ckpt)
+    cluster, placement = _calibration_cluster(ckpt, delay_ms, emulated)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        path = Path(tmp) / "placement.json"
+        placement.save(path)
+        with start_local_cluster(cluster, Path(tmp) / "run", ["--placement", str(path), "--threads", str(threads)],
+                                 log=lambda *_: None, only=["cal-b"]) as lc:
+            server = EdgeServer(lc.cluster, "cal-a", ServeOptions(
+                placement=placement, device="cpu", replay=replay, data_dir=data_dir, max_running=batch))
+            server.start()
+            try:
+                timer = _PathTimer(server)
+                vocab = server.model.config.vocab_size
+                g = torch.Generator().manual_seed(0)
 
-    def load() -> Any:
-        model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
-        attach(model, LocalDispatcher())
-        return model
+                async def round_() -> None:
+                    prompts = torch.randint(3, vocab, (batch, prompt_tokens), generator=g).tolist()
+                    await asyncio.gather(*(server.engine.generate(p, new_tokens, stop_token_ids=[]) for p in prompts))
 
-    gen_model, eng_model = load(), load()
-    engine = Engine(eng_model, AutoTokenizer.from_pretrained(ckpt), "cpu", max_running=batch,
-                    kv_cache_tokens=batch * (prompt_tokens + new_tokens) + 64)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, gen_model.config.vocab_size, (batch, prompt_tokens), generator=g)
-
-    def generate(n: int) -> float:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            gen_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                               min_new_tokens=n, do_sample=False)
-        return time.perf_counter() - t0
-
-    def serve(n: int) -> float:
-        async def run() -> None:
-            await asyncio.gather(*(engine.generate(p, n, stop_token_ids=[]) for p in prompts.tolist()))
-
-        t0 = time.perf_counter()
-        asyncio.run(run())
-        return time.perf_counter() - t0
-
-    engine.start()
-    try:
-        serve(2), generate(2)  # warm up
-        diffs = []
-        for _ in range(repeats):  # interleaved, so load changes hit both alike
-            eng = (serve(new_tokens) - serve(1)) / (new_tokens - 1)
-            gen = (generate(new_tokens) - generate(1)) / (new_tokens - 1)
-            diffs.append(eng - gen)
-    finally:
-        engine.stop()
-    return max(statistics.median(diffs), 0.0)
+                server.engine.start()
+                asyncio.run(round_())  # warm up
+                timer.rec.forwards.clear(), timer.rec.layers.clear(), timer.rec.calls.clear()
+                for _ in range(repeats):
+                    asyncio.run(round_())
+            finally:
+                server.close()
+    link_s = 2 * delay_ms / 1e3 if emulated else 0.0
+    cal, _ = fit_server_path(timer.rec, placement.num_layers, batch, link_s)
+    return cal
 
 
 def calibrate(ckpt: str | Path, threads: int = 1, emulated: bool = True, batch: int = 4,
-              replay: Any = None, contention: int = 0) -> Calibration:
-    """Everything above for `ckpt` (`emulated`: the cluster emulates its links; `batch`: requests per step;
-    `replay`: the `RoutingTrace` the servers replay, if they do).
+              replay: str | None = None, data_dir: str | None = None, prompt_tokens: int = 32,
+              contention: int = 0) -> Calibration:
+    """`measure_server_path` for `ckpt` (`emulated`: the cluster emulates its links; `batch`: requests per
+    step; `replay`: the workload whose trace the servers replay, if they do; `prompt_tokens`: the prompts'
+    length).
 
     `contention`: measure while that many other processes run the model's forwards nonstop (`_busy`), as
     when the cluster's other servers share this machine's cores. The simulator gives every server its own
@@ -270,9 +252,8 @@ def calibrate(ckpt: str | Path, threads: int = 1, emulated: bool = True, batch: 
     try:
         if load:
             time.sleep(5.0)  # let them load the model and start computing
-        dense, per_token, call, expert = measure_model(ckpt, threads=threads, replay=replay)
-        return Calibration(dense, per_token, call, expert, measure_transport(emulated=emulated),
-                           measure_step_overhead(ckpt, batch=batch, threads=threads))
+        return measure_server_path(ckpt, replay, data_dir, emulated=emulated, batch=batch,
+                                   prompt_tokens=prompt_tokens, threads=threads)
     finally:
         for proc in load:
             proc.kill()
@@ -293,12 +274,13 @@ def _busy(ckpt: str, threads: int) -> None:
 
 
 def calibrated_cost(cost: CostModel, cal: Calibration, slowdown: float = 1.0) -> CostModel:
-    """`cost` with every server's compute and the transport overhead as measured in `cal`; compute
-    `slowdown` x slower (e.g. servers / cores when the servers share a CPU: the simulator gives each its own)."""
+    """`cost` with every server's compute and the call overhead as measured in `cal`, all of it `slowdown` x
+    slower: e.g. servers / cores when a local cluster's servers share one machine's cores (the simulator
+    gives each server a device of its own; both terms are CPU work here)."""
     bw = cost.expert_bytes / cal.expert_s / slowdown  # bytes/s: one distinct expert costs expert_s
     prof = GpuProfile("cpu-calibrated", 1e3, bw / 1e9, FLOPS / 1e12, kernel_overhead_s=cal.expert_call_s * slowdown,
                       source="measured: prism_moe.sim.calibrate", step_overhead_s=cal.step_overhead_s * slowdown)
-    lat = cost.latency_s + (1 - np.eye(cost.num_servers)) * cal.call_overhead_s / 2
+    lat = cost.latency_s + (1 - np.eye(cost.num_servers)) * cal.call_overhead_s * slowdown / 2
     return replace(cost, profiles=(prof,) * cost.num_servers, latency_s=lat,
                    expert_flops_per_pair=0.0,
                    dense_layer_bytes=max(cal.dense_layer_s - cal.expert_call_s, 0.0) * slowdown * bw,
