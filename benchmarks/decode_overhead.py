@@ -13,8 +13,10 @@ which removes prefill and per-request setup. Paths, on identical weights (separa
              (skipped for latent-attention models such as deepseek_v2, which it cannot serve);
   engine     `Engine.submit` from asyncio on the prism-attached model: the serving loop of `prism serve`
              (its batching loop + sampling + pump thread; detokenizer off).
-The goal is read on `ratio_prism_vs_generate`; `ratio_engine_vs_manager` is the serving loop's own cost.
-Repetitions are interleaved and medians reported; only the ratios mean something across machines.
+The goal is read on `ratio_prism_vs_generate` (ratio of the medians) and `ratio_prism_vs_generate_paired`
+(median and range of each repetition's prism / generate, timed back to back: less exposed to the machine's
+drift); `ratio_engine_vs_manager` is the serving loop's own cost. Repetitions are interleaved and medians
+reported; only the ratios mean something across machines.
 
     python benchmarks/decode_overhead.py [--device cpu] [--arch mixtral] [--batch 1 8] [--tokens 48] [--reps 5]
 """
@@ -90,6 +92,12 @@ def per_step(fn: Any, prompts: list[list[int]], n: int) -> float:
     return (fn(prompts, n) - fn(prompts, 1)) / (n - 1)
 
 
+def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    """Median and range of the per-repetition ratios a[i] / b[i] (measured back to back)."""
+    r = sorted(x / y for x, y in zip(a, b, strict=True))
+    return {"median": round(statistics.median(r), 3), "min": round(r[0], 3), "max": round(r[-1], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
@@ -135,9 +143,10 @@ def main() -> None:
     engine = Engine(eng_model, None, device, max_running=max_b, kv_cache_tokens=cb_kwargs["num_blocks"] * 32)
     engine.decode = lambda ids: ""  # no tokenizer needed: measure the serving path, not detokenization
     engine.start()
+    # prism right after generate: each repetition's pair then sees the same machine state (paired ratio)
     paths = {"generate": lambda p, n: time_generate(gen_model, p, n),
-             "eager": lambda p, n: time_generate(eager_model, p, n),
              "prism": lambda p, n: time_generate(prism_model, p, n),
+             "eager": lambda p, n: time_generate(eager_model, p, n),
              "manager": lambda p, n: time_manager(manager, p, n),
              "engine": lambda p, n: time_engine(engine, p, n)}
     if manager is None:
@@ -160,6 +169,7 @@ def main() -> None:
             ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             row: dict[str, Any] = {"ms_per_step": {k: round(v, 3) for k, v in ms.items()},
                                    "ratio_prism_vs_generate": round(ms["prism"] / ms["generate"], 3),
+                                   "ratio_prism_vs_generate_paired": paired(times["prism"], times["generate"]),
                                    "ratio_eager_vs_generate": round(ms["eager"] / ms["generate"], 3),
                                    "ratio_engine_vs_generate": round(ms["engine"] / ms["generate"], 3)}
             if "manager" in ms:
