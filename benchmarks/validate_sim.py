@@ -103,13 +103,16 @@ def main() -> None:
     if cal_loaded is not None:
         costs["calibrated_under_load"] = calibrated_cost(scen.cost, cal_loaded)
 
-    # the serving engine's admission: DeepSeek's latent-attention cache is served by the padded loop, which
-    # prefills new requests one at a time (one forward each) before a step's decode
+    # the serving engine's steps: DeepSeek's latent-attention cache is served by the padded loop, which
+    # prefills each new request in a forward of its own, then decodes the running ones in one more forward
     from transformers import AutoConfig
 
     from prism_moe.runtime.engine import caches_latents
+    from prism_moe.runtime.server import ServeOptions
 
-    engine_cfg = EngineConfig(max_batch_tokens=1) if caches_latents(AutoConfig.from_pretrained(ckpt)) else EngineConfig()
+    max_running = ServeOptions.__dataclass_fields__["max_running"].default  # what `prism serve` runs with
+    engine_cfg = EngineConfig(max_batch_requests=max_running,
+                              separate_prefill=caches_latents(AutoConfig.from_pretrained(ckpt)))
     rows = {}
     for algorithm in args.algorithms:
         measured, placement = [], None

@@ -107,6 +107,22 @@ def test_batching_admits_waiting_requests_together():
     assert stats.steps == 3
 
 
+def test_separate_prefill_runs_each_prompt_then_the_decodes_as_forwards_of_their_own():
+    """The padded loop's step: a forward per new prompt (first token at its end), then one forward decoding
+    the requests that were running. Each forward here costs 3 ms whatever its tokens (dense 1 + experts 2)."""
+    from prism_moe.sim.engine import EngineConfig
+
+    cost = cost_model(1, layers=1)
+    hosts = np.ones((1, 1, 4), dtype=bool)
+    reqs = requests([(0, 0.0, 2, 3), (0, 1 * MS, 2, 2)])
+    eng = Engine(cost, placement(hosts), [const_pool(1, [0, 1])], reqs, EngineConfig(separate_prefill=True))
+    first, finish, stats, _ = eng.run()
+    # step 1: prefill 0 [0, 3]; step 2: prefill 1 [3, 6], decode 0 [6, 9]; step 3: decode 0 and 1 [9, 12]
+    assert first.tolist() == pytest.approx([3 * MS, 6 * MS])
+    assert finish.tolist() == pytest.approx([12 * MS, 12 * MS])
+    assert stats.steps == 3 and stats.layer_steps == 4  # 4 forwards of the one layer
+
+
 def test_placement_switch_with_migration_costs_link_time():
     cost = cost_model(2, layers=1, bandwidth_bps=8e9, latency_s=0.0)  # 1 GB/s: an expert (1 MB) = 1 ms
     old = np.zeros((2, 1, 4), dtype=bool)

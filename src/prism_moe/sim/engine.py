@@ -8,7 +8,9 @@ use here against ~0.5 us for the free-at update (benchmarks/sim_speed.py).
 
 Per server, continuous batching: a step admits the waiting requests (whole prompts, up to
 `max_batch_tokens` new tokens and `max_batch_requests` requests) and decodes one token of every
-running request; its first layer starts after the profile's `step_overhead_s`. Per MoE layer of a step, at event time t:
+running request, in one forward through the layers; its first layer starts after the profile's
+`step_overhead_s`. With `separate_prefill` (the runtime's padded loop) the step is several forwards: one
+per admitted prompt, then one decoding the requests that were running. Per MoE layer of a step, at event time t:
   GPU: dense part, then the local experts, one FIFO claim from max(t, gpu_free).
   Each peer p holding experts of this layer's tokens gets one batched call, sent when the dense part
   ends: serialised on link s->p (FIFO), + one-way latency -> ARRIVE at p, which queues on p's GPU
@@ -44,6 +46,11 @@ SMALL_BATCH = 48  # up to this many tokens a layer is routed with Python int bit
 class EngineConfig:
     max_batch_requests: int = 64
     max_batch_tokens: int = 4096  # new prompt tokens per step (a longer prompt runs alone)
+    # The runtime's padded loop (models whose latent KV cache continuous batching cannot page, e.g.
+    # DeepSeek-V2): a step prefills each admitted request in a forward of its own (its first token comes
+    # at that forward's end), then decodes the requests that were already running in one more forward.
+    # Admission is by `max_batch_requests` only.
+    separate_prefill: bool = False
 
 
 @dataclass
@@ -186,7 +193,12 @@ class Engine:
         by_server = [np.flatnonzero(req.server == s).tolist() for s in range(S)]
         nxt = [0] * S  # next not-yet-admitted request (index into by_server[s])
         running: list[list[int]] = [[] for _ in range(S)]
-        step_new: list[list[int]] = [[] for _ in range(S)]
+        step_new: list[list[int]] = [[] for _ in range(S)]  # prefilled by the forward under way
+        step_run: list[list[int]] = [[] for _ in range(S)]  # decoded by the forward under way
+        forwards: list[list[tuple[list[int], list[int]]]] = [[] for _ in range(S)]  # the step's forwards to come
+        keep: list[list[int]] = [[] for _ in range(S)]  # decoded this step and not finished
+        joined: list[list[int]] = [[] for _ in range(S)]  # prefilled this step and not finished
+        separate = cfg.separate_prefill
         step_idx: list[np.ndarray | None] = [None] * S
         step_list: list[list[int]] = [[] for _ in range(S)]
         step_dense = [0.0] * S  # one layer's dense time for this step's token count
@@ -209,31 +221,8 @@ class Engine:
         def push(t, kind, a, b=None):
             hpush(heap, (t, next(counter), kind, a, b))
 
-        def start_step(s: int, t: float) -> None:
-            """Admit waiting requests and build the step's token index; or go idle."""
-            mine = by_server[s]
-            new: list[int] = []
-            budget = cfg.max_batch_tokens
-            room = cfg.max_batch_requests - len(running[s])
-            i = nxt[s]
-            while i < len(mine) and room > 0 and arrival[mine[i]] <= t:
-                r = mine[i]
-                if new and prompt[r] > budget:
-                    break
-                new.append(r)
-                budget -= prompt[r]
-                room -= 1
-                i += 1
-                if budget <= 0:
-                    break
-            nxt[s] = i
-            run = running[s]
-            if not new and not run:
-                idle[s] = True
-                if i < len(mine):
-                    push(arrival[mine[i]], WAKE, s)
-                return
-            idle[s] = False
+        def token_rows(new: list[int], run: list[int]) -> np.ndarray:
+            """Pool rows of a forward: the prompts of `new` (prefill), then one token of each of `run`."""
             parts = []
             if new:
                 na = np.array(new)
@@ -244,32 +233,73 @@ class Engine:
                 ra = np.array(run)
                 g = np.array([gen[r] for r in run])
                 parts.append(r_off[ra] + (r_start[ra] + p_arr[ra] + g - 1) % r_n[ra])
-            step_idx[s] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            T = len(step_idx[s])
-            step_list[s] = step_idx[s].tolist() if T <= SMALL_BATCH else []
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+        def begin_forward(s: int, new: list[int], run: list[int], t: float) -> None:
+            """Start a forward through every layer of `new`'s prompts and `run`'s next tokens at t."""
+            step_idx[s] = idx = token_rows(new, run)
+            T = len(idx)
+            step_list[s] = idx.tolist() if T <= SMALL_BATCH else []
             step_dense[s] = max(dl_bytes / mem_bps[s], dl_flops * T / flops[s]) + ovh[s]
-            step_new[s] = new
+            step_new[s], step_run[s] = new, run
             layer[s] = 0
+            push(t, LAYER, s)
+
+        def start_step(s: int, t: float) -> None:
+            """Admit waiting requests and start the step's (first) forward; or go idle."""
+            mine = by_server[s]
+            new: list[int] = []
+            budget = cfg.max_batch_tokens
+            room = cfg.max_batch_requests - len(running[s])
+            i = nxt[s]
+            while i < len(mine) and room > 0 and arrival[mine[i]] <= t:
+                r = mine[i]
+                if new and prompt[r] > budget and not separate:
+                    break
+                new.append(r)
+                budget -= prompt[r]
+                room -= 1
+                i += 1
+                if budget <= 0 and not separate:
+                    break
+            nxt[s] = i
+            run = running[s]
+            if not new and not run:
+                idle[s] = True
+                if i < len(mine):
+                    push(arrival[mine[i]], WAKE, s)
+                return
+            idle[s] = False
             st.steps += 1
-            push(t + step_ovh[s], LAYER, s)  # the serving loop's host work comes first
+            t += step_ovh[s]  # the serving loop's host work comes first
+            if not separate:
+                begin_forward(s, new, run, t)
+                return
+            # one forward per new prompt, then one for the running requests' next tokens
+            forwards[s] = [([r], []) for r in new] + ([([], run)] if run else [])
+            begin_forward(s, *forwards[s].pop(0), t)
 
         def end_step(s: int, t: float) -> None:
-            keep = []
-            for r in running[s]:  # decoded one more token
+            """The forward under way ended at t: tokens out; the step's next forward, or the next step."""
+            for r in step_run[s]:  # decoded one more token
                 gen[r] += 1
                 if gen[r] >= output[r]:
                     finish[r] = t
                 else:
-                    keep.append(r)
+                    keep[s].append(r)
             for r in step_new[s]:  # prefilled: the first token
                 first[r] = t
                 gen[r] = 1
                 if output[r] <= 1:
                     finish[r] = t
                 else:
-                    keep.append(r)
-            running[s] = keep
-            step_new[s] = []
+                    joined[s].append(r)
+            step_new[s], step_run[s] = [], []
+            if forwards[s]:
+                begin_forward(s, *forwards[s].pop(0), t)
+                return
+            running[s] = keep[s] + joined[s]
+            keep[s], joined[s] = [], []
             start_step(s, t)
 
         def transmit(src: int, dst: int, nbytes: float, ready: float) -> float:
