@@ -66,6 +66,10 @@ class PathRecords:
     layers: list[tuple[int, float, float, int, int]]
     calls: list[tuple[float, int]]
 
+    def clear(self) -> None:
+        for records in (self.forwards, self.layers, self.calls):
+            records.clear()
+
 
 class _PathTimer:
     """Times a running `EdgeServer`: its model's forwards, and in its `ClusterDispatcher` every MoE layer,
@@ -221,7 +225,7 @@ def measure_server_path(ckpt: str | Path, replay: str | None = None, data_dir: s
 
                 server.engine.start()
                 asyncio.run(round_())  # warm up
-                timer.rec.forwards.clear(), timer.rec.layers.clear(), timer.rec.calls.clear()
+                timer.rec.clear()  # the warm-up's records out
                 for _ in range(repeats):
                     asyncio.run(round_())
             finally:

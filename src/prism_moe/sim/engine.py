@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -249,18 +250,18 @@ class Engine:
             """Admit waiting requests and start the step's (first) forward; or go idle."""
             mine = by_server[s]
             new: list[int] = []
-            budget = cfg.max_batch_tokens
+            budget = math.inf if separate else cfg.max_batch_tokens
             room = cfg.max_batch_requests - len(running[s])
             i = nxt[s]
             while i < len(mine) and room > 0 and arrival[mine[i]] <= t:
                 r = mine[i]
-                if new and prompt[r] > budget and not separate:
+                if new and prompt[r] > budget:
                     break
                 new.append(r)
                 budget -= prompt[r]
                 room -= 1
                 i += 1
-                if budget <= 0 and not separate:
+                if budget <= 0:
                     break
             nxt[s] = i
             run = running[s]
@@ -271,13 +272,9 @@ class Engine:
                 return
             idle[s] = False
             st.steps += 1
-            t += step_ovh[s]  # the serving loop's host work comes first
-            if not separate:
-                begin_forward(s, new, run, t)
-                return
-            # one forward per new prompt, then one for the running requests' next tokens
-            forwards[s] = [([r], []) for r in new] + ([([], run)] if run else [])
-            begin_forward(s, *forwards[s].pop(0), t)
+            # one forward for all; or (padded loop) one per new prompt, then one for the running requests
+            forwards[s] = ([([r], []) for r in new] + ([([], run)] if run else [])) if separate else [(new, run)]
+            begin_forward(s, *forwards[s].pop(0), t + step_ovh[s])  # the serving loop's host work comes first
 
         def end_step(s: int, t: float) -> None:
             """The forward under way ended at t: tokens out; the step's next forward, or the next step."""
