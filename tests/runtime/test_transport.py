@@ -568,7 +568,7 @@ def test_emulated_link_adds_at_least_the_configured_time() -> None:
 # ------------------------------------------------------------------------------- execution modes
 
 
-def test_inline_mode_runs_sync_handlers_on_the_loop_with_all_checks() -> None:
+def test_inline_mode_runs_sync_handlers_on_the_io_thread_with_all_checks() -> None:
     threads: list[str] = []
 
     def picky(layer: int, ids: torch.Tensor, hidden: torch.Tensor) -> Any:
@@ -601,9 +601,10 @@ def test_inline_mode_runs_sync_handlers_on_the_loop_with_all_checks() -> None:
                 with pytest.raises(RemoteError) as e:
                     await pool.call("srv", layer, ids, x)
                 assert e.value.code == code
-            assert set(threads) == {loop_thread}  # inline: no worker thread
+            # inline: the service's own I/O thread, neither a worker nor the loop
+            assert set(threads) == {"prism-service-srv"}
             header, _ = await pool["srv"].request("load_expert", {"layer": 0, "expert": 1})
-            assert header["on"] != loop_thread
+            assert header["on"] not in (loop_thread, "prism-service-srv")
             ids, x = batch(3)
             outs = await asyncio.gather(*(pool.call("srv", 3, ids, x) for _ in range(10)))
             assert all(torch.equal(o, known(3, ids, x)) for o in outs)

@@ -12,10 +12,10 @@ routes under `/prism/`: load experts from the local checkpoint, send held expert
 (draining calls made under the old one), drop experts, and learn which peers are down. The expert
 service answers a call for an expert it no longer holds with `not_held`, so the caller re-routes.
 
-Threads: the transport runs on one asyncio loop thread (`LoopThread`), the model on the engine's
-generation thread, HTTP on uvicorn's loop. The model's own expert calls are sent and awaited on its
-generation thread (`SyncPeerPool.start_call`); peers' calls are computed on the transport loop itself, or
-in a worker thread when links are emulated (the emulator's timers share that loop).
+Threads: the expert service answers peers on an I/O thread of its own and computes their calls there;
+the transport's clients and migration messages run on one asyncio loop thread (`LoopThread`); the model
+runs on the engine's generation thread, HTTP on uvicorn's loop. The model's own expert calls are sent
+and awaited on its generation thread (`SyncPeerPool.start_call`).
 """
 
 from __future__ import annotations
@@ -186,13 +186,11 @@ class EdgeServer:
             raise ConfigError(f"server {self.name}: expert_port is not set (prism cluster up picks free ports; "
                               f"a real cluster gives them in the cluster file)")
         links = _links_for(self.cluster, self.name)
-        # Peers' expert calls compute right on the transport loop (inline: no hop to a worker thread and
-        # back), since this server's own calls go out from the model's thread (`SyncPeerPool.start_call`).
-        # With emulated links the loop also runs the emulator's timers, which must not wait behind expert
-        # compute: then a worker thread computes.
+        # Peers' expert calls compute right on the service's I/O thread (inline: no hop to a worker thread
+        # and back); the transport loop stays free for the emulator's timers and migration messages.
         self.service = ExpertService(f"tcp://{host}:{port}", self._serve_experts, num_layers=spec.num_moe_layers,
                                      num_experts=spec.num_experts, hidden_size=spec.hidden_size, name=self.name,
-                                     identity=identity, compute_threads=1 if links else 0)
+                                     identity=identity, compute_threads=0)
         # async wrappers: migration work runs in the default thread pool, not in the service's single
         # compute thread, so peers' expert calls are not queued behind incoming weights
         self.service.on("load_expert", self._off_thread(self._on_load_message))
@@ -300,7 +298,7 @@ class EdgeServer:
         store = frozen_store(self.stores[layer])  # a concurrent drop cannot pull an expert mid-compute
         missing = sorted(set(expert_ids.unique().tolist()) - set(store.held))
         if missing:  # a distinct code, so a caller can re-route (e.g. mid-migration)
-            from prism_moe.runtime.transport import ServiceError
+            from prism_moe.runtime.service import ServiceError
 
             raise ServiceError("not_held", f"server {self.name} does not hold layer {layer} experts {missing}")
         ref = store.get(store.held[0])[0]
@@ -459,7 +457,7 @@ class EdgeServer:
     def _on_load_message(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """`load_expert` from a peer: fields experts [[l, e], ...], tensors gate_up_proj.i / down_proj.i."""
-        from prism_moe.runtime.transport import ServiceError
+        from prism_moe.runtime.service import ServiceError
 
         try:
             experts = self._check_ids([tuple(x) for x in header.get("experts", [])])
@@ -495,7 +493,7 @@ class EdgeServer:
 
     def _on_drop_message(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        from prism_moe.runtime.transport import ServiceError
+        from prism_moe.runtime.service import ServiceError
 
         try:
             return self.drop_experts([tuple(x) for x in header.get("experts", [])]), {}

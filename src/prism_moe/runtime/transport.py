@@ -1,11 +1,11 @@
-"""Expert transport: a server's expert service (ROUTER) and its clients to peers (DEALER), on asyncio.
+"""Expert transport, client side: a server's clients to its peers' expert services (DEALER sockets).
 
-Threading model: every socket lives on one asyncio event loop (selector-based: the default on Linux and
-macOS), driven through ZeroMQ's edge-triggered FD (`_LoopSocket`; lighter than `zmq.asyncio`). Sync
-expert handlers run in a thread pool so the loop keeps receiving and replying while experts compute,
-or, for tiny CPU compute, inline on the loop (`ExpertService(compute_threads=0)`).
+Threading model: `PeerClient`s live on one asyncio event loop (selector-based: the default on Linux
+and macOS), driven through ZeroMQ's edge-triggered FD (`_LoopSocket`; lighter than `zmq.asyncio`).
 Code that is not async (the model's forward runs in a normal thread) uses `LoopThread` (a loop in a
-daemon thread) and `SyncPeerPool`, whose methods return `concurrent.futures.Future`s or block.
+daemon thread) and `SyncPeerPool`, whose `start_call` sends an expert call from the calling thread on a
+socket of its own (`DirectCall`) and waits for the reply there. The serving side is `service.py`
+(`ExpertService`, re-exported here).
 
 Message format: see `wire.py` and docs/wire-protocol.md. Every request carries an id; a client keeps
 many requests in flight on one DEALER socket and matches replies by id. Every call has a per-attempt
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
 import itertools
 import logging
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -32,54 +30,59 @@ import torch
 import zmq
 
 from .emulation import LinkEmulator, LinkProfile
-from .keys import CurveIdentity, start_authenticator
+from .keys import CurveIdentity
+from .service import MAX_REMOTE_MESSAGE, ExpertService, ServiceError, ServiceStats
+from .sockets import (
+    EVENTS,
+    NOBLOCK,
+    POLLIN,
+    POLLOUT,
+    RCVMORE,
+    recv_frame,
+    recv_into,
+    recv_rest,
+    send_nowait,
+    sockopt,
+)
 from .wire import (
-    ACK,
     BAD_REPLY,
     DEFAULT_LIMITS,
     ERROR,
     EXPERT_CALL,
-    HANDLER_ERROR,
     PING,
-    PONG,
     REPLY_TYPE,
-    UNSUPPORTED,
     WireError,
     WireLimits,
     decode,
     decode_expected,
-    decode_request,
     encode,
     encode_expert_call,
-    encode_expert_result,
+    expected_result,
+    expert_result_header,
     frames_nbytes,
     result_descriptor,
+    tensor_bytes,
 )
+
+__all__ = [
+    "CallEvent",
+    "DirectCall",
+    "ExpertService",
+    "LoopThread",
+    "PeerClient",
+    "PeerPool",
+    "PeerStats",
+    "PeerUnavailable",
+    "RemoteError",
+    "ServiceError",
+    "ServiceStats",
+    "SyncPeerPool",
+    "TransportError",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-#: handler(layer, expert_ids [n], hidden [n, H]) -> out [n, H]; sync (run in a thread pool) or async
-Handler = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | Awaitable[torch.Tensor]"]
-ControlReply = tuple[dict[str, Any], dict[str, torch.Tensor]]
-#: control handler(header, tensors) -> (reply fields, reply tensors); sync (thread pool) or async
-ControlHandler = Callable[[dict[str, Any], dict[str, torch.Tensor]], "ControlReply | Awaitable[ControlReply]"]
-
-MAX_REMOTE_MESSAGE = 2000  # chars of a peer's error message we keep
-# plain ints: pyzmq's enum flags cost microseconds per operation on the hot path
-_POLLIN, _POLLOUT, _NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
-_NOBLOCK_MORE, _EVENTS = int(zmq.NOBLOCK | zmq.SNDMORE), int(zmq.EVENTS)
-# The backend's per-frame send/recv/get, called directly: pyzmq's Python-level `send_multipart` and
-# `recv_multipart` wrappers (type checks, enum flags, RCVMORE lookups) cost ~4x the socket calls
-# themselves for a 3-frame message.
-if issubclass(zmq.Socket, zmq.backend.Socket):
-    _send_frame, _recv_frame, _sockopt = (
-        zmq.backend.Socket.send,
-        zmq.backend.Socket.recv,
-        zmq.backend.Socket.get,
-    )
-else:  # pragma: no cover - a pyzmq whose sugar Socket is not built on its backend's
-    _send_frame, _recv_frame, _sockopt = zmq.Socket.send, zmq.Socket.recv, zmq.Socket.get
 
 
 class TransportError(Exception):
@@ -105,36 +108,6 @@ class RemoteError(TransportError):
     def __init__(self, peer: str, code: str, message: str):
         self.peer, self.code, self.message = peer, code, message
         super().__init__(f"peer {peer!r} replied {code}: {message}")
-
-
-class ServiceError(Exception):
-    """Raise from a handler to reply an error with a chosen code (e.g. 'not_held' during migration)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    # also async callable objects (`async def __call__`)
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
-
-
-def _send_nowait(sock: zmq.Socket, frames: list[Any]) -> None:
-    """Send one multipart message without waiting; zmq.Again (nothing sent) if ZeroMQ cannot take it now.
-    Multipart is atomic: if the first part is accepted, so are the others."""
-    last = len(frames) - 1
-    for i, f in enumerate(frames):
-        _send_frame(sock, f, _NOBLOCK_MORE if i < last else _NOBLOCK, False, False)
-
-
-def _recv_rest(sock: zmq.Socket, first: zmq.Frame) -> list[zmq.Frame]:
-    """`first` and the other parts of its multipart message (there already once the first arrived)."""
-    frames = [first]
-    while first.more:
-        first = _recv_frame(sock, _NOBLOCK, False, False)
-        frames.append(first)
-    return frames
 
 
 def _check_reply(peer: str, header: Mapping[str, Any], request_type: str) -> None:
@@ -202,19 +175,6 @@ class PeerStats:
         return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
-@dataclass
-class ServiceStats:
-    """Counters of an expert service."""
-
-    requests: int = 0
-    expert_calls: int = 0
-    tokens: int = 0
-    bytes_received: int = 0
-    bytes_sent: int = 0
-    compute_s_sum: float = 0.0
-    errors: Counter[str] = field(default_factory=Counter)  # by error code
-
-
 # ----------------------------------------------------------------------------------------- socket
 
 
@@ -229,8 +189,7 @@ class _LoopSocket:
     sends are non-blocking and only wait, for POLLOUT, when ZeroMQ has no room (e.g. a DEALER with
     IMMEDIATE and no connection yet). On a 2-core box this costs ~100 us less CPU per message than
     `zmq.asyncio`. The FD signals changes only, and any socket call may consume that signal, so after
-    each of our own operations ZMQ_EVENTS is re-checked and pending work rescheduled. Messages are not
-    read while `can_read()` is false; call `kick()` when it turns true again.
+    each of our own operations ZMQ_EVENTS is re-checked and pending work rescheduled.
     """
 
     MAX_BATCH = 64  # messages per callback before yielding to other loop work
@@ -239,9 +198,8 @@ class _LoopSocket:
         self,
         sock: zmq.Socket,
         on_message: Callable[[list[zmq.Frame]], None],
-        can_read: Callable[[], bool] = lambda: True,
     ):
-        self.sock, self._on_message, self._can_read = sock, on_message, can_read
+        self.sock, self._on_message = sock, on_message
         self._loop = asyncio.get_running_loop()
         self._fd = sock.get(zmq.FD)
         self._waiters: list[asyncio.Future[None]] = []
@@ -263,16 +221,16 @@ class _LoopSocket:
             for _ in range(self.MAX_BATCH):
                 if self._closed:
                     return
-                events = _sockopt(sock, _EVENTS)
-                if events & _POLLOUT and self._waiters:
+                events = sockopt(sock, EVENTS)
+                if events & POLLOUT and self._waiters:
                     for w in self._waiters:
                         if not w.done():
                             w.set_result(None)
                     self._waiters.clear()
-                if not events & _POLLIN or not self._can_read():
+                if not events & POLLIN:
                     return
                 try:
-                    frames = _recv_rest(sock, _recv_frame(sock, _NOBLOCK, False, False))
+                    frames = recv_rest(sock, recv_frame(sock, NOBLOCK, False, False))
                 except zmq.Again:
                     return
                 try:
@@ -287,12 +245,12 @@ class _LoopSocket:
         """Send one multipart message if ZeroMQ can take it now; False (nothing sent) if it cannot."""
         sock = self.sock
         try:
-            _send_nowait(sock, frames)
+            send_nowait(sock, frames)
         except zmq.Again:
             return False
         if not self._processing:  # (_process looks at ZMQ_EVENTS again anyway)
-            events = _sockopt(sock, _EVENTS)  # the send may have eaten the FD signal for queued input
-            if events & _POLLIN or (events & _POLLOUT and self._waiters):
+            events = sockopt(sock, EVENTS)  # the send may have eaten the FD signal for queued input
+            if events & POLLIN or (events & POLLOUT and self._waiters):
                 self.kick()
         return True
 
@@ -328,341 +286,6 @@ class _LoopSocket:
         self._waiters.clear()
         self.sock.close(linger=0)
 
-
-# -------------------------------------------------------------------------------------------- service
-
-
-class ExpertService:
-    """Serves expert calls of peers on a ROUTER socket.
-
-    For each valid `expert_call` it runs `handler(layer, expert_ids [n], hidden [n, H]) -> out [n, H]`
-    (sync handlers in a thread pool, async ones on the loop) and replies `expert_result` with `out` cast
-    to hidden's dtype; invalid messages and handler exceptions get an `error` reply, so no input can
-    stop the service. Inputs are zero-copy views of the received frames: read them, do not keep
-    writing into them; the returned tensor must not be modified after return (it is sent zero-copy).
-    Up to `max_inflight` requests are served concurrently; beyond that the socket is not read, so
-    ZeroMQ's queues push back on senders.
-
-    Execution of sync handlers: `compute_threads` worker threads (default 1) or your `executor`, so the
-    loop keeps receiving and replying while experts compute; this is the mode for GPU or otherwise
-    non-trivial compute. `compute_threads=0` (and no `executor`) selects *inline* mode: the handler
-    runs on the event loop, in the socket's read callback, saving the two thread hops (~0.1-0.3 ms a
-    call on a loaded box). Use it only when a call computes in well under a millisecond (tiny CPU
-    models, tests, benchmarks): while it runs, nothing else on that loop moves, including the clients
-    of a `PeerPool` sharing the `LoopThread`, and requests are served one at a time.
-    """
-
-    def __init__(
-        self,
-        address: str,
-        handler: Handler,
-        *,
-        num_layers: int,
-        num_experts: int,
-        hidden_size: int,
-        name: str = "",
-        identity: CurveIdentity | None = None,
-        limits: WireLimits = DEFAULT_LIMITS,
-        executor: Executor | None = None,
-        compute_threads: int = 1,
-        max_inflight: int = 64,
-    ):
-        self.address, self.handler, self.name = address, handler, name
-        self.num_layers, self.num_experts, self.hidden_size = num_layers, num_experts, hidden_size
-        self.identity, self.limits, self.max_inflight = identity, limits, max_inflight
-        if compute_threads < 0:
-            raise ValueError(f"compute_threads must be >= 0, got {compute_threads}")
-        self._own_executor = executor is None
-        self._executor: Executor | None = executor
-        self._compute_threads = compute_threads
-        self._async_of: tuple[Any, bool] = (None, False)  # (handler, is it async), cached
-        self._inflight = 0  # requests waiting for a worker thread or a task
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._control: dict[str, ControlHandler] = {}
-        self.stats = ServiceStats()
-        self._ctx: zmq.Context | None = None
-        self._io: _LoopSocket | None = None
-        self._auth: Any = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closing = False
-        self._endpoint = ""
-
-    @property
-    def inline(self) -> bool:
-        """Sync expert handlers run on the event loop itself (`compute_threads=0`, no `executor`)."""
-        return self._executor is None and self._compute_threads == 0
-
-    @property
-    def endpoint(self) -> str:
-        """The bound endpoint (port resolved when the address ended in `:*`)."""
-        return self._endpoint
-
-    def on(self, msg_type: str, handler: ControlHandler) -> None:
-        """Serve control messages of `msg_type` (e.g. "load_expert"); replies `ack` with the handler's
-        fields and tensors."""
-        if msg_type not in REPLY_TYPE or msg_type in (EXPERT_CALL, PING):
-            raise ValueError(f"{msg_type!r} cannot be served by a control handler")
-        self._control[msg_type] = handler
-
-    async def start(self) -> str:
-        """Bind and start serving on the running loop; return the bound endpoint."""
-        if self._io is not None:
-            raise RuntimeError("service already started")
-        # own context: the ZAP authenticator is per context, and services must not share one
-        ctx = zmq.Context()
-        sock = None
-        try:
-            if self.identity is not None:
-                self._auth = start_authenticator(ctx, self.identity.public_dir)  # before bind
-            sock = ctx.socket(zmq.ROUTER)
-            sock.linger = 0
-            # per frame: a larger frame disconnects the peer before we allocate for it
-            sock.maxmsgsize = self.limits.max_total_bytes + self.limits.max_header_bytes
-            if self.identity is not None:
-                self.identity.apply_server(sock)
-            sock.bind(self.address)
-            self._endpoint = sock.get(zmq.LAST_ENDPOINT).decode()
-        except BaseException:
-            if sock is not None:
-                sock.close(linger=0)
-            if self._auth is not None:
-                self._auth.stop()
-            ctx.term()
-            raise
-        self._ctx = ctx
-        if self._executor is None and self._compute_threads > 0:
-            self._executor = ThreadPoolExecutor(
-                self._compute_threads, thread_name_prefix=f"experts-{self.name}"
-            )
-        self._loop = asyncio.get_running_loop()
-        self._io = _LoopSocket(sock, self._on_message, lambda: self._inflight < self.max_inflight)
-        log.info(
-            "expert service %r serving on %s (curve=%s)", self.name, self._endpoint, self.identity is not None
-        )
-        return self._endpoint
-
-    def reload_keys(self) -> None:
-        """Re-read the cluster's public keys (after adding or removing a server)."""
-        if self._auth is not None and self.identity is not None:
-            self._auth.configure_curve(domain="*", location=str(self.identity.public_dir))
-
-    async def close(self) -> None:
-        """Stop serving: cancel in-flight requests (their replies are dropped) and release the socket."""
-        if self._closing:
-            return
-        self._closing = True
-        if self._io is not None:
-            self._io.close()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._auth is not None:
-            self._auth.stop()
-        if self._ctx is not None:
-            self._ctx.term()
-        if self._own_executor and self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def __aenter__(self) -> ExpertService:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # The request path. Everything that can finish without waiting is done right in the socket's read
-    # callback (no task): decoding, validation, errors, pings, empty batches and, in inline mode, the
-    # handler itself. A sync handler in thread mode goes to the executor, whose completion comes back
-    # with one `call_soon_threadsafe`; async handlers and control messages get a task.
-
-    def _on_message(self, frames: list[Any]) -> None:
-        stats = self.stats
-        stats.requests += 1
-        if len(frames) < 2:
-            return  # only a routing id: nothing to answer
-        # ROUTER prepends the sender's routing id; REQ senders also add an empty delimiter frame
-        n_env = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
-        route, body = frames[:n_env], frames[n_env:]
-        stats.bytes_received += frames_nbytes(body)
-        rid = 0  # id 0 = unattributable; clients number requests from 1
-        try:
-            header, tensors, call = decode_request(
-                body, self.limits, self.num_layers, self.num_experts, self.hidden_size
-            )
-            rid = header["id"]
-            mtype = header["type"]
-            if call is not None:
-                layer, ids, hidden = call
-                stats.expert_calls += 1
-                n = hidden.shape[0]
-                stats.tokens += n
-                if n == 0:
-                    reply = self._result(rid, layer, hidden)
-                elif self._handler_is_async():
-                    self._spawn(self._serve_async(route, rid, layer, ids, hidden))
-                    return
-                elif self._executor is None:  # inline: the handler runs here, on the loop
-                    t0 = time.perf_counter()
-                    try:
-                        out = _call_checked(self.handler, layer, ids, hidden)
-                    finally:
-                        stats.compute_s_sum += time.perf_counter() - t0
-                    reply = self._result(rid, layer, out)
-                else:
-                    job = self._executor.submit(_call_checked, self.handler, layer, ids, hidden)
-                    self._inflight += 1
-                    job.add_done_callback(
-                        partial(self._computed_threadsafe, route, rid, layer, time.perf_counter())
-                    )
-                    return
-            elif mtype == PING:
-                reply = encode({"type": PONG, "id": rid, "server": self.name, "inflight": self._inflight})
-            else:
-                handler = self._control.get(mtype)
-                if handler is None:
-                    raise ServiceError(UNSUPPORTED, f"{mtype!r} messages are not served by this endpoint")
-                self._spawn(self._serve_control(route, handler, header, tensors))
-                return
-        except Exception as e:
-            reply = self._failure(rid, e)
-        self._reply(route, rid, reply)
-
-    def _result(self, rid: int, layer: int, out: torch.Tensor) -> list[bytes | memoryview]:
-        return encode_expert_result(rid, layer, out, self.limits)
-
-    def _handler_is_async(self) -> bool:
-        handler = self.handler  # public attribute: look again if it was replaced
-        if handler is not self._async_of[0]:
-            self._async_of = (handler, _is_async(handler))
-        return self._async_of[1]
-
-    def _failure(self, rid: int, e: Exception) -> list[bytes | memoryview]:
-        """The error reply for an exception raised while serving request `rid`."""
-        if isinstance(e, WireError):
-            return self._error(e.request_id if e.request_id is not None else rid, e.code, str(e))
-        if isinstance(e, ServiceError):
-            return self._error(rid, e.code, e.message)
-        # a handler bug must not take the service down
-        log.error("expert service %r: handler failed", self.name, exc_info=e)
-        return self._error(rid, HANDLER_ERROR, f"{type(e).__name__}: {e}")
-
-    def _reply(self, route: list[Any], rid: int, reply: list[bytes | memoryview]) -> None:
-        io = self._io
-        if io is None or self._closing:
-            return
-        frames = [*route, *reply]
-        try:
-            if not io.try_send(frames):  # a ROUTER does not block; just in case
-                self._spawn(self._send_later(rid, frames, frames_nbytes(reply)))
-                return
-            self.stats.bytes_sent += frames_nbytes(reply)
-        except (zmq.ZMQError, _SocketClosed) as e:
-            log.warning("expert service %r: reply to request %d failed: %s", self.name, rid, e)
-
-    async def _send_later(self, rid: int, frames: list[Any], nbytes: int) -> None:
-        if self._io is None or self._closing:
-            return
-        try:
-            await self._io.send(frames)
-            self.stats.bytes_sent += nbytes
-        except (zmq.ZMQError, _SocketClosed) as e:
-            log.warning("expert service %r: reply to request %d failed: %s", self.name, rid, e)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._inflight += 1
-        self._tasks.add(task)
-        task.add_done_callback(self._served)
-
-    def _served(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._done_one()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("expert service %r: request task failed", self.name, exc_info=task.exception())
-
-    def _done_one(self) -> None:
-        self._inflight -= 1
-        if self._io is not None:
-            self._io.kick()  # reading may have paused at max_inflight
-
-    async def _serve_async(
-        self, route: list[Any], rid: int, layer: int, ids: torch.Tensor, hidden: torch.Tensor
-    ) -> None:
-        t0 = time.perf_counter()
-        try:
-            out = _checked_output(await self.handler(layer, ids, hidden), hidden)  # type: ignore[misc]
-            reply = self._result(rid, layer, out)
-        except Exception as e:
-            reply = self._failure(rid, e)
-        finally:
-            self.stats.compute_s_sum += time.perf_counter() - t0
-        self._reply(route, rid, reply)
-
-    def _computed_threadsafe(
-        self, route: list[Any], rid: int, layer: int, t0: float, job: concurrent.futures.Future[Any]
-    ) -> None:
-        """Done callback of a handler run in the executor (runs in the worker thread): back to the loop."""
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self._computed, route, rid, layer, t0, job)
-        except RuntimeError:
-            pass  # the loop is closed: nobody to reply to
-
-    def _computed(
-        self, route: list[Any], rid: int, layer: int, t0: float, job: concurrent.futures.Future[Any]
-    ) -> None:
-        self.stats.compute_s_sum += time.perf_counter() - t0
-        self._done_one()
-        if self._closing or job.cancelled():
-            return
-        try:
-            reply = self._result(rid, layer, job.result())
-        except Exception as e:
-            reply = self._failure(rid, e)
-        self._reply(route, rid, reply)
-
-    async def _serve_control(
-        self,
-        route: list[Any],
-        handler: ControlHandler,
-        header: dict[str, Any],
-        tensors: dict[str, torch.Tensor],
-    ) -> None:
-        rid = header["id"]
-        try:
-            fields, out_tensors = await self._run(handler, header, tensors)
-            reply = encode({**fields, "type": ACK, "id": rid}, out_tensors, self.limits)
-        except Exception as e:
-            reply = self._failure(rid, e)
-        self._reply(route, rid, reply)
-
-    def _error(self, rid: int, code: str, message: str) -> list[bytes | memoryview]:
-        self.stats.errors[code] += 1
-        return encode({"type": ERROR, "id": rid, "code": code, "message": message[:MAX_REMOTE_MESSAGE]})
-
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if _is_async(fn):
-            return await fn(*args)
-        # inline mode has no executor of its own: control handlers (rare, maybe slow: loading weights)
-        # still run off the loop, in its default executor
-        result = await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
-        return await result if inspect.isawaitable(result) else result
-
-
-def _checked_output(out: Any, hidden: torch.Tensor) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise ServiceError(HANDLER_ERROR, f"handler returned {type(out).__name__}, expected a tensor")
-    if out.shape != hidden.shape:
-        raise ServiceError(
-            HANDLER_ERROR, f"handler returned shape {list(out.shape)} for hidden {list(hidden.shape)}"
-        )
-    if out.dtype is hidden.dtype and out.is_cpu and not out.requires_grad:
-        return out  # the common case, without the cost of a no-op .detach().to()
-    return out.detach().to(device="cpu", dtype=hidden.dtype)
-
-
-def _call_checked(handler: Handler, layer: int, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    return _checked_output(handler(layer, ids, hidden), hidden)
 
 
 # --------------------------------------------------------------------------------------------- client
@@ -1230,6 +853,9 @@ def _forward_cancel(
 
 
 MAX_WAIT_MS = 100  # a direct call's longest blocking receive before it looks at `fail_inflight` again
+# Replies up to this size are received straight into a tensor prepared while the request travels (one
+# memcpy); larger ones stay in ZeroMQ's frame (zero-copy), as a fresh buffer that large costs page faults.
+RECV_INTO_MAX = 256 * 2**10
 
 
 class _DirectLink:
@@ -1282,7 +908,13 @@ class DirectCall:
         self._outcome: str | None = None  # set once finished
         self._value: torch.Tensor | None = None
         self._error: BaseException | None = None
-        self._descs: list[dict[str, Any]] | None = None  # the tensors of the expected reply
+        # Made while the request travels: the reply prism's service sends, byte for byte, and the
+        # tensor its frame is received into (no decoding once it comes).
+        self._expect = expert_result_header(rid, layer, hidden.dtype, list(hidden.shape))
+        self._out: torch.Tensor | None = None
+        if 0 < hidden.nbytes <= RECV_INTO_MAX:
+            self._out = torch.empty(hidden.shape, dtype=hidden.dtype)
+            self._out_buf = tensor_bytes(self._out)
 
     def done(self) -> bool:
         return self._outcome is not None
@@ -1327,7 +959,7 @@ class DirectCall:
                 # A reply may have arrived while nobody was reading (the caller collected another call
                 # first): it counts, like a reply landing between a deadline and its retry.
                 try:
-                    frame = _recv_frame(sock, _NOBLOCK, False, False)
+                    frame = recv_frame(sock, NOBLOCK, False, False)
                 except zmq.Again:
                     if now < self._deadline:
                         raise TimeoutError(f"no reply from {client.name!r} within {timeout}s") from None
@@ -1349,16 +981,20 @@ class DirectCall:
                 if ms != link.rcvtimeo:
                     sock.rcvtimeo = link.rcvtimeo = ms
                 try:  # blocks, without the GIL, until a reply or the timeout
-                    frame = _recv_frame(sock, 0, False, False)
+                    frame = recv_frame(sock, 0, False, False)
                 except zmq.Again:
                     continue
-            frames = _recv_rest(sock, frame)
+            if self._out is not None and frame.more and frame.bytes == self._expect:
+                return self._receive_out(sock)
+            frames = recv_rest(sock, frame)
             nbytes = frames_nbytes(frames)
             stats.bytes_received += nbytes
-            if self._descs is None:
-                self._descs = result_descriptor(self._hidden)
-            try:
-                header, tensors = decode_expected(frames, self._descs, client.limits)
+            out = expected_result(frames, self._expect, self._hidden)  # (a large one: zero-copy frame)
+            if out is not None:
+                self._received += nbytes
+                return out
+            try:  # another reply (an error, a late one, a peer encoding differently): the general way
+                header, tensors = decode_expected(frames, result_descriptor(self._hidden), client.limits)
             except WireError as e:
                 if e.request_id != self._rid:
                     stats.unmatched_replies += 1
@@ -1370,6 +1006,26 @@ class DirectCall:
             self._received += nbytes
             _check_reply(client.name, header, EXPERT_CALL)
             return _expert_output(client.name, tensors, self._hidden)
+
+    def _receive_out(self, sock: zmq.Socket) -> torch.Tensor:
+        """After the expected header: its `out` frame, straight into the prepared tensor."""
+        assert self._out is not None
+        want = self._out_buf.nbytes
+        got = recv_into(sock, self._out_buf, flags=NOBLOCK)
+        extra = 0
+        while sockopt(sock, RCVMORE):  # a malformed reply: read it to its end
+            extra += len(recv_frame(sock, NOBLOCK, False, False))
+        nbytes = len(self._expect) + got + extra
+        self._link.client.stats.bytes_received += nbytes
+        self._received += nbytes
+        if got != want or extra:
+            raise RemoteError(
+                self._link.client.name,
+                BAD_REPLY,
+                f"expert_result frames do not match its header: {got} bytes for out (want {want})"
+                + (f" and {extra} bytes more" if extra else ""),
+            )
+        return self._out
 
     def _unavailable(self, now: float, reason: str) -> PeerUnavailable:
         client = self._link.client
@@ -1387,7 +1043,7 @@ class DirectCall:
         ms = max(1, int((self._deadline - time.monotonic()) * 1000))
         if not sock.poll(ms, zmq.POLLOUT):
             return  # still no connection: this attempt times out
-        _send_nowait(sock, self._frames)
+        send_nowait(sock, self._frames)
         self._sent += self._nbytes
         self._link.client.stats.bytes_sent += self._nbytes
 
@@ -1482,7 +1138,7 @@ class SyncPeerPool:
         try:
             rid = next(client._ids)
             frames = encode_expert_call(rid, layer, expert_ids, hidden, client.limits)
-            _send_nowait(link.sock, frames)
+            send_nowait(link.sock, frames)
         except zmq.Again:  # not connected (yet): the loop way waits for the connection within the deadline
             link.lock.release()
             return None
