@@ -21,7 +21,10 @@ what `prism serve` uses when links are emulated), `inline` (sync handler on the 
 `compute_threads=0`: what `prism serve` uses otherwise) and `async` (an async handler on the loop).
 The goal (issue 3) is read on `sync:inline`, the path of a real cluster.
 
-The methods are interleaved sample by sample so load spikes on a shared machine hit them alike. Prints
+The methods are interleaved sample by sample so load spikes on a shared machine hit them alike, in an
+order shuffled every round: in a fixed order each method would always follow the same others, and a
+process that sat idle through them answers its next call slower (measured: 10-20% on a 2-core VM,
+whichever method comes first after the raw server). Prints
 JSON: per-size medians (us), ratios to raw, and the median ratio of each method over the sizes. It
 measures; it never passes or fails on time (`goal_ratio` is only printed for reference).
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -119,6 +123,7 @@ def main() -> None:
         return serve_prism(args.hidden, args.serve)
 
     torch.manual_seed(0)
+    rng = random.Random(0)
     procs: list[subprocess.Popen[str]] = []
     raw_proc, raw_ep = _spawn("--serve", "raw")
     procs.append(raw_proc)
@@ -193,8 +198,10 @@ def main() -> None:
                         f()
                 # interleave one sample of each method at a time: load spikes hit all of them alike
                 budget = time.perf_counter() + args.seconds
+                order = list(methods.items())
                 while time.perf_counter() < budget or len(samples["raw"]) < args.min_samples:
-                    for m, f in methods.items():
+                    rng.shuffle(order)
+                    for m, f in order:
                         samples[m].append(f())
                 med = {m: statistics.median(v) * 1e6 for m, v in samples.items()}
                 results.append(

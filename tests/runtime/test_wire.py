@@ -390,9 +390,7 @@ CALL_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(CALL_VARIANTS))
-def test_decode_request_matches_decode_then_validate(variant: str) -> None:
-    frames = _call_frames(**CALL_VARIANTS[variant])
+def _assert_decode_request_matches_generic(variant: str, frames: list, seen: dict | None) -> None:
     limits = WireLimits()
 
     def generic(fr):
@@ -400,7 +398,7 @@ def test_decode_request_matches_decode_then_validate(variant: str) -> None:
         call = validate_expert_call(header, tensors, 4, 4, 8) if header["type"] == "expert_call" else None
         return header, tensors, call
 
-    kind_fast, fast = _outcome(wire.decode_request, frames, limits, 4, 4, 8)
+    kind_fast, fast = _outcome(wire.decode_request, frames, limits, 4, 4, 8, seen)
     kind_slow, slow = _outcome(generic, frames)
     assert kind_fast == kind_slow
     if kind_fast == "error":
@@ -413,6 +411,40 @@ def test_decode_request_matches_decode_then_validate(variant: str) -> None:
                 {"i": fast[2][1], "h": fast[2][2]}, {"i": slow[2][1], "h": slow[2][2]}
             )
     assert variant.startswith("ok") == (kind_fast == "ok" and fast[2] is not None) or variant == "ping_type"
+
+
+@pytest.mark.parametrize("variant", sorted(CALL_VARIANTS))
+def test_decode_request_matches_decode_then_validate(variant: str) -> None:
+    _assert_decode_request_matches_generic(variant, _call_frames(**CALL_VARIANTS[variant]), None)
+
+
+@pytest.mark.parametrize("variant", sorted(CALL_VARIANTS))
+def test_decode_request_with_seen_headers_matches_decode_then_validate(variant: str) -> None:
+    # every well-formed header remembered first: a variant with the same header but bad frames or ids
+    # (short_frame, ids_out_of_range, ...) then takes the remembered-header path
+    seen: dict = {}
+    for ok in (v for v in CALL_VARIANTS if v.startswith("ok")):
+        wire.decode_request(_call_frames(**CALL_VARIANTS[ok]), WireLimits(), 4, 4, 8, seen)
+    assert len(seen) == 3
+    _assert_decode_request_matches_generic(variant, _call_frames(**CALL_VARIANTS[variant]), seen)
+
+
+def test_remembered_header_reads_every_request_id_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict = {}
+    x, ids = torch.randn(2, 8), torch.tensor([1, 3])
+    first = [zmq.Frame(bytes(f)) for f in wire.encode_expert_call(7, 2, ids, x)]
+    wire.decode_request(first, WireLimits(), 4, 4, 8, seen)
+    assert len(seen) == 1
+
+    def unexpected(*args):
+        raise AssertionError("a remembered header was unpacked again")
+
+    monkeypatch.setattr(wire, "_plain_expert_call", unexpected)
+    for rid in (0, 127, 128, 255, 256, 2**16, 2**32, 2**64 - 1):
+        frames = [zmq.Frame(bytes(f)) for f in wire.encode_expert_call(rid, 2, ids, x)]
+        header, tensors, call = wire.decode_request(frames, WireLimits(), 4, 4, 8, seen)
+        assert header == decode(frames)[0] and header["id"] == rid
+        assert call[0] == 2 and torch.equal(call[1], ids) and torch.equal(call[2], x)
 
 
 def test_decode_expected_matches_decode() -> None:

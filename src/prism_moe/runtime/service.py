@@ -153,6 +153,7 @@ class ExpertService:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._tasks: set[asyncio.Task[_Done]] = set()  # on the loop
+        self._seen: dict[bytes, Any] = {}  # expert_call headers that passed validation (decode_request)
         self._closing = False
         self._endpoint = ""
 
@@ -305,7 +306,7 @@ class ExpertService:
         rid = 0  # id 0 = unattributable; clients number requests from 1
         try:
             header, tensors, call = decode_request(
-                body, self.limits, self.num_layers, self.num_experts, self.hidden_size
+                body, self.limits, self.num_layers, self.num_experts, self.hidden_size, self._seen
             )
             rid = header["id"]
             if call is not None:
