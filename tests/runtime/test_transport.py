@@ -19,7 +19,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from prism_moe.runtime import transport
+from prism_moe.runtime import transport, wire
 from prism_moe.runtime.emulation import LinkEmulator, LinkProfile
 from prism_moe.runtime.keys import CurveIdentity, load_identity, make_cluster_keys
 from prism_moe.runtime.transport import (
@@ -871,3 +871,52 @@ def test_direct_call_collected_after_its_deadline_takes_the_reply_that_came_in_t
         finally:
             pool.close()
             lt.run(svc.close())
+
+
+def test_direct_call_checks_the_frames_after_the_header_it_expects() -> None:
+    """A peer that answers with exactly the header prism's service would send, then a wrong `out` frame:
+    the call fails with bad_reply and the socket stays in step for the next call."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    mode = {"now": "good"}
+    stop = threading.Event()
+
+    def serve() -> None:  # echoes hidden as `out`, or breaks the reply as `mode` says
+        while not stop.is_set():
+            if not router.poll(20):
+                continue
+            route, head, hidden, _ids = router.recv_multipart()
+            header = msgpack.unpackb(head)
+            n, h = header["tensors"][0]["shape"]
+            reply = [wire.expert_result_header(header["id"], header["layer"], torch.float32, [n, h]), hidden]
+            if mode["now"] == "short":
+                reply[1] = hidden[:-4]
+            elif mode["now"] == "extra":
+                reply.append(b"junk")
+            router.send_multipart([route, *reply])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    with LoopThread() as lt:
+        pool = SyncPeerPool({"evil": f"tcp://127.0.0.1:{port}"}, loop_thread=lt, timeout=2.0, retries=0)
+        try:
+            ids, x = batch()
+            _connected(pool, "evil", ids, x)
+            for broken, says in (("short", "needs 320 bytes, frame has 316"), ("extra", "2 tensor frames followed")):
+                mode["now"] = broken
+                call = pool.start_call("evil", 1, ids, x)
+                assert isinstance(call, transport.DirectCall)
+                with pytest.raises(RemoteError, match=says) as e:
+                    call.result()
+                assert e.value.code == "bad_reply"
+            mode["now"] = "good"
+            call = pool.start_call("evil", 1, ids, x)
+            assert isinstance(call, transport.DirectCall) and torch.equal(call.result(), x)
+        finally:
+            pool.close()
+            stop.set()
+            server.join(5)
+            router.close(0)
+            ctx.term()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import msgpack
@@ -316,14 +317,17 @@ def _same_tensors(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32], ids=str)
 def test_fast_encoders_give_the_generic_bytes(dtype: torch.dtype, ids_dtype: torch.dtype) -> None:
-    for n in (0, 1, 5):
+    # ids at every msgpack uint width boundary: the fast encoders splice the id into cached header bytes
+    rids = (0, 9, 127, 128, 255, 256, 2**16 - 1, 2**16, 2**32 - 1, 2**32, 2**40, 2**64 - 1)
+    for n, rid in itertools.product((0, 1, 5), rids):
         x, ids = torch.randn(n, 8).to(dtype), torch.randint(0, 4, (n,), dtype=ids_dtype)
-        fast = wire.encode_expert_call(2**40, 3, ids, x)
-        slow = encode({"type": "expert_call", "id": 2**40, "layer": 3}, {"hidden": x, "expert_ids": ids})
+        fast = wire.encode_expert_call(rid, 3, ids, x)
+        slow = encode({"type": "expert_call", "id": rid, "layer": 3}, {"hidden": x, "expert_ids": ids})
         assert [bytes(f) for f in fast] == [bytes(f) for f in slow]
-        fast = wire.encode_expert_result(9, 1, x, wire.DEFAULT_LIMITS)
-        slow = encode({"type": "expert_result", "id": 9, "layer": 1}, {"out": x})
+        fast = wire.encode_expert_result(rid, 1, x, wire.DEFAULT_LIMITS)
+        slow = encode({"type": "expert_result", "id": rid, "layer": 1}, {"out": x})
         assert [bytes(f) for f in fast] == [bytes(f) for f in slow]
+        assert wire.expert_result_header(rid, 1, x.dtype, list(x.shape)) == bytes(slow[0])
     # inputs the fast path does not take go the generic way (same bytes, same errors)
     x = torch.randn(8, 4).t()  # not contiguous
     ids = torch.tensor([0, 1, 2, 3])

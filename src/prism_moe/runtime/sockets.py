@@ -13,14 +13,12 @@ import zmq
 
 # plain ints: pyzmq's enum flags cost microseconds per operation on the hot path
 POLLIN, POLLOUT, NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
-NOBLOCK_MORE, EVENTS, RCVMORE = int(zmq.NOBLOCK | zmq.SNDMORE), int(zmq.EVENTS), int(zmq.RCVMORE)
+NOBLOCK_MORE, EVENTS = int(zmq.NOBLOCK | zmq.SNDMORE), int(zmq.EVENTS)
 
 if issubclass(zmq.Socket, zmq.backend.Socket):
     send_frame, recv_frame, sockopt = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
-    recv_into = zmq.backend.Socket.recv_into  # (pyzmq >= 26.4) a frame into a buffer of ours, no zmq.Frame
 else:  # pragma: no cover - a pyzmq whose sugar Socket is not built on its backend's
     send_frame, recv_frame, sockopt = zmq.Socket.send, zmq.Socket.recv, zmq.Socket.get
-    recv_into = zmq.Socket.recv_into
 
 
 def send_nowait(sock: zmq.Socket, frames: list[Any]) -> None:

@@ -37,9 +37,7 @@ from .sockets import (
     NOBLOCK,
     POLLIN,
     POLLOUT,
-    RCVMORE,
-    recv_frame,
-    recv_into,
+        recv_frame,
     recv_rest,
     send_nowait,
     sockopt,
@@ -61,7 +59,6 @@ from .wire import (
     expert_result_header,
     frames_nbytes,
     result_descriptor,
-    tensor_bytes,
 )
 
 __all__ = [
@@ -853,9 +850,6 @@ def _forward_cancel(
 
 
 MAX_WAIT_MS = 100  # a direct call's longest blocking receive before it looks at `fail_inflight` again
-# Replies up to this size are received straight into a tensor prepared while the request travels (one
-# memcpy); larger ones stay in ZeroMQ's frame (zero-copy), as a fresh buffer that large costs page faults.
-RECV_INTO_MAX = 256 * 2**10
 
 
 class _DirectLink:
@@ -908,13 +902,8 @@ class DirectCall:
         self._outcome: str | None = None  # set once finished
         self._value: torch.Tensor | None = None
         self._error: BaseException | None = None
-        # Made while the request travels: the reply prism's service sends, byte for byte, and the
-        # tensor its frame is received into (no decoding once it comes).
-        self._expect = expert_result_header(rid, layer, hidden.dtype, list(hidden.shape))
-        self._out: torch.Tensor | None = None
-        if 0 < hidden.nbytes <= RECV_INTO_MAX:
-            self._out = torch.empty(hidden.shape, dtype=hidden.dtype)
-            self._out_buf = tensor_bytes(self._out)
+        # made while the request travels: the reply prism's service sends, byte for byte
+        self._expect = expert_result_header(rid, layer, hidden.dtype, hidden.shape)
 
     def done(self) -> bool:
         return self._outcome is not None
@@ -984,12 +973,10 @@ class DirectCall:
                     frame = recv_frame(sock, 0, False, False)
                 except zmq.Again:
                     continue
-            if self._out is not None and frame.more and frame.bytes == self._expect:
-                return self._receive_out(sock)
             frames = recv_rest(sock, frame)
             nbytes = frames_nbytes(frames)
             stats.bytes_received += nbytes
-            out = expected_result(frames, self._expect, self._hidden)  # (a large one: zero-copy frame)
+            out = expected_result(frames, self._expect, self._hidden)
             if out is not None:
                 self._received += nbytes
                 return out
@@ -1006,26 +993,6 @@ class DirectCall:
             self._received += nbytes
             _check_reply(client.name, header, EXPERT_CALL)
             return _expert_output(client.name, tensors, self._hidden)
-
-    def _receive_out(self, sock: zmq.Socket) -> torch.Tensor:
-        """After the expected header: its `out` frame, straight into the prepared tensor."""
-        assert self._out is not None
-        want = self._out_buf.nbytes
-        got = recv_into(sock, self._out_buf, flags=NOBLOCK)
-        extra = 0
-        while sockopt(sock, RCVMORE):  # a malformed reply: read it to its end
-            extra += len(recv_frame(sock, NOBLOCK, False, False))
-        nbytes = len(self._expect) + got + extra
-        self._link.client.stats.bytes_received += nbytes
-        self._received += nbytes
-        if got != want or extra:
-            raise RemoteError(
-                self._link.client.name,
-                BAD_REPLY,
-                f"expert_result frames do not match its header: {got} bytes for out (want {want})"
-                + (f" and {extra} bytes more" if extra else ""),
-            )
-        return self._out
 
     def _unavailable(self, now: float, reason: str) -> PeerUnavailable:
         client = self._link.client

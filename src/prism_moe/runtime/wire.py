@@ -13,6 +13,7 @@ such as `zmq.Frame`, one copy for read-only `bytes`). See docs/wire-protocol.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -104,7 +105,10 @@ def _nbytes(frame: Frame) -> int:
 
 def frames_nbytes(frames: Sequence[Frame]) -> int:
     """Total payload bytes of a multipart message (what crosses the link, less ZeroMQ framing)."""
-    return sum(_nbytes(f) for f in frames)
+    n = 0
+    for f in frames:
+        n += memoryview(f).nbytes
+    return n
 
 
 def _check_shape(name: str, shape: Any, limits: WireLimits, rid: int | None) -> tuple[int, ...]:
@@ -352,6 +356,7 @@ def encode_expert_call(
         and i.flags.c_contiguous
         and type(rid) is int
         and 0 <= rid <= MAX_ID
+        and type(layer) is int
         and (limits is None or h.nbytes + i.nbytes <= limits.max_total_bytes)
     ):
         return encode(
@@ -359,31 +364,65 @@ def encode_expert_call(
             {"hidden": hidden, "expert_ids": expert_ids},
             limits,
         )
-    n, hs = h.shape
+    rest = _call_header_rest(layer, DTYPE_NAMES[hidden.dtype], h.shape, DTYPE_NAMES[expert_ids.dtype], i.shape[0])
+    return [_CALL_PREFIX + _msgpack_uint(rid) + rest, memoryview(h), memoryview(i)]
+
+
+def expert_result_header(rid: int, layer: int, dtype: torch.dtype, shape: Sequence[int]) -> bytes:
+    """Frame 0 of the expert_result that `encode_expert_result` builds for an `out` of `dtype` and
+    `shape`: its exact bytes, so a caller can recognise the reply it expects with one comparison."""
+    return _RESULT_PREFIX + _msgpack_uint(rid) + _result_header_rest(layer, DTYPE_NAMES[dtype], tuple(shape))
+
+
+# The two hot headers are packed once per (layer, shapes, dtypes): the bytes after the request id are
+# cached and the id spliced in, as msgpack.packb would write it (shortest uint form; tested against it).
+def _header_prefix(mtype: str) -> bytes:
+    """The bytes of a `{"type": mtype, "id": ...}` 5-key map up to the id's value."""
+    full = msgpack.packb({"type": mtype, "id": 0, "layer": 0, "v": PROTOCOL_VERSION, "tensors": []})
+    return full[: full.index(b"\xa2id") + 3]
+
+
+def _msgpack_uint(v: int) -> bytes:
+    """`msgpack.packb(v)` for 0 <= v < 2**64."""
+    if v < 0x80:
+        return bytes((v,))
+    if v < 0x100:
+        return b"\xcc" + v.to_bytes(1, "big")
+    if v < 0x10000:
+        return b"\xcd" + v.to_bytes(2, "big")
+    if v < 0x100000000:
+        return b"\xce" + v.to_bytes(4, "big")
+    return b"\xcf" + v.to_bytes(8, "big")
+
+
+_CALL_PREFIX, _RESULT_PREFIX = _header_prefix(EXPERT_CALL), _header_prefix(EXPERT_RESULT)
+
+
+@functools.lru_cache(maxsize=4096)
+def _call_header_rest(layer: int, h_dtype: str, h_shape: tuple[int, int], i_dtype: str, n: int) -> bytes:
     header = {
         "type": EXPERT_CALL,
-        "id": rid,
+        "id": 0,
         "layer": layer,
         "v": PROTOCOL_VERSION,
         "tensors": [
-            {"name": "hidden", "dtype": DTYPE_NAMES[hidden.dtype], "shape": [n, hs]},
-            {"name": "expert_ids", "dtype": DTYPE_NAMES[expert_ids.dtype], "shape": [i.shape[0]]},
+            {"name": "hidden", "dtype": h_dtype, "shape": list(h_shape)},
+            {"name": "expert_ids", "dtype": i_dtype, "shape": [n]},
         ],
     }
-    return [msgpack.packb(header, use_bin_type=True), memoryview(h), memoryview(i)]
+    return msgpack.packb(header, use_bin_type=True)[len(_CALL_PREFIX) + 1 :]
 
 
-def expert_result_header(rid: int, layer: int, dtype: torch.dtype, shape: list[int]) -> bytes:
-    """Frame 0 of the expert_result that `encode_expert_result` builds for an `out` of `dtype` and
-    `shape`: its exact bytes, so a caller can recognise the reply it expects with one comparison."""
+@functools.lru_cache(maxsize=4096)
+def _result_header_rest(layer: int, dtype: str, shape: tuple[int, ...]) -> bytes:
     header = {
         "type": EXPERT_RESULT,
-        "id": rid,
+        "id": 0,
         "layer": layer,
         "v": PROTOCOL_VERSION,
-        "tensors": [{"name": "out", "dtype": DTYPE_NAMES[dtype], "shape": shape}],
+        "tensors": [{"name": "out", "dtype": dtype, "shape": list(shape)}],
     }
-    return msgpack.packb(header, use_bin_type=True)
+    return msgpack.packb(header, use_bin_type=True)[len(_RESULT_PREFIX) + 1 :]
 
 
 def encode_expert_result(
@@ -396,10 +435,11 @@ def encode_expert_result(
         and o.flags.c_contiguous
         and type(rid) is int
         and 0 <= rid <= MAX_ID
+        and type(layer) is int
         and (limits is None or o.nbytes <= limits.max_total_bytes)
     ):
         return encode({"type": EXPERT_RESULT, "id": rid, "layer": layer}, {"out": out}, limits)
-    return [expert_result_header(rid, layer, out.dtype, list(o.shape)), memoryview(o)]
+    return [expert_result_header(rid, layer, out.dtype, o.shape), memoryview(o)]
 
 
 def expected_result(frames: Sequence[Frame], header: bytes, like: torch.Tensor) -> torch.Tensor | None:
@@ -489,11 +529,9 @@ def decode_request(
     return header, tensors, validate_expert_call(header, tensors, num_layers, num_experts, hidden_size)
 
 
-# How our encoders lay out an expert_call header: a 5-key map whose first two keys are type and id, so
-# the request id is the msgpack int right after this prefix and everything after it (layer, v, tensors)
-# is the same for every call of one layer and batch shape.
-_CALL_PREFIX = msgpack.packb({"type": EXPERT_CALL, "id": 0, "layer": 0, "v": 1, "tensors": []})[:21]
-assert _CALL_PREFIX.endswith(b"\xa2id")
+# Our encoders lay out an expert_call header as `_CALL_PREFIX` (a 5-key map, type, the key "id"), the
+# request id as a msgpack uint, then layer, v and tensors: the same bytes for every call of one layer and
+# batch shape.
 _UINT_WIDTH = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # msgpack uint 8/16/32/64 markers
 MAX_SEEN_HEADERS = 4096
 
