@@ -131,8 +131,8 @@ def _check_shape(name: str, shape: Any, limits: WireLimits, rid: int | None) -> 
     return tuple(shape)
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The storage of contiguous CPU tensor `t` as a buffer, sharing memory (no copy; writable)."""
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The storage of contiguous CPU tensor `t` as a byte buffer, sharing memory (no copy)."""
     if t.numel() == 0:
         return memoryview(b"")
     if t.dtype == torch.bfloat16:
@@ -180,7 +180,7 @@ def encode(
             if not t.is_contiguous():
                 t = t.contiguous()
             descs.append({"name": name, "dtype": dname, "shape": list(t.shape)})
-            buf = tensor_bytes(t)
+            buf = _tensor_bytes(t)
             total += buf.nbytes
             frames.append(buf)
     if limits is not None:
