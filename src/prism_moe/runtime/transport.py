@@ -139,7 +139,7 @@ class CallEvent:
 
 @dataclass
 class PeerStats:
-    """Counters for one peer link, updated on the event loop thread (reads from others are fine)."""
+    """Counters for one peer link, updated by the thread that ran the call (reads from others are fine)."""
 
     calls: int = 0
     ok: int = 0
