@@ -191,10 +191,10 @@ class EdgeServer:
         self.service = ExpertService(f"tcp://{host}:{port}", self._serve_experts, num_layers=spec.num_moe_layers,
                                      num_experts=spec.num_experts, hidden_size=spec.hidden_size, name=self.name,
                                      identity=identity, compute_threads=0)
-        # async wrappers: migration work runs in the default thread pool, not in the service's single
-        # compute thread, so peers' expert calls are not queued behind incoming weights
-        self.service.on("load_expert", self._off_thread(self._on_load_message))
-        self.service.on("drop_expert", self._off_thread(self._on_drop_message))
+        # the service runs these sync handlers in its loop's default thread pool, not on its I/O thread, so
+        # peers' expert calls are not queued behind incoming weights
+        self.service.on("load_expert", self._on_load_message)
+        self.service.on("drop_expert", self._on_drop_message)
         self.loop_thread.run(self.service.start())
         peers = {s.name: f"tcp://{s.host}:{s.expert_port}" for s in self.cluster.servers if s.name != self.name}
         if peers:
@@ -444,15 +444,6 @@ class EdgeServer:
             return sum(t.numel() * t.element_size() for t in tensors.values())
 
         return sum(await asyncio.gather(*(one(c) for c in chunks)))
-
-    @staticmethod
-    def _off_thread(fn: Any) -> Any:
-        import asyncio
-
-        async def handler(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
-            return await asyncio.to_thread(fn, header, tensors)
-
-        return handler
 
     def _on_load_message(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
