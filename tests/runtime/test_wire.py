@@ -295,7 +295,7 @@ def test_validate_rejects_other_types_and_missing_tensors() -> None:
 
 
 # ------------------------------------------------------------------------ fast paths (hot messages)
-# encode_expert_call / encode_expert_result / decode_request / decode_expected must give exactly what
+# encode_expert_call / encode_expert_result / decode_request must give exactly what
 # the generic encode / decode / validate_expert_call give: the same bytes, tensors and errors.
 
 
@@ -451,23 +451,19 @@ def test_remembered_header_reads_every_request_id_width(monkeypatch: pytest.Monk
         assert call[0] == 2 and torch.equal(call[1], ids) and torch.equal(call[2], x)
 
 
-def test_decode_expected_matches_decode() -> None:
+def test_expected_result_takes_only_the_exact_reply_and_matches_decode() -> None:
     x = torch.randn(3, 8).to(torch.bfloat16)
     good = [zmq.Frame(bytes(f)) for f in encode({"type": "expert_result", "id": 4, "layer": 2}, {"out": x})]
-    desc = wire.result_descriptor(x)
-    header, tensors = wire.decode_expected(good, desc)
-    assert header == decode(good)[0] and _same_tensors(tensors, {"out": x})
-    # another shape, an error reply, a corrupt frame: the generic decode's answer (or error)
-    other = [bytes(f) for f in encode({"type": "expert_result", "id": 4}, {"out": torch.randn(2, 8)})]
+    header = wire.expert_result_header(4, 2, x.dtype, list(x.shape))
+    out = wire.expected_result(good, header, x)
+    assert out is not None and _same_tensors({"out": out}, decode(good)[1])
+    # another id, shape or type, a corrupt or missing frame: not taken (the caller decodes them)
+    other_id = [bytes(f) for f in encode({"type": "expert_result", "id": 5, "layer": 2}, {"out": x})]
+    other = [bytes(f) for f in encode({"type": "expert_result", "id": 4, "layer": 2}, {"out": torch.randn(2, 8)})]
     err = [bytes(f) for f in encode({"type": "error", "id": 4, "code": "not_held", "message": "m"})]
     corrupt = [bytes(good[0]), bytes(good[1])[:-2]]
-    for frames in (other, err, corrupt, [b"\x00"]):
-        a, b = _outcome(wire.decode_expected, frames, desc), _outcome(decode, frames)
-        assert a[0] == b[0]
-        if a[0] == "error":
-            assert a[1] == b[1]
-        else:
-            assert a[1][0] == b[1][0] and _same_tensors(a[1][1], b[1][1])
+    for frames in (other_id, other, err, corrupt, good[:1], [*good, b"x"], [b"\x00"]):
+        assert wire.expected_result(frames, header, x) is None
 
 
 def test_decode_request_on_random_garbage_only_raises_wire_error() -> None:

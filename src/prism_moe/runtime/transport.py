@@ -52,13 +52,11 @@ from .wire import (
     WireError,
     WireLimits,
     decode,
-    decode_expected,
     encode,
     encode_expert_call,
     expected_result,
     expert_result_header,
     frames_nbytes,
-    result_descriptor,
 )
 
 __all__ = [
@@ -981,7 +979,7 @@ class DirectCall:
                 self._received += nbytes
                 return out
             try:  # another reply (an error, a late one, a peer encoding differently): the general way
-                header, tensors = decode_expected(frames, result_descriptor(self._hidden), client.limits)
+                header, tensors = decode(frames, client.limits)
             except WireError as e:
                 if e.request_id != self._rid:
                     stats.unmatched_replies += 1

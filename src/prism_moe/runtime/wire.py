@@ -454,48 +454,6 @@ def expected_result(frames: Sequence[Frame], header: bytes, like: torch.Tensor) 
     return _from_buffer(mv, like.dtype, tuple(like.shape), False)
 
 
-def result_descriptor(like: torch.Tensor) -> list[dict[str, Any]]:
-    """The `tensors` entry of a well-formed expert_result answering a call with hidden states `like`."""
-    return [{"name": "out", "dtype": DTYPE_NAMES[like.dtype], "shape": list(like.shape)}]
-
-
-def decode_expected(
-    frames: Sequence[Frame], descs: list[dict[str, Any]], limits: WireLimits = DEFAULT_LIMITS
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """`decode(frames, limits)` for a message expected to carry exactly the tensors `descs` (as
-    `result_descriptor` builds them): one comparison checks every descriptor; otherwise the generic
-    decode runs."""
-    head = frames[0] if frames else b""
-    if (
-        len(frames) == 1 + len(descs)
-        and len(descs) <= limits.max_tensors
-        and _nbytes(head) <= limits.max_header_bytes
-    ):
-        header = _unpack_or_none(head)
-        if (
-            type(header) is dict
-            and header.get("tensors") == descs
-            and header.get("v") == PROTOCOL_VERSION
-            and header.get("type") in MESSAGE_TYPES
-            and type(header.get("id")) is int
-            and 0 <= header["id"] <= MAX_ID
-            and type(header.get("layer", 0)) is int
-        ):
-            tensors: dict[str, torch.Tensor] = {}
-            total = 0
-            for desc, frame in zip(descs, frames[1:], strict=True):
-                dtype, shape = DTYPES[desc["dtype"]], desc["shape"]
-                mv = memoryview(frame)
-                want = math.prod(shape) * dtype.itemsize
-                total += want
-                if mv.ndim != 1 or mv.itemsize != 1 or mv.nbytes != want or total > limits.max_total_bytes:
-                    break
-                tensors[desc["name"]] = _from_buffer(mv, dtype, tuple(shape), False)
-            else:
-                return header, tensors
-    return decode(frames, limits)
-
-
 def decode_request(
     frames: Sequence[Frame],
     limits: WireLimits,
