@@ -274,13 +274,13 @@ class ExpertService:
                     # nothing can be posted: block in ZeroMQ until a message comes (or close)
                     first = recv_frame(sock, 0, False, False)
                 else:
-                    ready = zmq.zmq_poll(reading if self._inflight < self.max_inflight else paused, -1)
-                    if any(s is not sock for s, _ in ready):
+                    ready = [s for s, _ in zmq.zmq_poll(reading if self._inflight < self.max_inflight else paused, -1)]
+                    if wake_fd in ready:
                         try:
                             wake.recv(4096)
                         except BlockingIOError:
                             pass
-                    if not any(s is sock for s, _ in ready):
+                    if sock not in ready:
                         continue
                     try:
                         first = recv_frame(sock, NOBLOCK, False, False)
