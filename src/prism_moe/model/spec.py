@@ -43,6 +43,7 @@ class ModelSpec:
     num_shared_experts: int = 0
     vocab_size: int = 0
     dtype: str = "bfloat16"
+    kv_values_per_token: int = 0  # KV-cache values one token keeps per decoder layer (0: unknown)
 
     def __post_init__(self) -> None:
         if self.num_moe_layers <= 0 or self.num_experts <= 0:
@@ -79,6 +80,11 @@ class ModelSpec:
     @property
     def total_bytes(self) -> int:
         return self.total_params * self.bytes_per_param
+
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """KV-cache bytes of one token in one decoder layer; 2 x hidden when the config does not say."""
+        return (self.kv_values_per_token or 2 * self.hidden_size) * self.bytes_per_param
 
     @property
     def expert_flops_per_token(self) -> int:
@@ -246,7 +252,17 @@ def _spec_from_config(config: dict[str, Any], name: str | None, dtype: str | Non
         num_shared_experts=n_shared,
         vocab_size=vocab,
         dtype=resolved_dtype,
+        kv_values_per_token=_kv_values(config, hidden),
     )
+
+
+def _kv_values(config: dict[str, Any], hidden: int) -> int:
+    """Values cached per token and layer: MLA keeps its latent and rope key, others K and V per KV head."""
+    if config.get("kv_lora_rank"):
+        return int(config["kv_lora_rank"]) + int(config.get("qk_rope_head_dim") or 0)
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    return 2 * int(config.get("num_key_value_heads") or heads) * head_dim
 
 
 # The fields of the published config.json of each model that decide its shape.

@@ -20,6 +20,13 @@ The step ends after the last layer: prefilled requests get their first token, ru
 
 Resources are claimed in event-time order, except that a layer's sends are claimed at its start
 event for the time the dense part ends (a few tens of microseconds later).
+
+Execution plans (`ExecutionPlan`): layer l of home s's forward runs on executor[s, l]. When that is
+not where the batch's hidden states are (home before layer 0), they are handed over first: all of the
+forward's tokens serialised on that link (FIFO) + latency; the layer then claims the executor's GPU
+(FIFO with its own steps and other homes' blocks: batches of different homes are not merged into one
+kernel) and calls the executor's peers for experts it lacks, by the executor's routes. After the last
+layer the hidden state of each request's last position goes back home for the head and sampling.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prism_moe.placement.placement import Placement
+from prism_moe.placement.plan import ExecutionPlan
 from prism_moe.sim.cost import HEADER_BYTES, PAIR_BYTES, CostModel
 from prism_moe.sim.workload import Requests, TokenPool
 
@@ -60,7 +68,7 @@ class PlacementChange:
     with the fastest link), and switch when the last copy has landed."""
 
     time: float
-    placement: Placement
+    placement: Placement | ExecutionPlan
     migrate: bool = True
 
 
@@ -69,6 +77,8 @@ class EngineStats:
     pairs: int = 0  # (token, expert) invocations = simulated expert calls
     remote_pairs: int = 0
     remote_calls: int = 0  # batched (layer, peer) messages
+    handoffs: int = 0  # hidden states handed to another executor (block boundaries, and back home)
+    handoff_bytes: float = 0.0
     cross_bytes: float = 0.0
     steps: int = 0
     layer_steps: int = 0
@@ -79,12 +89,14 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, cost: CostModel, placement: Placement, pools: list[TokenPool], requests: Requests,
+    def __init__(self, cost: CostModel, placement: Placement | ExecutionPlan, pools: list[TokenPool], requests: Requests,
                  config: EngineConfig | None = None, changes: list[PlacementChange] | None = None):
         self.cost = cost
         self.cfg = config or EngineConfig()
         self.req = requests
         s = cost.num_servers
+        self._set_placement(placement)
+        placement = self.placement
         if placement.num_servers != s:
             raise ValueError(f"placement has {placement.num_servers} servers, the cluster {s}")
         layers = {p.experts.shape[0] for p in pools}
@@ -102,11 +114,14 @@ class Engine:
         self.r_n = np.array([p.num_tokens for p in pools])[requests.pool]
         self.r_start = requests.start % self.r_n
         self.emask = _expert_masks(self.experts)
-        self._set_placement(placement)
         self.changes = sorted(changes or [], key=lambda c: c.time)
 
-    def _set_placement(self, placement: Placement) -> None:
-        self.placement = placement
+    def _set_placement(self, plan: Placement | ExecutionPlan) -> None:
+        if isinstance(plan, Placement):
+            plan = ExecutionPlan.from_placement(plan)
+        self.plan = plan
+        self.executor = plan.executor.tolist()  # [S][L]
+        placement = self.placement = plan.placement
         self.route = placement.route  # [S, L, E]
         S, L, E = self.route.shape
         # Per (server, layer): [(target, bitmask of the experts it serves for this server)], local first.
@@ -202,7 +217,10 @@ class Engine:
         separate = cfg.separate_prefill
         step_idx: list[np.ndarray | None] = [None] * S
         step_list: list[list[int]] = [[] for _ in range(S)]
-        step_dense = [0.0] * S  # one layer's dense time for this step's token count
+        step_dense: list[list[float]] = [[0.0] * S for _ in range(S)]  # [home][executor]: one layer's dense time
+        step_rows = [0] * S  # requests in the forward under way (rows handed back home at its end)
+        loc = list(range(S))  # where home s's hidden states are
+        moved = [False] * S  # layer[s]'s hand-off has landed
         k_top = self.experts.shape[2]
         layer = [0] * S
         pending = [0] * S
@@ -241,8 +259,10 @@ class Engine:
             step_idx[s] = idx = token_rows(new, run)
             T = len(idx)
             step_list[s] = idx.tolist() if T <= SMALL_BATCH else []
-            step_dense[s] = max(dl_bytes / mem_bps[s], dl_flops * T / flops[s]) + ovh[s]
+            step_dense[s] = [max(dl_bytes / mem_bps[p], dl_flops * T / flops[p]) + ovh[p] for p in range(S)]
             step_new[s], step_run[s] = new, run
+            step_rows[s] = len(new) + len(run)
+            loc[s] = s
             layer[s] = 0
             push(t, LAYER, s)
 
@@ -309,39 +329,62 @@ class Engine:
             st.cross_bytes += nbytes
             return t1
 
+        def hand_off(a: int, b: int, n_tokens: int, t: float) -> float:
+            """Hidden states of n_tokens from a to b, ready at t; returns when they have arrived."""
+            nbytes = n_tokens * tok_b + HEADER_BYTES
+            st.handoffs += 1
+            st.handoff_bytes += nbytes
+            return transmit(a, b, nbytes, t) + lat[a][b]
+
+        def finish_forward(s: int, t: float, inline: bool) -> None:
+            """The last layer of s's forward ended at t on loc[s]: its rows go home, then the step ends."""
+            if loc[s] != s:
+                push(hand_off(loc[s], s, step_rows[s], t), WAKE, s, "end")
+            elif inline:
+                end_step(s, t)
+            else:
+                push(t, WAKE, s, "end")
+
         def do_layer(s: int, t: float) -> None:
             """Run layer[s] of server s's step from time t; loops over layers while nothing else is due."""
             while True:
                 l = layer[s]
                 idx = step_idx[s]
                 T = len(idx)
-                g0 = gpu_free[s] if gpu_free[s] > t else t
-                dense_end = g0 + step_dense[s]
-                calls = self._route_small(s, l, step_list[s]) if T <= SMALL_BATCH else self._route_large(s, l, idx)
+                e = self.executor[s][l]
+                if e != loc[s] and not moved[s]:  # the block runs elsewhere: hand the batch over first
+                    moved[s] = True
+                    push(hand_off(loc[s], e, T, t), LAYER, s)
+                    return
+                moved[s] = False
+                loc[s] = e
+                g0 = gpu_free[e] if gpu_free[e] > t else t
+                dense_end = g0 + step_dense[s][e]
+                calls = self._route_small(e, l, step_list[s]) if T <= SMALL_BATCH else self._route_large(e, l, idx)
                 st.pairs += T * k_top
                 st.layer_steps += 1
                 n_loc, d_loc = 0, 0
                 n_calls = 0
                 for p, nt, np_, nd in calls:
-                    if p == s:
+                    if p == e:
                         n_loc, d_loc = np_, nd
                         continue
-                    t1 = transmit(s, p, nt * tok_b + np_ * PAIR_BYTES + HEADER_BYTES, dense_end)
+                    t1 = transmit(e, p, nt * tok_b + np_ * PAIR_BYTES + HEADER_BYTES, dense_end)
                     st.remote_pairs += np_
                     n_calls += 1
-                    hpush(heap, (t1 + lat[s][p], next(counter), ARRIVE, p, (s, nd, np_, nt)))
+                    hpush(heap, (t1 + lat[e][p], next(counter), ARRIVE, p, (s, e, nd, np_, nt)))
                 st.remote_calls += n_calls
-                loc_t = (max(d_loc * ebytes / mem_bps[s], n_loc * eflops / flops[s]) + ovh[s]) if n_loc else 0.0
+                loc_t = (max(d_loc * ebytes / mem_bps[e], n_loc * eflops / flops[e]) + ovh[e]) if n_loc else 0.0
                 end = dense_end + loc_t
-                gpu_free[s] = end
-                st.busy_s[s] += end - g0
+                gpu_free[e] = end
+                st.busy_s[e] += end - g0
                 layer_done[s] = end
                 pending[s] = n_calls
                 if n_calls:
                     return
                 # all local: go on to the next layer (inline while no other event is due first)
                 if l + 1 == L:
-                    end_step(s, end)
+                    finish_forward(s, end, inline=True)
                     return
                 layer[s] = l + 1
                 if heap and heap[0][0] <= end:
@@ -351,9 +394,9 @@ class Engine:
                 n_events += 1
                 t = end
 
-        def do_return(a: int, s: int, nt: int, t: float) -> None:
-            """Holder a's reply to s leaves at t; when s's last reply of the layer is in, s goes on."""
-            back = transmit(a, s, nt * tok_b + HEADER_BYTES, t) + lat[a][s]
+        def do_return(a: int, s: int, e: int, nt: int, t: float) -> None:
+            """Holder a's reply to executor e of s's layer leaves at t; when the last reply is in, s goes on."""
+            back = transmit(a, e, nt * tok_b + HEADER_BYTES, t) + lat[a][e]
             if back > layer_done[s]:
                 layer_done[s] = back
             pending[s] -= 1
@@ -361,20 +404,17 @@ class Engine:
                 return
             when = layer_done[s]
             last = layer[s] + 1 == L
+            if last:
+                finish_forward(s, when, inline=not (heap and heap[0][0] <= when))
+                return
             if heap and heap[0][0] <= when:
-                if last:
-                    hpush(heap, (when, next(counter), WAKE, s, "end"))
-                else:
-                    layer[s] += 1
-                    hpush(heap, (when, next(counter), LAYER, s, None))
+                layer[s] += 1
+                hpush(heap, (when, next(counter), LAYER, s, None))
                 return
             nonlocal n_events
             n_events += 1
-            if last:
-                end_step(s, when)
-            else:
-                layer[s] += 1
-                do_layer(s, when)
+            layer[s] += 1
+            do_layer(s, when)
 
         changes = list(self.changes)
         for ch in changes:
@@ -388,20 +428,20 @@ class Engine:
             n_events += 1
             if kind == LAYER:
                 do_layer(a, t)
-            elif kind == ARRIVE:  # a = holder p, b = (caller, distinct experts, pairs, tokens)
-                caller, nd, np_, nt = b
+            elif kind == ARRIVE:  # a = holder p, b = (home, executor, distinct experts, pairs, tokens)
+                caller, ex_, nd, np_, nt = b
                 g0 = gpu_free[a] if gpu_free[a] > t else t
                 dur = max(nd * ebytes / mem_bps[a], np_ * eflops / flops[a]) + ovh[a]
                 done = g0 + dur
                 gpu_free[a] = done
                 st.busy_s[a] += dur
                 if heap and heap[0][0] <= done:
-                    hpush(heap, (done, next(counter), RETURN, a, (caller, nt)))
+                    hpush(heap, (done, next(counter), RETURN, a, (caller, ex_, nt)))
                 else:  # nothing else is due first: the reply goes out now (same order as via the heap)
                     n_events += 1
-                    do_return(a, caller, nt, done)
-            elif kind == RETURN:  # a = holder, b = (caller, tokens)
-                do_return(a, b[0], b[1], t)
+                    do_return(a, caller, ex_, nt, done)
+            elif kind == RETURN:  # a = holder, b = (home, executor, tokens)
+                do_return(a, b[0], b[1], b[2], t)
             elif kind == WAKE:
                 if b == "end":
                     end_step(a, t)
@@ -434,8 +474,9 @@ class Engine:
         return first, finish, st, time.perf_counter() - t_wall
 
     def _start_migration(self, ch: PlacementChange, t: float, link_free, mig_left, push, st: EngineStats) -> None:
-        old, new = self.placement, ch.placement
-        rec = {"start": t, "end": t, "bytes": 0.0, "experts": 0, "placement": new, "links_left": 0}
+        old = self.placement
+        new = ch.placement.placement if isinstance(ch.placement, ExecutionPlan) else ch.placement
+        rec = {"start": t, "end": t, "bytes": 0.0, "experts": 0, "placement": ch.placement, "links_left": 0}
         st.migrations.append(rec)
         if not ch.migrate:
             push(t, SWITCH, rec)
