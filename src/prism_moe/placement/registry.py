@@ -16,9 +16,12 @@ from prism_moe.config import ClusterSpec
 from prism_moe.model.spec import ModelSpec
 from prism_moe.placement.eplb import eplb
 from prism_moe.placement.flow import flow
+from prism_moe.placement.hybrid import hybrid
 from prism_moe.placement.latency import latency
 from prism_moe.placement.optimal import optimal
+from prism_moe.placement.pipeline import pipeline, pipeline_opt
 from prism_moe.placement.placement import Placement
+from prism_moe.placement.plan import ExecutionPlan
 from prism_moe.placement.prism import prism
 from prism_moe.placement.problem import ClusterStats
 from prism_moe.placement.redundance import redundance
@@ -42,6 +45,27 @@ ALGORITHMS: dict[str, PlacementAlgorithm] = {
     "latency": latency,  # estimated request latency (layer stalls, links, GPU speed): placement/latency.py
 }
 
+# Execution plans (placement/plan.py): where each layer runs for each home server, not only which experts
+# each server holds. Same signature, returning an ExecutionPlan; `plan_for(name, ...)` runs any name and
+# wraps a placement as the plan whose layers all run at home.
+PLAN_ALGORITHMS: dict[str, Callable[..., ExecutionPlan]] = {
+    "pipeline": pipeline,  # memory-proportional contiguous layer blocks (exo, llama.cpp RPC)
+    "pipeline-opt": pipeline_opt,  # the best contiguous split over GPUs and links (prima.cpp's Halda)
+    "hybrid": hybrid,  # per home and layer: at home, remote experts, or a hand-off (placement/hybrid.py)
+}
+
+
+def is_plan_algorithm(name: str) -> bool:
+    return name in PLAN_ALGORITHMS
+
+
+def plan_for(name: str, stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, **options: Any) -> ExecutionPlan:
+    """An execution plan by any algorithm name (placements become plans with every layer at home)."""
+    if name in PLAN_ALGORITHMS:
+        return PLAN_ALGORITHMS[name](stats, cluster, model, **options)
+    return ExecutionPlan.from_placement(place(name, stats, cluster, model, **options))
+
+
 # Exact (same objective value as `optimal`), no LP solver, fastest at every measured scale.
 DEFAULT_ALGORITHM = "flow"
 
@@ -55,7 +79,10 @@ def _get(name: str) -> PlacementAlgorithm:
     try:
         return ALGORITHMS[name]
     except KeyError:
-        raise ValueError(f"unknown placement algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}") from None
+        if name in PLAN_ALGORITHMS:
+            raise ValueError(f"{name!r} makes an execution plan, not a placement; use plan_for") from None
+        raise ValueError(f"unknown placement algorithm {name!r}; choose one of "
+                         f"{', '.join([*ALGORITHMS, *PLAN_ALGORITHMS])}") from None
 
 
 def place(name: str, stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, *,

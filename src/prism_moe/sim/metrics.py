@@ -84,6 +84,8 @@ class SimResult:
             "mean_tpot_s": float(tpot.mean()) if len(tpot) else 0.0,
             "cross_server_bytes": float(st.cross_bytes),
             "remote_calls": int(st.remote_calls),
+            "handoffs": int(st.handoffs),
+            "handoff_bytes": float(st.handoff_bytes),
             "remote_fraction": st.remote_pairs / st.pairs if st.pairs else 0.0,
             "expert_calls": int(st.pairs),
             "steps": int(st.steps),

@@ -16,6 +16,7 @@ import numpy as np
 from prism_moe.config import ClusterSpec
 from prism_moe.model.spec import ModelSpec
 from prism_moe.placement.placement import Placement
+from prism_moe.placement.plan import ExecutionPlan
 from prism_moe.placement.problem import ClusterStats
 from prism_moe.sim.cost import CostModel
 from prism_moe.sim.engine import Engine, EngineConfig, PlacementChange
@@ -122,7 +123,7 @@ def build_scenario(cluster: ClusterSpec, data_dir: str | Path | None = None, see
     return Scenario(cluster, model, CostModel.build(cluster, model), sources, ph_idx)
 
 
-def simulate(scen: Scenario, placement: Placement, n_requests: int = 300, seed: int = 0,
+def simulate(scen: Scenario, placement: Placement | ExecutionPlan, n_requests: int = 300, seed: int = 0,
              config: EngineConfig | None = None, changes: list[PlacementChange] | None = None,
              label: str = "") -> SimResult:
     """Run `n_requests` Poisson arrivals (seeded) against `placement`; deterministic for a seed."""
@@ -143,7 +144,8 @@ def mean_lengths(scen: Scenario, phase: int = 0) -> tuple[float, float]:
     return float(prompt @ rates / rates.sum()), float(output @ rates / rates.sum())
 
 
-def make_placement(scen: Scenario, algorithm: str, phase: int = 0, current: Placement | None = None) -> Placement:
+def make_placement(scen: Scenario, algorithm: str, phase: int = 0,
+                   current: Placement | None = None) -> Placement | ExecutionPlan:
     """A placement by algorithm name for the scenario's workloads in `phase`.
 
     `latency` is given the scenario's mean prompt/output lengths (measurable in any deployment); the
@@ -151,6 +153,13 @@ def make_placement(scen: Scenario, algorithm: str, phase: int = 0, current: Plac
     algorithms that can prefer keeping it, for fewer experts to migrate.
     """
     stats = scen.stats(phase)
+    from prism_moe.placement.registry import PLAN_ALGORITHMS
+
+    if algorithm in PLAN_ALGORITHMS:
+        opts = {}
+        if algorithm != "pipeline":
+            opts["prompt_tokens"], opts["output_tokens"] = mean_lengths(scen, phase)
+        return PLAN_ALGORITHMS[algorithm](stats, scen.cluster, scen.model, **opts)
     if algorithm == "latency":
         from prism_moe.placement.latency import latency
 
@@ -168,4 +177,6 @@ def algorithm_names() -> list[str]:
         from prism_moe.placement.registry import ALGORITHMS
     except ImportError:
         return ["latency"]
-    return list(ALGORITHMS) + ([] if "latency" in ALGORITHMS else ["latency"])
+    from prism_moe.placement.registry import PLAN_ALGORITHMS
+
+    return list(ALGORITHMS) + ([] if "latency" in ALGORITHMS else ["latency"]) + list(PLAN_ALGORITHMS)
