@@ -55,12 +55,15 @@ def run(args: argparse.Namespace) -> int:
     from prism_moe.config import load_cluster
     from prism_moe.model.spec import GIB
     from prism_moe.placement.problem import Problem
-    from prism_moe.placement.registry import ALGORITHMS, DEFAULT_ALGORITHM
+    from prism_moe.placement.registry import ALGORITHMS, DEFAULT_ALGORITHM, PLAN_ALGORITHMS
 
     name = args.algorithm or DEFAULT_ALGORITHM
-    if name not in ALGORITHMS:  # before any data is read
-        raise ValueError(f"unknown placement algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+    if name not in ALGORITHMS and name not in PLAN_ALGORITHMS:  # before any data is read
+        raise ValueError(f"unknown placement algorithm {name!r}; choose one of "
+                         f"{', '.join([*ALGORITHMS, *PLAN_ALGORITHMS])}")
     cluster = load_cluster(args.cluster)
+    if name in PLAN_ALGORITHMS:
+        return _run_plan(name, cluster, args)
     model = cluster.model_spec()
     cluster.check_feasible(model)  # the ConfigError with the numbers, before any data is read
     from prism_moe.planning import cluster_stats
@@ -91,6 +94,40 @@ def run(args: argparse.Namespace) -> int:
     _print_summary(result, cluster, problem, placement)
     if args.out:
         print(f"placement saved to {args.out}")
+    return 0
+
+
+def _run_plan(name: str, cluster, args) -> int:
+    """An execution-plan algorithm (pipeline, pipeline-opt, hybrid): where each home's layers run."""
+    import time
+
+    from prism_moe.placement.plan import PlanSizes
+    from prism_moe.placement.registry import PLAN_ALGORITHMS
+    from prism_moe.planning import cluster_stats
+
+    model = cluster.model_spec()
+    stats, notes = cluster_stats(cluster, model, args.data_dir)
+    t0 = time.perf_counter()
+    plan = PLAN_ALGORITHMS[name](stats, cluster, model)
+    seconds = time.perf_counter() - t0
+    if args.out:
+        plan.save(args.out)
+    result = {"algorithm": name, "model": model.name, "solve_seconds": seconds, **plan.summary(PlanSizes.of(model)),
+              "estimate_s": plan.meta.get("estimate_s"), "notes": notes}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    from rich.console import Console
+
+    con = Console()
+    con.print(f"[bold]{name}[/bold] plan of {model.name} (solved in {seconds * 1000:.0f} ms)"
+              + (f", estimated mean request latency {result['estimate_s']:.2f} s" if result["estimate_s"] else ""))
+    for srv in cluster.servers:
+        runs = ", ".join(f"layers {a}-{b} on {cluster.server_names[p]}" for a, b, p in result["blocks"][srv.name])
+        con.print(f"  requests of {srv.name}: {runs}; it holds {result['dense_layers'][srv.name]} dense layers, "
+                  f"{result['experts'][srv.name]} experts, {result['weight_gib'][srv.name]:.2f} / {srv.memory_gib:g} GiB")
+    if args.out:
+        con.print(f"plan saved to {args.out}")
     return 0
 
 

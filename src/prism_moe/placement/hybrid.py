@@ -135,7 +135,7 @@ class PlanEstimate:
         per_req_bits_dec = self.output * self.tok_bits  # one token per decode step of this request
         for h in range(s_n):
             path = [h] + plan.executor[h].tolist() + [h]
-            for l, p in enumerate(plan.executor[h].tolist()):
+            for p in plan.executor[h].tolist():
                 gpu[p] += self.rate[h] * (self.pre[h, p] + self.output * self.dec[h, p] / self.batch[h])
             for a, b in zip(path[:-1], path[1:], strict=True):
                 if a != b:
@@ -218,7 +218,7 @@ def hybrid(stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, *, promp
     """See the module docstring. Returns the plan with the lowest estimated mean request latency."""
     from prism_moe.placement.registry import place
 
-    s_n, layers = len(cluster.servers), model.num_moe_layers
+    layers = model.num_moe_layers
     est = PlanEstimate.build(stats, cluster, model, prompt_tokens, output_tokens, seed)
     candidates: list[ExecutionPlan] = []
     for name in ("flow", "prism"):

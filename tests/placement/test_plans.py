@@ -1,0 +1,171 @@
+"""Execution plans: validation, files, pipelines (hand-computed splits), exact executor paths, hybrid."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from prism_moe.config import cluster_from_dict
+from prism_moe.placement.hybrid import PlanEstimate, best_paths, hybrid
+from prism_moe.placement.pipeline import _split, max_layers, pipeline, pipeline_opt
+from prism_moe.placement.placement import Placement, PlacementError
+from prism_moe.placement.plan import ExecutionPlan, PlanSizes
+from prism_moe.placement.problem import ClusterStats
+
+
+def paper_cluster(rate: float = 0.05, latency_ms: float = 1.0):
+    servers = [{"name": n, "gpu": "a100-40gb", "gpus": g, "memory_gib": m, "request_rate": rate}
+               for n, g, m in (("a", 1, 12), ("b", 1, 12), ("c", 2, 24))]
+    return cluster_from_dict({"model": "deepseek-v2-lite", "servers": servers,
+                              "network": {"bandwidth_mbps": 500, "latency_ms": latency_ms}})
+
+
+def skewed_stats(model, servers: int = 3, seed: int = 0) -> ClusterStats:
+    rng = np.random.default_rng(seed)
+    return ClusterStats(rng.gamma(0.3, size=(servers, model.num_moe_layers, model.num_experts)) + 1e-3)
+
+
+def home_plan(servers=2, layers=3, experts=2):
+    hosts = np.ones((servers, layers, experts), dtype=bool)
+    return ExecutionPlan.from_placement(Placement.from_hosts([f"s{i}" for i in range(servers)], hosts,
+                                                             np.ones((servers, servers))))
+
+
+def test_an_executor_must_hold_the_layers_dense_part():
+    p = home_plan()
+    dense = p.dense.copy()
+    dense[1, 2] = False
+    with pytest.raises(PlacementError, match="requests of s1 run layer 2 on s1, which does not hold"):
+        ExecutionPlan(p.placement, p.executor, dense)
+    with pytest.raises(PlacementError, match="not a server index"):
+        ExecutionPlan(p.placement, np.full((2, 3), 5), p.dense)
+    with pytest.raises(PlacementError, match=r"executor must be \[servers, layers\]"):
+        ExecutionPlan(p.placement, np.zeros((2, 2), int), p.dense)
+
+
+def test_plan_round_trips_through_its_file_and_refuses_foreign_ones(tmp_path):
+    p = home_plan()
+    ex = p.executor.copy()
+    ex[0, 1:] = 1
+    plan = ExecutionPlan(p.placement, ex, p.dense, "hand")
+    plan.save(tmp_path / "plan.json")
+    back = ExecutionPlan.load(tmp_path / "plan.json")
+    assert np.array_equal(back.executor, ex) and np.array_equal(back.placement.hosts, plan.placement.hosts)
+    assert back.handoffs().tolist() == [2, 0]  # s0: out before layer 1, back after layer 2
+    (tmp_path / "x.json").write_text('{"format": "something-else"}')
+    with pytest.raises(PlacementError, match="not a prism-moe plan"):
+        ExecutionPlan.load(tmp_path / "x.json")
+    (tmp_path / "torn.json").write_text(plan.to_dict().__repr__()[:50])
+    with pytest.raises(PlacementError, match="cannot read plan"):
+        ExecutionPlan.load(tmp_path / "torn.json")
+
+
+def test_memory_check_names_the_server_and_the_numbers():
+    cluster = paper_cluster()
+    model = cluster.model_spec()
+    sizes = PlanSizes.of(model)
+    owner = np.array([0] * 20 + [1] * 3 + [2] * 3)  # 20 whole layers do not fit 12 GiB
+    hosts = np.zeros((3, 26, 64), dtype=bool)
+    hosts[owner, np.arange(26)] = True
+    dense = np.zeros((3, 26), dtype=bool)
+    dense[owner, np.arange(26)] = True
+    plan = ExecutionPlan(Placement.from_hosts(cluster.server_names, hosts, np.ones((3, 3))),
+                         np.tile(owner, (3, 1)), dense)
+    with pytest.raises(PlacementError, match="server a would hold .* of weights .*20 dense layers"):
+        plan.check_memory(sizes, np.array([12, 12, 24]) * 2**30)
+
+
+def test_pipeline_splits_by_memory_with_largest_remainders():
+    # 26 layers over 12/12/24 GiB: shares 6.5, 6.5, 13 -> 6, 6, 13 and the one left to the first tie: 7, 6, 13
+    cluster = paper_cluster()
+    model = cluster.model_spec()
+    plan = pipeline(skewed_stats(model), cluster, model)
+    assert plan.meta["layers_per_server"] == [7, 6, 13]
+    assert (plan.executor == np.repeat([0, 1, 2], [7, 6, 13])[None]).all()
+    assert plan.placement.hosts.sum(axis=(1, 2)).tolist() == [7 * 64, 6 * 64, 13 * 64]
+    assert (plan.handoffs() == [3, 4, 3]).all()  # home a: -> b -> c -> a; b: -> a -> b -> c -> b
+    # whole layers fit: floor((memory - embedding and head) / (dense layer + 64 experts))
+    sizes = PlanSizes.of(model)
+    assert max_layers(cluster, model).tolist() == [int((g * 2**30 - sizes.base) // sizes.full_layer)
+                                                   for g in (12, 12, 24)]
+
+
+def test_pipeline_refuses_a_cluster_that_cannot_hold_the_layers():
+    cluster = paper_cluster()
+    small = cluster_from_dict({"model": "deepseek-v2-lite", "network": {"bandwidth_mbps": 500},
+                               "servers": [{"name": n, "memory_gib": 10} for n in ("a", "b")]})
+    with pytest.raises(Exception, match="needs 26 whole layers"):
+        pipeline(skewed_stats(cluster.model_spec(), 2), small, small.model_spec())
+
+
+def test_pipeline_split_dp_is_the_best_contiguous_split():
+    # brute force over every owner sequence that is contiguous in the order and within the caps
+    rng = np.random.default_rng(1)
+    layers, s_n = 5, 3
+    per = rng.uniform(1, 3, s_n)
+    hop = rng.uniform(0, 2, (s_n, s_n))
+    np.fill_diagonal(hop, 0)
+    w = np.array([0.2, 0.3, 0.5])
+    cap = np.array([3, 2, 4])
+
+    def stage(p, n):
+        return n * per[p] * (1 + 0.1 * n)
+
+    def cost(own):
+        c = float(w @ hop[:, own[0]])
+        runs = [list(g) for _, g in itertools.groupby(own)]
+        for i, r in enumerate(runs):
+            c += stage(r[0], len(r)) + (hop[runs[i - 1][0], r[0]] if i else 0.0)
+        return c + float(hop[own[-1]] @ w)
+
+    order = (2, 0, 1)
+    best = np.inf
+    for own in itertools.product(range(s_n), repeat=layers):
+        runs = [k for k, _ in itertools.groupby(own)]
+        pos = [order.index(k) for k in runs]
+        if len(set(runs)) != len(runs) or pos != sorted(pos):
+            continue
+        if any(own.count(p) > cap[p] for p in range(s_n)):
+            continue
+        best = min(best, cost(list(own)))
+    got, own = _split(order, layers, cap, stage, hop, w)
+    assert got == pytest.approx(best)
+    assert cost(own) == pytest.approx(best)
+
+
+def test_best_paths_is_the_exact_shortest_executor_sequence():
+    rng = np.random.default_rng(0)
+    s_n, layers = 3, 4
+    cost = rng.uniform(0, 5, (s_n, layers, s_n))
+    cost[0, 1, 2] = np.inf  # server 2 cannot run layer 1 for home 0
+    hop = rng.uniform(0, 3, (s_n, s_n, s_n))
+    for h in range(s_n):
+        np.fill_diagonal(hop[h], 0)
+    ex, tot = best_paths(cost, hop)
+    for h in range(s_n):
+        best = np.inf
+        for seq in itertools.product(range(s_n), repeat=layers):
+            path = [h, *seq, h]
+            c = sum(cost[h, l, p] for l, p in enumerate(seq)) + sum(hop[h, a, b] for a, b in zip(path, path[1:]))
+            best = min(best, c)
+        assert tot[h] == pytest.approx(best)
+        path = [h, *ex[h].tolist(), h]
+        assert sum(cost[h, l, p] for l, p in enumerate(ex[h])) + sum(
+            hop[h, a, b] for a, b in zip(path, path[1:])) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("rate,latency_ms", [(0.05, 1.0), (1.0, 1.0), (0.05, 0.02)])
+def test_hybrid_never_estimates_worse_than_the_plans_it_competes_with(rate, latency_ms):
+    cluster = paper_cluster(rate, latency_ms)
+    model = cluster.model_spec()
+    stats = skewed_stats(model)
+    plan = hybrid(stats, cluster, model, prompt_tokens=1000, output_tokens=128)
+    est = PlanEstimate.build(stats, cluster, model, 1000, 128)
+    j = est.total(plan)[0]
+    assert j == pytest.approx(plan.meta["estimate_s"])
+    for other in (pipeline(stats, cluster, model), pipeline_opt(stats, cluster, model, prompt_tokens=1000)):
+        assert j <= est.total(other)[0] + 1e-12
+    assert j <= min(plan.meta["candidates"].values()) + 1e-12
+    plan.check_memory(PlanSizes.of(model), np.array([12, 12, 24]) * 2**30)
