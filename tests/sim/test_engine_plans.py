@@ -33,7 +33,7 @@ def test_pipeline_hands_the_prompt_over_and_the_last_row_back():
     back = (1 * 1000 + HEADER_BYTES) * 8 / bw + lat  # the request's last row s1 -> s0
     assert first[0] == pytest.approx(3 * MS + fwd + 3 * MS + back)
     assert stats.handoffs == 2 and stats.remote_calls == 0
-    assert stats.cross_bytes == stats.handoff_bytes == pytest.approx((4 * 1000 + 2 * HEADER_BYTES))
+    assert stats.cross_bytes == stats.handoff_bytes == pytest.approx(4 * 1000 + 2 * HEADER_BYTES)
     assert stats.busy_s == pytest.approx([3 * MS, 3 * MS])
 
 

@@ -19,7 +19,8 @@ from prism_moe.sim import scenarios as sc
 from prism_moe.sim.engine import PlacementChange
 from prism_moe.sim.run import Scenario, build_scenario, make_placement, simulate
 
-PAPER_ALGORITHMS = ["uniform", "redundance", "eplb", "smartmoe", "prism", "optimal", "latency"]
+PAPER_ALGORITHMS = ["uniform", "redundance", "eplb", "smartmoe", "prism", "optimal", "latency",
+                    "pipeline", "pipeline-opt", "hybrid"]
 PAPER_REDUCTION = {"deepseek-v2-lite": 0.306}  # the paper: prism vs EPLB mean latency, 9.56 s -> 6.63 s
 
 
@@ -225,11 +226,74 @@ def heterogeneity(data_dir=None, requests: int = 150, seed: int = 0, jobs: int |
     return Experiment("heterogeneity", rows, cols, lines, time.perf_counter() - t0)
 
 
+PLAN_RIVALS = ["prism", "latency", "pipeline", "pipeline-opt"]
+CROSSOVER_LATENCY_MS = [0.1, 0.5, 1.0, 2.0, 5.0, 20.0]
+CROSSOVER_BANDWIDTH_MBPS = [100.0, 500.0, 1000.0, 10000.0]
+CROSSOVER_RATES = [0.05, 1.0]
+
+
+def crossover(data_dir=None, requests: int = 90, seed: int = 0, jobs: int | None = None,
+              algorithms: list[str] | None = None, latencies: list[float] | None = None,
+              bandwidths: list[float] | None = None, rates: list[float] | None = None,
+              localities: tuple[bool, ...] = (True, False)) -> Experiment:
+    """The paper's DeepSeek cluster over link latency x bandwidth x load x domain locality: which of the
+    expert-level placements, the pipelines and the hybrid wins, and by how much."""
+    t0 = time.perf_counter()
+    algorithms = algorithms or [*PLAN_RIVALS, "hybrid"]
+    latencies = latencies or CROSSOVER_LATENCY_MS
+    bandwidths = bandwidths or CROSSOVER_BANDWIDTH_MBPS
+    rates = rates or CROSSOVER_RATES
+    scen, tasks, points = {}, [], {}
+    for loc in localities:
+        for rate in rates:
+            for lat in latencies:
+                for bw in bandwidths:
+                    key = f"{'domains' if loc else 'uniform'}-{rate:g}rps-{lat:g}ms-{bw:g}mbps"
+                    points[key] = {"locality": "domains" if loc else "uniform", "rate": rate, "latency_ms": lat,
+                                   "bandwidth_mbps": bw}
+                    cluster = sc.paper_cluster("deepseek-v2-lite", bw, rate, lat, loc)
+                    scen[key] = build_scenario(cluster, data_dir=data_dir, seed=seed)
+                    tasks += [Task(key, a, requests, seed) for a in algorithms]
+    rows = [_slim(r) for r in run_tasks(scen, tasks, jobs)]
+    for r in rows:
+        r.update(points[r["scenario"]])
+    lines, worst = [], (np.inf, "")
+    best_gain = (-np.inf, "")
+    for key in scen:
+        by = {r["algorithm"]: r for r in rows if r["scenario"] == key}
+        rivals = {a: by[a]["mean_latency_s"] for a in PLAN_RIVALS if a in by}
+        if "hybrid" not in by or not rivals:
+            continue
+        best_rival = min(rivals, key=rivals.get)
+        gain = 1 - by["hybrid"]["mean_latency_s"] / rivals[best_rival]
+        for r in by.values():
+            r["best_rival"], r["hybrid_vs_best_rival"] = best_rival, gain
+            r["winner"] = min(by, key=lambda a: by[a]["mean_latency_s"])
+        if gain < worst[0]:
+            worst = (gain, key)
+        p = points[key]
+        edge = 0.5 <= p["latency_ms"] <= 5 and 100 <= p["bandwidth_mbps"] <= 1000
+        if edge and gain > best_gain[0]:
+            best_gain = (gain, key)
+    if np.isfinite(worst[0]):
+        lines.append(f"hybrid against the best of {', '.join(PLAN_RIVALS)}: worst point {worst[1]} "
+                     f"({worst[0]:+.1%}; negative = hybrid slower)")
+    if np.isfinite(best_gain[0]):
+        lines.append(f"largest hybrid gain on edge links (0.5-5 ms, 0.1-1 Gbps): {best_gain[1]} ({best_gain[0]:+.1%})")
+    cols = [("locality", "locality", "{}"), ("rate", "req/s", "{:g}"), ("latency_ms", "ms", "{:g}"),
+            ("bandwidth_mbps", "Mbps", "{:g}"), ("algorithm", "algorithm", "{}"),
+            ("mean_latency_s", "mean s", "{:.3f}"), ("mean_ttft_s", "TTFT s", "{:.3f}"),
+            ("mean_tpot_s", "TPOT ms", "ms"), ("cross_server_bytes", "GB moved", "GB"), ("backlog", "backlog", "{:.0%}"),
+            ("winner", "winner", "{}"), ("hybrid_vs_best_rival", "hybrid vs best", "{:+.1%}")]
+    return Experiment("crossover", rows, cols, lines, time.perf_counter() - t0)
+
+
 EXPERIMENTS: dict[str, Callable[..., Experiment]] = {
     "paper-table": paper_table,
     "migration": migration,
     "scale": scale,
     "heterogeneity": heterogeneity,
+    "crossover": crossover,
 }
 
 

@@ -76,6 +76,27 @@ def plot(exp: Experiment, path: Path) -> None:
         ax.set_title("workload switch: static vs re-placement (dash-dot: migration done)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    elif exp.name == "crossover":
+        panels = list(dict.fromkeys((r["locality"], r["rate"]) for r in rows))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+        for ax, (loc, rate) in zip(axes[0], panels, strict=True):
+            mine = [r for r in rows if r["locality"] == loc and r["rate"] == rate and r["algorithm"] == "hybrid"]
+            lats = sorted({r["latency_ms"] for r in mine})
+            bws = sorted({r["bandwidth_mbps"] for r in mine})
+            grid = np.full((len(lats), len(bws)), np.nan)
+            for r in mine:
+                grid[lats.index(r["latency_ms"]), bws.index(r["bandwidth_mbps"])] = r.get("hybrid_vs_best_rival", np.nan)
+            im = ax.imshow(grid * 100, cmap="RdYlGn", vmin=-30, vmax=30, origin="lower", aspect="auto")
+            for (i, j), v in np.ndenumerate(grid):
+                best = next((r["best_rival"] for r in mine if r["latency_ms"] == lats[i]
+                             and r["bandwidth_mbps"] == bws[j]), "")
+                ax.text(j, i, f"{v:+.0%}\n{best}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(bws)), [f"{b:g}" for b in bws])
+            ax.set_yticks(range(len(lats)), [f"{x:g}" for x in lats])
+            ax.set_xlabel("bandwidth (Mbps)")
+            ax.set_ylabel("one-way latency (ms)")
+            ax.set_title(f"{loc}, {rate:g} req/s per server: hybrid vs best rival")
+        fig.colorbar(im, ax=axes[0].tolist(), label="latency reduction (%)")
     else:
         raise ValueError(f"no plot for {exp.name}")
     fig.tight_layout()

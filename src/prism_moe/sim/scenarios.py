@@ -32,14 +32,16 @@ def server(name: str, gpu: str, gpus: int, share: float, workload: str | None, r
             "workload": workload, "request_rate": rate}
 
 
-def paper_cluster(model: str, bandwidth_mbps: float = 500.0, rate: float = RATE) -> ClusterSpec:
-    """3 servers with 1, 1 and 2 A100-40GB, the paper's memory share for the model, one workload each."""
+def paper_cluster(model: str, bandwidth_mbps: float = 500.0, rate: float = RATE, latency_ms: float = LATENCY_MS,
+                  locality: bool = True) -> ClusterSpec:
+    """3 servers with 1, 1 and 2 A100-40GB, the paper's memory share for the model, one workload each
+    (locality=False: no workload, every server's tokens routed uniformly: no own-domain locality)."""
     share = MEMORY_SHARE[model]
-    wl = WORKLOADS[model]
+    wl = WORKLOADS[model] if locality else [None] * 3
     return cluster_from_dict({
         "model": model,
         "servers": [server(f"edge-{i + 1}", "a100-40gb", g, share, wl[i], rate) for i, g in enumerate((1, 1, 2))],
-        "network": {"bandwidth_mbps": bandwidth_mbps, "latency_ms": LATENCY_MS},
+        "network": {"bandwidth_mbps": bandwidth_mbps, "latency_ms": latency_ms},
     })
 
 
