@@ -16,8 +16,8 @@ range of n_p layers, n_p as many as its memory allows: for a fixed layout each h
 sequence is a shortest path over (layer, executor) (`best_paths`, exact for the estimate); the range
 starts are found by coordinate descent (every start of one server with the others fixed, a few
 sweeps, from the tilings of every server order up to 4 servers, a few beyond), with the
-utilisation re-estimated between rounds. The result is compared under J with the plans of `prism`,
-`latency`, `pipeline` and `pipeline-opt` (every layer at home is one of the executor choices, and a
+utilisation re-estimated between rounds (one sweep beyond 8 servers). The result is compared under J
+with the plans of `flow`, `prism`, `latency` (up to 8 servers), `pipeline` and `pipeline-opt` (every layer at home is one of the executor choices, and a
 pipeline is one of the layouts), and the best is returned: hybrid never estimates worse than them.
 """
 
@@ -38,6 +38,9 @@ from prism_moe.placement.plan import ExecutionPlan, PlanSizes, server_budgets
 from prism_moe.placement.problem import ClusterStats
 
 MAX_UTIL = 0.95
+# `latency` placement is a rival up to this many servers; beyond, its search takes most of the time
+# budget (18 s at 16 servers) and the block layouts win by a wide margin on every link we model
+LATENCY_RIVAL_MAX_SERVERS = 8
 
 
 @dataclass
@@ -60,10 +63,8 @@ class PlanEstimate:
     @classmethod
     def build(cls, stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, prompt_tokens: float,
               output_tokens: float, seed: int = 0) -> PlanEstimate:
-        from prism_moe.placement.latency import build_model  # its token sampling (traces or counts)
-
         s_n = len(cluster.servers)
-        lm = build_model(stats, cluster, model, prompt_tokens, output_tokens, None, seed)
+        tokens = _sample_tokens(stats, model, 2048 if s_n <= 8 else 256, np.random.default_rng(seed))
         rate = np.array([s.request_rate for s in cluster.servers], dtype=np.float64)
         sizes = PlanSizes.of(model)
         prof = server_profiles(cluster)
@@ -84,7 +85,7 @@ class PlanEstimate:
         dec = np.array([[layer_s(p, batch[h]) for p in prof] for h in range(s_n)])
         with np.errstate(divide="ignore"):
             bits_s = np.where(np.isfinite(bw), 1.0 / bw, 0.0)
-        return cls(pre, dec, lm.tokens, lat, bits_s, tok_bits, rate, float(prompt_tokens), float(output_tokens),
+        return cls(pre, dec, tokens, lat, bits_s, tok_bits, rate, float(prompt_tokens), float(output_tokens),
                    batch)
 
     # ---- pieces -----------------------------------------------------------------------------------
@@ -92,6 +93,8 @@ class PlanEstimate:
     def local_share(self, hosts: np.ndarray) -> np.ndarray:
         """share[h, l, p]: of h's tokens at layer l, those whose experts p holds all of: float [S, L, S]."""
         s_n, layers, _ = hosts.shape
+        if hosts.all():
+            return np.ones((s_n, layers, s_n))
         out = np.zeros((s_n, layers, s_n))
         for h in range(s_n):
             for l in range(layers):
@@ -174,6 +177,26 @@ class PlanEstimate:
         return float(self.rate @ lat / self.rate.sum()), lat
 
 
+def _sample_tokens(stats: ClusterStats, model: ModelSpec, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per server, n tokens' experts int [L, n, k]: from its trace (co-activation kept) or sampled from its
+    counts with the simulator's sampler."""
+    from prism_moe.placement.latency import sample_topk
+
+    s_n, layers, _ = stats.shape
+    k = model.top_k
+    freq = stats.frequencies()
+    out = []
+    for s in range(s_n):
+        tr = stats.traces[s] if s < len(stats.traces) else None
+        ex = getattr(tr, "experts", None)
+        if ex is not None and ex.shape[1:] == (layers, k) and len(ex) > 0:
+            pick = rng.integers(0, len(ex), min(n, len(ex)))
+            out.append(np.ascontiguousarray(np.asarray(ex)[pick].transpose(1, 0, 2)))
+        else:
+            out.append(np.stack([sample_topk(freq[s, l], k, n, rng) for l in range(layers)]))
+    return out
+
+
 def best_paths(cost: np.ndarray, hop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per home h the executor sequence minimising sum_l cost[h, l, p_l] + hops (home -> p_0 ... -> home).
 
@@ -181,21 +204,20 @@ def best_paths(cost: np.ndarray, hop: np.ndarray) -> tuple[np.ndarray, np.ndarra
     over (layer, executor). Returns (executor int [S, L], cost float [S]).
     """
     s_n, layers, _ = cost.shape
+    homes = np.arange(s_n)
+    f = hop[homes, homes, :] + cost[:, 0]  # [H, S]: arriving at layer 0 on p
+    back = np.zeros((layers, s_n, s_n), dtype=np.int64)  # [l, h, b]: best previous executor
+    for l in range(1, layers):
+        cand = f[:, :, None] + hop  # [h, a, b]
+        back[l] = cand.argmin(axis=1)
+        f = np.take_along_axis(cand, back[l][:, None, :], axis=1)[:, 0, :] + cost[:, l]
+    f = f + hop[homes, :, homes]  # the way back home
+    p = f.argmin(axis=1)
+    tot = f[homes, p]
     ex = np.zeros((s_n, layers), dtype=np.int64)
-    tot = np.zeros(s_n)
-    for h in range(s_n):
-        f = hop[h, h, :] + cost[h, 0]  # [S] arriving at layer 0 on p
-        back = np.zeros((layers, s_n), dtype=np.int64)
-        for l in range(1, layers):
-            cand = f[:, None] + hop[h]  # [a, b]
-            back[l] = cand.argmin(axis=0)
-            f = cand.min(axis=0) + cost[h, l]
-        f = f + hop[h, :, h]
-        p = int(np.argmin(f))
-        tot[h] = f[p]
-        for l in range(layers - 1, -1, -1):
-            ex[h, l] = p
-            p = int(back[l, p])
+    for l in range(layers - 1, -1, -1):
+        ex[:, l] = p
+        p = back[l, homes, p]
     return ex, tot
 
 
@@ -223,10 +245,13 @@ def hybrid(stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, *, promp
     candidates: list[ExecutionPlan] = []
     for name in ("flow", "prism"):
         candidates.append(ExecutionPlan.from_placement(place(name, stats, cluster, model)))
-    from prism_moe.placement.latency import latency
+    if len(cluster.servers) <= LATENCY_RIVAL_MAX_SERVERS:
+        from prism_moe.placement.latency import latency
 
-    candidates.append(ExecutionPlan.from_placement(latency(stats, cluster, model, prompt_tokens=prompt_tokens,
-                                                           output_tokens=output_tokens)))
+        candidates.append(ExecutionPlan.from_placement(latency(stats, cluster, model, prompt_tokens=prompt_tokens,
+                                                               output_tokens=output_tokens)))
+    if len(cluster.servers) > 8:
+        sweeps = min(sweeps, 1)
     n = np.minimum(max_layers(cluster, model), layers)
     if n.sum() >= layers:
         candidates.append(pipeline(stats, cluster, model))
@@ -262,39 +287,44 @@ def _search_blocks(est: PlanEstimate, n: np.ndarray, cluster: ClusterSpec, model
 
     orders = list(itertools.permutations(range(s_n))) if s_n <= 4 else [tuple(range(s_n)),
                                                                          tuple(np.argsort(-n, kind="stable"))]
-    best = (math.inf, None, None)
-    for _round in range(2):  # utilisation of the best layout so far, then search again
-        pre, dec = est.layer_costs(full, gpu, link)
-        hpre, hdec = est.hop_costs(link)
-        for order in orders:
-            starts = np.zeros(s_n, dtype=np.int64)
-            pos = 0
-            for p in order:  # a tiling: each server's range after the previous one
-                starts[p] = pos % layers
-                pos += n[p]
-            j, hold, ex = evaluate(starts, pre, dec, hpre, hdec)
-            for _ in range(sweeps):
-                improved = False
-                for p in range(s_n):
-                    if n[p] == 0 or n[p] >= layers:
+    def descend(starts: np.ndarray, costs) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """Coordinate descent over the range starts, one server at a time, every start tried."""
+        j, hold, ex = evaluate(starts, *costs)
+        for _ in range(sweeps):
+            improved = False
+            for p in range(s_n):
+                if n[p] == 0 or n[p] >= layers:
+                    continue
+                for a in range(layers):
+                    if a == starts[p]:
                         continue
-                    for a in range(layers):
-                        if a == starts[p]:
-                            continue
-                        trial = starts.copy()
-                        trial[p] = a
-                        jt, ht, et = evaluate(trial, pre, dec, hpre, hdec)
-                        if jt < j - 1e-12:
-                            j, starts, hold, ex, improved = jt, trial, ht, et, True
-                if not improved:
-                    break
-            if j < best[0]:
-                best = (j, hold, ex)
-        if best[1] is None:
-            return None
-        plan = _block_plan(best[1], best[2], cluster, model)
-        gpu, link = est.utilisation(plan)
-        best = (math.inf, None, None) if _round == 0 else best
+                    trial = starts.copy()
+                    trial[p] = a
+                    jt, ht, et = evaluate(trial, *costs)
+                    if jt < j - 1e-12:
+                        j, starts, hold, ex, improved = jt, trial, ht, et, True
+            if not improved:
+                break
+        return j, starts, hold, ex
+
+    costs = (*est.layer_costs(full, gpu, link), *est.hop_costs(link))
+    best = (math.inf, None, None, None)
+    for order in orders:  # from a tiling: each server's range after the previous one's
+        starts = np.zeros(s_n, dtype=np.int64)
+        pos = 0
+        for p in order:
+            starts[p] = pos % layers
+            pos += n[p]
+        got = descend(starts, costs)
+        if got[0] < best[0]:
+            best = got
+    if best[2] is None:
+        return None
+    # once more from the best layout, with the GPU and link utilisation that layout puts on them
+    gpu, link = est.utilisation(_block_plan(best[2], best[3], cluster, model))
+    costs = (*est.layer_costs(full, gpu, link), *est.hop_costs(link))
+    j, _, hold, ex = descend(best[1], costs)
+    best = (j, hold, ex)
     if best[1] is None:
         return None
     plan = _block_plan(best[1], best[2], cluster, model)
