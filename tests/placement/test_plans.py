@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -169,3 +170,22 @@ def test_hybrid_never_estimates_worse_than_the_plans_it_competes_with(rate, late
         assert j <= est.total(other)[0] + 1e-12
     assert j <= min(plan.meta["candidates"].values()) + 1e-12
     plan.check_memory(PlanSizes.of(model), np.array([12, 12, 24]) * 2**30)
+
+
+def test_place_and_simulate_commands_run_plan_algorithms(tmp_path, capsys):
+    from prism_moe import cli
+
+    f = tmp_path / "c.yaml"
+    f.write_text("model: deepseek-v2-lite\nservers:\n  - {name: a, memory_gib: 16, request_rate: 0.05}\n"
+                 "  - {name: b, memory_gib: 24, request_rate: 0.05}\nnetwork: {bandwidth_mbps: 500, latency_ms: 1}\n")
+    assert cli.main(["place", "--cluster", str(f), "--algorithm", "pipeline", "--json",
+                     "--out", str(tmp_path / "p.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["blocks"]["a"] == [[0, 9, 0], [10, 25, 1]]  # 26 layers at 16:24 -> 10.4, 15.6 -> 10, 16
+    assert ExecutionPlan.load(tmp_path / "p.json").executor.tolist() == [[0] * 10 + [1] * 16] * 2
+    assert cli.main(["simulate", "--cluster", str(f), "--algorithm", "pipeline", "--requests", "6", "--json"]) == 0
+    sim = json.loads(capsys.readouterr().out)
+    assert sim["requests"] == 6 and sim["handoffs"] > 0 and sim["remote_fraction"] == 0.0
+    assert cli.main(["simulate", "--cluster", str(f), "--placement", str(tmp_path / "p.json"), "--requests", "6",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_latency_s"] == sim["mean_latency_s"]

@@ -14,8 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster", required=True, help="cluster YAML file")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--algorithm", help="placement algorithm (uniform, redundance, eplb, smartmoe, prism, "
-                                         "optimal, latency)")
-    how.add_argument("--placement", help="a saved placement JSON (prism place --out)")
+                                         "optimal, flow, latency) or plan algorithm (pipeline, pipeline-opt, hybrid)")
+    how.add_argument("--placement", help="a saved placement or plan JSON (prism place --out)")
     p.add_argument("--requests", type=int, default=200, help="requests to simulate (all servers together)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and sampled routing")
     p.add_argument("--data-dir", default=None, help="routing data folder (default: $PRISM_DATA_DIR or shared/data)")
@@ -27,7 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from prism_moe.cli import UserError
     from prism_moe.config import load_cluster
-    from prism_moe.placement.placement import Placement
     from prism_moe.sim.run import build_scenario, make_placement, simulate
 
     if args.requests < 1:
@@ -35,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster)
     scen = build_scenario(cluster, data_dir=args.data_dir, seed=args.seed)
     if args.placement:
-        placement = Placement.load(args.placement)
+        placement = _load_placement_or_plan(args.placement)
         if list(placement.server_names) != cluster.server_names:
             raise UserError(f"placement servers {list(placement.server_names)} differ from the cluster's "
                             f"{cluster.server_names}")
@@ -58,6 +57,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print_table(summary, cluster.server_names)
     return 0
+
+
+def _load_placement_or_plan(path: str):
+    """A placement file, or a plan file (`prism place --algorithm pipeline|pipeline-opt|hybrid --out`)."""
+    from prism_moe.placement.placement import Placement
+    from prism_moe.placement.plan import FORMAT as PLAN_FORMAT
+    from prism_moe.placement.plan import ExecutionPlan
+
+    try:
+        is_plan = json.loads(open(path).read()).get("format") == PLAN_FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_plan = False  # Placement.load says what is wrong with the file
+    if is_plan:
+        return ExecutionPlan.load(path)
+    return Placement.load(path)
 
 
 def _print_table(s: dict, servers: list[str]) -> None:

@@ -123,6 +123,10 @@ class ExecutionPlan:
         return self.placement.num_layers
 
     @property
+    def num_experts(self) -> int:
+        return self.placement.num_experts
+
+    @property
     def server_names(self) -> tuple[str, ...]:
         return self.placement.server_names
 
