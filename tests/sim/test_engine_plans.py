@@ -74,3 +74,18 @@ def test_a_placement_is_the_plan_with_every_layer_at_home():
     b = Engine(cost, ExecutionPlan.from_placement(placement(hosts)), pool, reqs).run()
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert a[2].cross_bytes == b[2].cross_bytes and b[2].handoffs == 0
+
+
+def test_kv_peak_counts_each_layer_on_its_executor_while_requests_overlap():
+    from prism_moe.model.spec import load_model_spec
+    from prism_moe.placement.plan import PlanSizes
+    from prism_moe.sim.run import kv_peak_bytes
+
+    model = load_model_spec("deepseek-v2-lite")
+    owner = [0] * 10 + [1] * 16
+    plan = pipeline_plan(owner, 2, experts=64)
+    reqs = requests([(0, 0.0, 100, 10), (1, 1.0, 50, 10), (0, 5.0, 30, 10)])
+    finish = np.array([2.0, 3.0, 6.0])  # the first two overlap in [1, 2); the third is alone
+    per = PlanSizes.of(model).kv_token_layer
+    got = kv_peak_bytes(plan, model, reqs, finish)
+    assert got == pytest.approx([10 * (110 + 60) * per, 16 * (110 + 60) * per])

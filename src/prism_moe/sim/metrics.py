@@ -21,6 +21,7 @@ class SimResult:
     stats: EngineStats
     wall_s: float
     label: str = ""
+    kv_peak_bytes: dict | None = None  # per server: the most KV cache it kept at once (set by `simulate`)
 
     @property
     def latency(self) -> np.ndarray:
@@ -98,6 +99,8 @@ class SimResult:
             "sim_seconds": self.wall_s,
             "expert_calls_per_s": st.pairs / self.wall_s if self.wall_s > 0 else 0.0,
         }
+        if self.kv_peak_bytes is not None:
+            out["kv_peak_gib"] = {n: v / 2**30 for n, v in self.kv_peak_bytes.items()}
         if st.migrations:
             out["migrations"] = [{k: v for k, v in m.items() if k in ("start", "end", "bytes", "experts")}
                                  for m in st.migrations]

@@ -131,8 +131,27 @@ def simulate(scen: Scenario, placement: Placement | ExecutionPlan, n_requests: i
     reqs = generate_requests(scen.loads(), scen.pools, n_requests, rng)
     eng = Engine(scen.cost, placement, scen.pools, reqs, config, changes)
     first, finish, stats, wall = eng.run()
-    return SimResult(tuple(scen.cluster.server_names), reqs, first, finish, stats, wall,
-                     label or placement.algorithm)
+    names = tuple(scen.cluster.server_names)
+    kv = kv_peak_bytes(eng.plan, scen.model, reqs, finish)
+    return SimResult(names, reqs, first, finish, stats, wall, label or placement.algorithm,
+                     dict(zip(names, kv.tolist(), strict=True)))
+
+
+def kv_peak_bytes(plan: ExecutionPlan, model: ModelSpec, reqs, finish: np.ndarray) -> np.ndarray:
+    """Per server, the most KV cache it holds at once: each request keeps prompt + output tokens in every
+    layer's executor from its arrival to its end (an upper bound: the cache grows while it decodes).
+    float [S]."""
+    from prism_moe.placement.plan import PlanSizes
+
+    per_token = PlanSizes.of(model).kv_token_layer
+    layers_on = plan.layers_executed()  # [p, home]
+    size = (reqs.prompt + reqs.output).astype(np.float64) * per_token  # bytes per layer, [R]
+    t = np.concatenate([reqs.arrival, finish])
+    order = np.argsort(t, kind="stable")
+    sign = np.concatenate([np.ones(len(reqs)), -np.ones(len(reqs))])[order]
+    idx = np.concatenate([np.arange(len(reqs))] * 2)[order]
+    contrib = layers_on[:, reqs.server[idx]] * (sign * size[idx])[None, :]  # [S, 2R]
+    return np.cumsum(contrib, axis=1).max(axis=1, initial=0.0)
 
 
 def mean_lengths(scen: Scenario, phase: int = 0) -> tuple[float, float]:
