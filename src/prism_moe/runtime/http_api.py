@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from prism_moe.runtime.engine import Engine, EngineError, EngineOverloaded, TokenEvent
+from prism_moe.runtime.engine import Engine, EngineError, EngineOverloaded, SamplingParams, TokenEvent
 from prism_moe.runtime.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ async def _generate(engine: Engine, body: _Body, prompt_ids: list[int], max_toke
                     chat: bool) -> Response:
     """Submit to the engine and answer as one JSON body or as an SSE stream."""
     try:
-        engine.check_request(prompt_ids, max_tokens, body.temperature, body.top_p)
+        engine.check_request(prompt_ids, max_tokens, SamplingParams(temperature=body.temperature, top_p=body.top_p))
     except ValueError as e:
         raise APIError(400, str(e), param="messages" if chat else "prompt") from e
     try:

@@ -1,0 +1,70 @@
+"""The runner protocol: what the frontend needs from a batching loop, and the two records it passes.
+
+A runner owns the model's forwards on its own thread. The frontend hands it `RunnerRequest`s (prompt ids, limits
+and a `SequenceSampler` that picks the tokens) and reads `RunnerOutput`s back from any thread; the runner picks
+each token with `sampling.sample`, so every runner samples the same way. Runners today: `HFBatchingRunner`
+(transformers' continuous batching, paged cache) and `PaddedRunner` (per-request caches, for latent attention).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from prism_moe.runtime.engine.sampling import SequenceSampler
+
+
+@dataclass
+class RunnerRequest:
+    id: str
+    prompt: list[int]
+    max_new_tokens: int
+    eos: frozenset[int]  # stop token ids (empty: generate to max_new_tokens)
+    sampler: SequenceSampler
+
+
+@dataclass
+class RunnerOutput:
+    """A request's generated tokens so far (all of them, not just the new ones); `error` ends it."""
+
+    request_id: str
+    generated_tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None
+
+    def is_finished(self) -> bool:
+        return self.finished or self.error is not None
+
+
+class Runner(Protocol):
+    """One batching loop. `start` may be called again after its thread died (a forward raised): the frontend
+    restarts it. `add_request` returns False when the runner is not accepting requests (stopping)."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float | None = None) -> None: ...
+
+    def is_running(self) -> bool: ...
+
+    def add_request(self, request: RunnerRequest) -> bool: ...
+
+    def cancel_request(self, request_id: str) -> None: ...
+
+    def get_result(self, timeout: float | None = None) -> RunnerOutput | None: ...
+
+    def pause(self) -> AbstractContextManager[None]:
+        """Hold the loop between two steps while the caller uses the model; requests keep their state."""
+        ...
+
+    def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
+        """Logits [n, V] of one plain forward over `prompt` (no cache kept); call it while paused."""
+        ...
+
+
+def caches_latents(config: Any) -> bool:
+    """True for multi-head latent attention (DeepSeek-V2/V3): it caches two latents of different widths per layer,
+    which transformers' PagedAttentionCache cannot store (it fails with an index_copy_ shape mismatch)."""
+    return getattr(config, "kv_lora_rank", None) is not None
