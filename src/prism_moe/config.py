@@ -19,6 +19,7 @@ network: {bandwidth_mbps: 500, latency_ms: 2}   # full mesh; per-link overrides 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -110,6 +111,22 @@ class ClusterSpec(_Strict):
 
     # ---- derived facts -------------------------------------------------------------------------
 
+    def non_loopback_hosts(self) -> list[str]:
+        """Server hosts other machines can reach (anything but 127.x, ::1 and localhost)."""
+        return sorted({s.host for s in self.servers if not is_loopback_host(s.host)})
+
+    def require_secure(self, keys: bool, insecure: bool, what: str = "prism serve") -> None:
+        """Refuse a cluster reachable from other hosts whose peers would talk in plaintext (no Curve keys),
+        unless the operator said `--insecure`. Loopback-only clusters need nothing."""
+        hosts = self.non_loopback_hosts()
+        if hosts and not keys and not insecure:
+            raise ConfigError(
+                f"{what}: the cluster file has hosts other machines reach ({', '.join(hosts)}) and no keys were "
+                f"given: anyone on the network could call or load experts. Make keys with `prism keys --cluster "
+                f"CLUSTER.yaml --out keys/`, copy the folder to every machine (each keeping only its own "
+                f"private/ key) and pass `--keys keys/` (it also holds admin.key, the control credential); or "
+                f"pass --insecure to run without them on a network you trust")
+
     @property
     def server_names(self) -> list[str]:
         return [s.name for s in self.servers]
@@ -172,6 +189,15 @@ class ClusterSpec(_Strict):
                 f"{format_bytes(model.dense_bytes)} dense part on each server; add memory for {need} more "
                 f"experts ({format_bytes(need * model.expert_bytes)}) or another server")
         return slots
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume other machines reach it
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

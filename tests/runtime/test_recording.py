@@ -146,7 +146,7 @@ def test_serve_flags_and_cluster_up_forwarding(tmp_path: Path, monkeypatch) -> N
 
 def test_edge_server_records_saves_on_request_and_on_close(tiny_dir: Path, tmp_path: Path) -> None:
     """One in-process server: requests through the engine's generation thread, POST /prism/trace/save
-    (API-key protected), and the final save in close()."""
+    (admin-key protected: the users' API key is refused), and the final save in close()."""
     from fastapi.testclient import TestClient
 
     from prism_moe.config import cluster_from_dict
@@ -158,7 +158,7 @@ def test_edge_server_records_saves_on_request_and_on_close(tiny_dir: Path, tmp_p
         {"name": "solo", "memory_gib": 1, "host": "127.0.0.1", "expert_port": free_port(), "http_port": 1}]})
     path = tmp_path / "t" / "{server}.safetensors"
     server = EdgeServer(cluster, "solo", ServeOptions(placement=_solo_placement(spec), device="cpu", api_key="k",
-                                                      record_trace=str(path)))
+                                                      admin_key="admin-0123456789abcdef", record_trace=str(path)))
     want = tmp_path / "t" / "solo.safetensors"
     try:
         server.start()
@@ -168,7 +168,8 @@ def test_edge_server_records_saves_on_request_and_on_close(tiny_dir: Path, tmp_p
                             json={"model": server.model_name, "prompt": "The edge", "max_tokens": 4})
             assert r.status_code == 200, r.text
             assert client.post("/prism/trace/save").status_code == 401
-            r = client.post("/prism/trace/save", headers=auth)
+            assert client.post("/prism/trace/save", headers=auth).status_code == 403
+            r = client.post("/prism/trace/save", headers={"Authorization": "Bearer admin-0123456789abcdef"})
             assert r.status_code == 200, r.text
             saved = r.json()
             assert saved["tokens"] > 0 and saved["path"] == str(want)

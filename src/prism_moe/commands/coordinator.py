@@ -4,7 +4,6 @@ failures). See docs/operations.md."""
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transfer", choices=["auto", "checkpoint", "peer"], default="auto",
                    help="how a new holder gets an expert: its checkpoint when it has one (auto), or a peer")
     p.add_argument("--placement", default=None, help="the placement the servers run (default: ask them)")
-    p.add_argument("--api-key", default=None, help="the servers' API key (default: $PRISM_API_KEY)")
+    p.add_argument("--admin-key-file", default=None, metavar="PATH",
+                   help="the servers' control credential (admin.key from `prism keys`; default: $PRISM_ADMIN_KEY, "
+                        "else KEYS/admin.key with --keys); it also guards this coordinator's POST routes")
+    p.add_argument("--keys", default=None, help="the cluster key folder from `prism keys` (for its admin.key)")
+    p.add_argument("--insecure", action="store_true",
+                   help="start without an admin key although the cluster file has non-loopback hosts")
+    p.add_argument("--lease", type=float, default=6.0,
+                   help="seconds of the control lease it holds on every server (renewed every poll); a second "
+                        "coordinator waits until it lapses")
     p.set_defaults(func=run)
 
 
@@ -39,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from prism_moe.config import load_cluster
+    from prism_moe.config import ConfigError, load_cluster
     from prism_moe.placement.placement import Placement
+    from prism_moe.runtime.auth import resolve_admin_key
     from prism_moe.scheduler.coordinator import Coordinator, CoordinatorConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,10 +57,17 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"servers {missing} have no http_port in {args.cluster}; use the cluster.yaml that "
                          f"`prism cluster up` wrote in its run folder")
+    admin_key = resolve_admin_key(args.admin_key_file, args.keys)
+    hosts = cluster.non_loopback_hosts()
+    if hosts and admin_key is None and not args.insecure:
+        raise ConfigError(f"prism coordinator: the cluster has hosts other machines reach ({', '.join(hosts)}) and "
+                          f"no admin key: the servers refuse control from other hosts without one. Make it with "
+                          f"`prism keys --cluster CLUSTER.yaml --out keys/` and pass --keys keys/ (or "
+                          f"--admin-key-file keys/admin.key) here and to every server; --insecure starts anyway")
     config = CoordinatorConfig(period=args.period, poll_interval=args.poll, down_after=args.down_after,
                                half_life=args.half_life, window=args.window, shift_threshold=args.shift_threshold,
-                               settle=args.settle,                               margin=args.margin, algorithm=args.algorithm, transfer=args.transfer,
-                               api_key=args.api_key or os.environ.get("PRISM_API_KEY") or None)
+                               settle=args.settle, margin=args.margin, algorithm=args.algorithm,
+                               transfer=args.transfer, admin_key=admin_key, lease_seconds=args.lease)
     coord = Coordinator(cluster, config, Placement.load(args.placement) if args.placement else None)
     coord.start()
     try:

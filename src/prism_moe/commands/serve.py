@@ -23,6 +23,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                                                 "encrypt with CurveZMQ (default: plaintext, for local use)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on the OpenAI API "
                                                    "(default: $PRISM_API_KEY, else open)")
+    p.add_argument("--admin-key-file", default=None, metavar="PATH",
+                   help="the control routes' credential (admin.key from `prism keys`; default: $PRISM_ADMIN_KEY, "
+                        "else KEYS/admin.key with --keys); without one, control is open to this machine only")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a cluster file with non-loopback hosts without --keys (plaintext, unauthenticated "
+                        "peers: only on a network you trust)")
     p.add_argument("--replay", action="store_true",
                    help="benchmark mode: routers take their top-k from the server's workload trace "
                         "(for tiny random models; shown in /metrics and /health)")
@@ -67,10 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     down.add_argument("--run-dir", default=None)
     down.set_defaults(func=run_cluster_down)
 
-    k = sub.add_parser("keys", help="make a CurveZMQ key set for a cluster",
-                       description="Write one keypair per server (private/<name>.key_secret) and the public keys "
-                                   "(public/<name>.key). Copy the folder to each server, keeping only its own "
-                                   "secret key, and start servers with --keys.")
+    k = sub.add_parser("keys", help="make a CurveZMQ key set and the admin key for a cluster",
+                       description="Write one keypair per server (private/<name>.key_secret), the public keys "
+                                   "(public/<name>.key) and the control plane's admin credential (admin.key). Copy "
+                                   "the folder to each server, keeping only its own secret key, and start servers "
+                                   "and the coordinator with --keys. Users get the --api-key, never admin.key.")
     k.add_argument("--cluster", required=True)
     k.add_argument("--out", required=True)
     k.add_argument("--overwrite", action="store_true", help="replace existing keys")
@@ -105,9 +112,11 @@ def run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cluster = load_cluster(args.cluster)
     cluster.server(args.server)  # a clear error for an unknown name, before loading anything
+    cluster.require_secure(args.keys is not None, args.insecure)
+    admin_key = _admin_key(args, cluster, f"server {args.server}")
     options = ServeOptions(
         placement=_placement(args, cluster), device=args.device or cluster.device,
-        api_key=args.api_key or os.environ.get("PRISM_API_KEY") or None,
+        api_key=args.api_key or os.environ.get("PRISM_API_KEY") or None, admin_key=admin_key,
         keys_dir=Path(args.keys) if args.keys else None,
         replay=cluster.server(args.server).workload if args.replay else None,
         data_dir=args.data_dir, call_timeout=args.timeout, record_trace=args.record_trace,
@@ -120,6 +129,19 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_key(args: argparse.Namespace, cluster: Any, who: str) -> str | None:
+    import logging
+
+    from prism_moe.runtime.auth import resolve_admin_key
+
+    key = resolve_admin_key(args.admin_key_file, args.keys)
+    if key is None and cluster.non_loopback_hosts():
+        logging.getLogger(__name__).warning(
+            "%s: no admin key: its control routes answer this machine only, so a coordinator elsewhere cannot "
+            "drive it (`prism keys` writes admin.key; pass --admin-key-file)", who)
+    return key
+
+
 def forwarded_server_args(args: argparse.Namespace) -> list[str]:
     """The serve flags that `cluster up` passes on to every server."""
     out = []
@@ -127,6 +149,10 @@ def forwarded_server_args(args: argparse.Namespace) -> list[str]:
                         ("--data-dir", args.data_dir), ("--timeout", args.timeout), ("--threads", args.threads)):
         if value is not None:
             out += [flag, str(value)]
+    if args.admin_key_file:  # absolute: the servers may run in another folder
+        out += ["--admin-key-file", os.path.abspath(os.path.expanduser(args.admin_key_file))]
+    if args.insecure:
+        out.append("--insecure")
     if args.replay:
         out.append("--replay")
     if getattr(args, "record_trace", None):
@@ -141,6 +167,7 @@ def run_cluster_up(args: argparse.Namespace) -> int:
     from prism_moe.runtime.launcher import start_local_cluster
 
     cluster = load_cluster(args.cluster)
+    cluster.require_secure(args.keys is not None, args.insecure, "prism cluster up")
     if args.record_trace and len(cluster.servers) > 1 and "{server}" not in args.record_trace:
         raise ValueError("--record-trace: with several servers put '{server}' in the path (e.g. "
                          "traces/{server}.safetensors), else they would all write the same file")
@@ -159,7 +186,10 @@ def run_cluster_up(args: argparse.Namespace) -> int:
     if args.coordinator is not None:
         from prism_moe.runtime.launcher import start_coordinator
 
-        key = ["--api-key", args.api_key] if args.api_key else []
+        key = ["--insecure"] if args.insecure else []  # the users' --api-key never reaches control
+        for flag, value in (("--admin-key-file", args.admin_key_file), ("--keys", args.keys)):
+            if value:
+                key += [flag, os.path.abspath(os.path.expanduser(value))]
         out["coordinator"] = start_coordinator(lc, args.coordinator or None,
                                                ["--placement", str(placement_path.resolve()), *key])
         out["coordinator_log"] = str(run_dir / "coordinator.log")
@@ -180,9 +210,11 @@ def run_cluster_down(args: argparse.Namespace) -> int:
 
 def run_keys(args: argparse.Namespace) -> int:
     from prism_moe.config import load_cluster
-    from prism_moe.runtime.keys import make_cluster_keys
+    from prism_moe.runtime.keys import ADMIN_KEY_FILE, make_admin_key, make_cluster_keys
 
     cluster = load_cluster(args.cluster)
     paths = make_cluster_keys(args.out, cluster.server_names, overwrite=args.overwrite)
-    print(f"wrote keys for {', '.join(paths)} in {args.out} (public/ for everyone, private/ one per server)")
+    admin = make_admin_key(Path(args.out) / ADMIN_KEY_FILE, overwrite=args.overwrite)
+    print(f"wrote keys for {', '.join(paths)} in {args.out} (public/ for everyone, private/ one per server) and "
+          f"the admin key {admin} (servers and coordinator only)")
     return 0

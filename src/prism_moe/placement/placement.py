@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from prism_moe.fileio import atomic_write_text
+
 FORMAT = "prism-moe-placement"
 FORMAT_VERSION = 1
 
@@ -164,7 +166,7 @@ class Placement:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        atomic_write_text(path, json.dumps(self.to_dict()))  # a crash leaves the old file or the new one
 
     @classmethod
     def from_dict(cls, d: Any) -> Placement:

@@ -4,6 +4,8 @@ Layout written by `make_cluster_keys(out_dir, names)`::
 
     out_dir/public/<name>.key            public certificate of each server (ship the whole folder to all)
     out_dir/private/<name>.key_secret    secret certificate (mode 0600; ship only to server <name>)
+    out_dir/admin.key                    the admin credential of the control routes (mode 0600; give it to the
+                                         servers and the coordinator, never to users; see runtime/auth.py)
 
 A server's expert service runs as a CURVE server with its own keypair and accepts a client only if the
 client's public key is in `public/` (ZAP authenticator); a client uses its own keypair and pins the
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
+import secrets
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,8 +27,13 @@ import zmq
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from prism_moe.fileio import atomic_write_bytes, atomic_write_text
+
 PUBLIC_DIR = "public"
 PRIVATE_DIR = "private"
+ADMIN_KEY_FILE = "admin.key"
+ADMIN_KEY_PREFIX = "prism-admin-"
+_ADMIN_RE = re.compile(r"^prism-admin-[A-Za-z0-9_-]{43}$")  # prefix + secrets.token_urlsafe(32)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -94,15 +101,39 @@ def make_cluster_keys(
     priv.mkdir(parents=True, exist_ok=True)
     os.chmod(priv, 0o700)
     result: dict[str, Path] = {}
-    # create_certificates writes both files side by side; generate in a private temp dir then move
+    # create_certificates writes both files side by side; generate in a private temp dir, then write each
+    # file atomically (a crash never leaves a torn key behind)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
+        os.chmod(tmp, 0o700)
         for n in names:
             public_file, secret_file = zmq.auth.create_certificates(tmp, n)
-            os.chmod(secret_file, 0o600)
-            shutil.move(public_file, pub / f"{n}.key")
-            shutil.move(secret_file, priv / f"{n}.key_secret")
+            atomic_write_bytes(pub / f"{n}.key", Path(public_file).read_bytes())
+            atomic_write_bytes(priv / f"{n}.key_secret", Path(secret_file).read_bytes(), mode=0o600)
             result[n] = priv / f"{n}.key_secret"
     return result
+
+
+def make_admin_key(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write a new admin credential to `path` (mode 0600) and return the path."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise KeyFileError(f"{path} already exists; pass overwrite=True to replace it (servers and the "
+                           f"coordinator must then all be given the new one)")
+    return atomic_write_text(path, ADMIN_KEY_PREFIX + secrets.token_urlsafe(32) + "\n", mode=0o600)
+
+
+def read_admin_key(path: str | os.PathLike[str]) -> str:
+    """The admin credential in `path` (written by `make_admin_key`); a torn or foreign file is refused."""
+    path = Path(path)
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyFileError(f"cannot read the admin key file {path}: {e}") from None
+    if not _ADMIN_RE.match(text):
+        raise KeyFileError(f"{path} is not a prism-moe admin key (torn or foreign file: it must be one line "
+                           f"'{ADMIN_KEY_PREFIX}' + 43 characters); make one with `prism keys --cluster C.yaml "
+                           f"--out DIR` (DIR/{ADMIN_KEY_FILE})")
+    return text
 
 
 def load_identity(keys_dir: str | os.PathLike[str], name: str) -> CurveIdentity:

@@ -23,6 +23,7 @@ import httpx
 import yaml
 
 from prism_moe.config import ClusterSpec
+from prism_moe.fileio import atomic_write_text
 
 STATE_FILE = "state.json"
 
@@ -57,7 +58,7 @@ def write_cluster_file(cluster: ClusterSpec, path: Path) -> None:
     model_path = cluster.resolve_path(cluster.model)
     if model_path.exists():
         data["model"] = str(model_path.resolve())
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 @dataclass
@@ -119,7 +120,7 @@ def start_local_cluster(cluster: ClusterSpec, run_dir: Path, extra_args: list[st
                                                     start_new_session=True, env=env)
         state = {"cluster_file": str(cluster_file),
                  "servers": {n: {"pid": p.pid, "http": lc.endpoints()[n]} for n, p in lc.procs.items()}}
-        (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+        atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=2))
         wait_healthy(lc, health_timeout, log)
     except BaseException:
         lc.stop()
@@ -139,9 +140,9 @@ def start_coordinator(lc: LocalCluster, port: int | None = None, extra_args: lis
                                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://{host}:{port}"
     state_path = lc.run_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = read_state(lc.run_dir) if state_path.is_file() else {}
     state["coordinator"] = {"pid": lc.coordinator.pid, "http": url}
-    state_path.write_text(json.dumps(state, indent=2))
+    atomic_write_text(state_path, json.dumps(state, indent=2))
     return url
 
 
@@ -209,15 +210,44 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def read_state(run_dir: Path) -> dict:
+    """The state file of `run_dir`, checked: a torn or foreign file is refused, never half-used (its pids
+    name process groups to kill)."""
+    path = run_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LaunchError(f"{path} is not a readable cluster state file ({e}); stop the processes by hand "
+                          f"(their pids are in the logs) and delete it") from None
+    problem = _state_problem(state)
+    if problem:
+        raise LaunchError(f"{path} is not a prism-moe cluster state file: {problem}; stop the processes by hand "
+                          f"and delete it")
+    return state
+
+
+def _state_problem(state: object) -> str | None:
+    if not isinstance(state, dict) or not isinstance(state.get("servers"), dict):
+        return "no 'servers' mapping"
+    entries = [(f"servers.{n}", s) for n, s in state["servers"].items()]
+    if "coordinator" in state:
+        entries.append(("coordinator", state["coordinator"]))
+    for where, s in entries:
+        pid = s.get("pid") if isinstance(s, dict) else None
+        if type(pid) is not int or pid <= 1:
+            return f"{where}.pid is {pid!r}, not a process id"
+    return None
+
+
 def stop_cluster(run_dir: Path) -> list[str]:
     """Stop the cluster whose state file is in `run_dir` (what `prism cluster down` does)."""
     state_path = run_dir / STATE_FILE
     if not state_path.is_file():
         raise LaunchError(f"no running cluster recorded in {run_dir} (no {STATE_FILE}); nothing to stop")
-    state = json.loads(state_path.read_text())
-    pids = {n: int(s["pid"]) for n, s in state.get("servers", {}).items()}
+    state = read_state(run_dir)
+    pids = {n: s["pid"] for n, s in state["servers"].items()}
     if "coordinator" in state:  # first, so it does not mark the servers down as they stop
-        pids = {"coordinator": int(state["coordinator"]["pid"]), **pids}
+        pids = {"coordinator": state["coordinator"]["pid"], **pids}
     stopped = stop_processes(pids)
     state_path.unlink(missing_ok=True)
     return stopped

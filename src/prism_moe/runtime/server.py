@@ -46,6 +46,7 @@ class ServeOptions:
     placement: Placement
     device: str = "auto"
     api_key: str | None = None
+    admin_key: str | None = None  # control routes' credential (None: control from loopback only)
     keys_dir: Path | None = None
     replay: str | None = None  # workload source whose per-token trace drives the routers (benchmark mode)
     data_dir: str | None = None
@@ -140,6 +141,10 @@ class EdgeServer:
         self.recorder: Any = None  # ForwardRecorder when --record-trace is given
         self.record_path: Path | None = None
         self._save_lock = threading.Lock()  # one trace save at a time
+        from prism_moe.runtime.auth import ControlGuard, ControlLease
+
+        self.lease = ControlLease()  # one coordinator drives this server at a time
+        self.control_guard = ControlGuard(options.admin_key, options.api_key, self.lease)
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -554,26 +559,19 @@ class EdgeServer:
 
     def _add_control_routes(self, app: Any) -> None:
         """POST /prism/experts/{load,send,drop}, GET|POST /prism/placement, /prism/down, /prism/replay,
-        POST /prism/trace/save (write the --record-trace file now)."""
-        import secrets
+        POST /prism/trace/save (write the --record-trace file now), GET|POST /prism/lease. Every POST needs
+        the admin credential (runtime/auth.py), checked before the body is read; GETs are read-only."""
         from typing import get_type_hints
 
-        from fastapi import Request
+        from fastapi import Depends, Request
         from fastapi.responses import JSONResponse
+        from pydantic import BaseModel, Field
 
-        from prism_moe.runtime.http_api import APIError
-
-        def check_key(request: Request) -> None:
-            key = self.options.api_key
-            if key is not None:
-                scheme, _, given = request.headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
-                    raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+        control = [Depends(self.control_guard)]
 
         def guarded(fn: Any) -> Any:
             # sync handlers: FastAPI runs them in its thread pool, off the event loop
             def handler(request: Request, body: Any) -> Any:
-                check_key(request)
                 try:
                     return fn(body)
                 except ControlError as err:
@@ -611,18 +609,31 @@ class EdgeServer:
         for path, fn in (("/prism/experts/load", load), ("/prism/experts/send", send),
                          ("/prism/experts/drop", drop), ("/prism/placement", switch), ("/prism/down", set_down),
                          ("/prism/replay", replay)):
-            app.add_api_route(path, guarded(fn), methods=["POST"])
+            app.add_api_route(path, guarded(fn), methods=["POST"], dependencies=control)
         app.add_api_route("/prism/placement", lambda: self.dispatcher.placement.to_dict(), methods=["GET"])
 
         def save_trace(request: Request) -> Any:  # no body; sync: the save runs in FastAPI's thread pool
-            check_key(request)
             try:
                 return self.save_trace()
             except ControlError as err:
                 return JSONResponse({"error": {"message": err.message, "server": self.name}}, status_code=err.status)
 
         save_trace.__annotations__ = {"request": Request}
-        app.add_api_route("/prism/trace/save", save_trace, methods=["POST"])
+        app.add_api_route("/prism/trace/save", save_trace, methods=["POST"], dependencies=control)
+
+        class LeaseBody(BaseModel):
+            holder: str = Field(min_length=1, max_length=128)
+            ttl: float = Field(default=6.0, gt=0, le=300)
+            release: bool = False
+
+        def lease(body: LeaseBody) -> Any:
+            out = self.lease.release(body.holder) if body.release else self.lease.acquire(body.holder, body.ttl)
+            return {"server": self.name, "placement_version": self.dispatcher.placement.version, **out}
+
+        lease.__annotations__ = {"body": LeaseBody, "return": Any}
+        # the credential only: the lease is what this route grants
+        app.add_api_route("/prism/lease", lease, methods=["POST"], dependencies=[Depends(self.control_guard.authorize)])
+        app.add_api_route("/prism/lease", lambda: {"server": self.name, **self.lease.state()}, methods=["GET"])
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -3,6 +3,9 @@
 HTTP, not the ZeroMQ expert link: control is rare and small, the coordinator then needs no CurveZMQ
 identity, and an operator can make the same calls with curl. Weights never pass through here: a
 `send` makes the source push them to the receiver over the expert link.
+
+Every call carries the admin credential (`Authorization: Bearer <admin key>`, never the users' API key)
+and the coordinator's lease holder id (`X-Prism-Coordinator`): see runtime/auth.py.
 """
 
 from __future__ import annotations
@@ -18,15 +21,21 @@ from prism_moe.placement.placement import Placement
 class ControlFailed(RuntimeError):
     """A server refused or did not answer a control call."""
 
-    def __init__(self, server: str, what: str, detail: str) -> None:
+    def __init__(self, server: str, what: str, detail: str, status: int | None = None) -> None:
         super().__init__(f"{server}: {what} failed: {detail}")
-        self.server, self.what, self.detail = server, what, detail
+        self.server, self.what, self.detail, self.status = server, what, detail, status
 
 
 class ServerClient:
-    def __init__(self, cluster: ClusterSpec, api_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, cluster: ClusterSpec, admin_key: str | None = None, holder: str | None = None,
+                 timeout: float = 60.0) -> None:
+        from prism_moe.runtime.auth import HOLDER_HEADER
+
         self.urls = {s.name: f"http://{s.host}:{s.http_port}" for s in cluster.servers}
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+        if holder:
+            headers[HOLDER_HEADER] = holder
+        self.holder = holder
         self.timeout = timeout
         self._http = httpx.Client(headers=headers, timeout=timeout)
 
@@ -40,10 +49,11 @@ class ServerClient:
             raise ControlFailed(server, path, f"{type(e).__name__}: {e}") from None
         if r.status_code != 200:
             try:
-                detail = r.json().get("error", {}).get("message") or r.text
-            except ValueError:
+                body = r.json()
+                detail = (body.get("error") or {}).get("message") or body.get("detail") or r.text
+            except (ValueError, AttributeError):
                 detail = r.text
-            raise ControlFailed(server, path, f"HTTP {r.status_code}: {detail}")
+            raise ControlFailed(server, path, f"HTTP {r.status_code}: {detail}", r.status_code)
         return r.json()
 
     def stats(self, server: str, timeout: float) -> dict[str, Any]:
@@ -67,3 +77,11 @@ class ServerClient:
 
     def set_down(self, server: str, down: list[str]) -> dict[str, Any]:
         return self._call(server, "POST", "/prism/down", timeout=5.0, json={"down": down})
+
+    def lease(self, server: str, ttl: float, timeout: float = 2.0) -> dict[str, Any]:
+        """Take or renew this coordinator's control lease on `server` (HTTP 409: another coordinator has it)."""
+        return self._call(server, "POST", "/prism/lease", timeout=timeout, json={"holder": self.holder, "ttl": ttl})
+
+    def release(self, server: str, timeout: float = 2.0) -> dict[str, Any]:
+        return self._call(server, "POST", "/prism/lease", timeout=timeout,
+                          json={"holder": self.holder, "release": True})

@@ -11,13 +11,24 @@ and after a detected shift: a candidate placement (candidate.py), the decision r
 if it says so, a live migration (migration.py plan, executor.py). A server going down: peers are told at
 once (they route to surviving replicas), then experts left with no live copy are re-hosted on the
 survivors (repair). A server coming back gets a placement version that includes what it holds.
+
+Fencing and restarts: the coordinator holds a control lease on every server (renewed by a thread of its
+own, also during migrations) and acts only while it holds the lease on every live server, so a second
+coordinator waits. On taking the leases it rebuilds its state from the servers (`reconcile`): the newest
+placement version any of them serves, what each holds; every live server is switched to that placement
+restricted to what it holds, and copies no placement routes to are dropped. A migration a killed
+coordinator left half-done is thereby finished (switched, then dropped) or rolled back (loaded copies
+dropped), and every expert keeps at least one copy throughout.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -61,7 +72,8 @@ class CoordinatorConfig:
     algorithm: str | None = None  # None: the registry's default
     transfer: str = "auto"  # how receivers get experts: auto | checkpoint | peer
     drain_timeout: float = 10.0
-    api_key: str | None = None
+    admin_key: str | None = None  # the servers' control credential (runtime/auth.py)
+    lease_seconds: float = 6.0  # control lease on each server; renewed every lease_seconds / 3
 
 
 @dataclass
@@ -99,7 +111,11 @@ class Coordinator:
         self.capacity = cluster.expert_slots(self.model)
         self.link_cost = link_cost_matrix(cluster, self.model)
         self.bandwidth = cluster.link_matrices()[0]
-        self.client = client or ServerClient(cluster, self.config.api_key)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.client = client or ServerClient(cluster, self.config.admin_key, self.holder)
+        self.leased: set[str] = set()  # servers whose control lease this coordinator holds now
+        self.lease_error: str | None = None  # why it does not hold them all (another coordinator?)
+        self.reconciled = False
         self.placement = placement
         self.version = placement.version if placement is not None else 0
         shape = (len(self.names), self.model.num_moe_layers, self.model.num_experts)
@@ -117,12 +133,20 @@ class Coordinator:
         self._last_plan = time.monotonic()
         self.pending_shifts = PendingShifts(self.config.settle, self.config.settle_max)
         self._thread: threading.Thread | None = None
+        self._lease_thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max(2, len(self.names)), thread_name_prefix="coord-poll")
+        self._lease_pool = ThreadPoolExecutor(max(2, len(self.names)), thread_name_prefix="coord-lease")
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Poll once (so liveness is known before any decision), then keep polling in a thread."""
+        """Poll once (so liveness is known before any decision), take the leases and rebuild the state from the
+        servers, then keep polling in a thread (and renewing the leases in another)."""
         self.poll()
+        self.renew_leases()
+        self._lease_thread = threading.Thread(target=self._lease_loop, name="prism-coordinator-lease", daemon=True)
+        self._lease_thread.start()
+        if self.holds_control():
+            self.reconcile()
         self._thread = threading.Thread(target=self._loop, name="prism-coordinator", daemon=True)
         self._thread.start()
 
@@ -131,8 +155,54 @@ class Coordinator:
         self._replan_now.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._lease_thread is not None:
+            self._lease_thread.join(timeout=10)
+        for n in list(self.leased):  # hand over at once instead of making a successor wait for the lapse
+            try:
+                self.client.release(n)
+            except ControlFailed:
+                pass
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._lease_pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+
+    # --- the control lease ----------------------------------------------------------------------------------
+    def renew_leases(self) -> None:
+        """Take or renew the lease on every server that answers; remember which ones it holds."""
+        ttl = self.config.lease_seconds
+        futs = {n: self._lease_pool.submit(self.client.lease, n, ttl, min(2.0, ttl / 3)) for n in self.names}
+        held, refused = set(), []
+        for n, f in futs.items():
+            try:
+                f.result()
+                held.add(n)
+            except ControlFailed as err:
+                if err.status is not None:  # an answer that refuses (409: another coordinator; 401/403)
+                    refused.append(str(err))
+            except Exception:  # no answer: a down server; liveness is the poll's business
+                pass
+        with self._lock:
+            lost = self.leased - held
+            self.leased = held
+            self.lease_error = "; ".join(refused) or None
+            if refused and self.reconciled:
+                self.reconciled = False  # someone else may have changed the servers: rebuild when back
+                self._event("lease", None, f"lost the control lease: {self.lease_error}")
+            if lost:
+                log.info("no longer holds the control lease on %s", sorted(lost))
+
+    def _lease_loop(self) -> None:
+        while not self._stop.wait(self.config.lease_seconds / 3):
+            try:
+                self.renew_leases()
+            except Exception:
+                log.exception("renewing the control leases failed")
+
+    def holds_control(self) -> bool:
+        """Whether this coordinator holds the lease on every live server (only then it acts)."""
+        with self._lock:
+            live = {n for n in self.names if self.servers[n].live}
+            return bool(live) and live <= self.leased and self.lease_error is None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -144,8 +214,18 @@ class Coordinator:
             self._replan_now.wait(max(0.0, self.config.poll_interval - (time.monotonic() - t0)))
 
     def step(self) -> None:
-        """One poll of every server, then whatever it calls for: repair, rejoin, re-placement."""
+        """One poll of every server, then whatever it calls for: repair, rejoin, re-placement. Nothing but the
+        poll while another coordinator holds a lease."""
         went_down, came_back, shifted = self.poll()
+        if not self.holds_control():
+            self.renew_leases()  # e.g. a server that just came back has no lease yet
+        if not self.holds_control():
+            if went_down or came_back:  # seen again, and handled, once this coordinator has the leases
+                self.reconciled = False
+            return
+        if not self.reconciled:
+            self.reconcile()
+            return
         if went_down:
             self.handle_down(went_down)
         for name in came_back:
@@ -319,6 +399,65 @@ class Coordinator:
                     + (f": {report.error}" if report.error else ""))
         return report
 
+    # --- restarts -------------------------------------------------------------------------------------------
+    def reconcile(self) -> bool:
+        """Rebuild the state from the live servers and make them consistent (after this coordinator starts or
+        gets the leases back): adopt the newest placement version any of them serves, restricted to what each
+        holds (plus any held copy of an expert it would leave without one), switch every live server to it
+        under a new version if they differ, then drop the copies it does not route to. Returns whether done."""
+        with self._migrate_lock:
+            with self._lock:
+                live = self.live_mask()
+                live_names = [n for n in self.names if self.servers[n].live]
+                held_lists = {n: self.servers[n].stats.get("held") or {} for n in live_names}
+            if not live_names:
+                return False
+            try:
+                served = {n: self.client.placement(n) for n in live_names}
+            except ControlFailed as err:
+                log.warning("reconcile: %s (trying again at the next poll)", err)
+                return False
+            newest = max(served.values(), key=lambda p: p.version)
+            if list(newest.server_names) != self.names:
+                self.error = f"the servers serve a placement for {list(newest.server_names)}, not {self.names}"
+                return False
+            with self._lock:
+                self.version = max(self.version, newest.version)
+            held = np.zeros_like(newest.hosts)
+            for n in live_names:
+                for layer, ids in held_lists[n].items():
+                    held[self.names.index(n), int(layer), ids] = True
+            hosts = newest.hosts.copy()
+            hosts[live] &= held[live]  # a live server routes only to copies it really holds
+            hosts |= held & ~hosts.any(axis=0)[None]  # an expert listed nowhere keeps any copy that exists
+            consistent = all(p.version == newest.version for p in served.values()) and (hosts == newest.hosts).all()
+            target = newest if consistent else Placement.from_hosts(
+                self.names, hosts, self.link_cost, None, newest.algorithm, version=self._next_version())
+            down = self.down_names()
+            if not consistent:
+                futs = {n: self._pool.submit(self.client.switch, n, target, down, self.config.drain_timeout)
+                        for n in live_names}
+                failed = [str(e) for f in futs.values() if (e := f.exception()) is not None]
+                if failed:
+                    self._event("error", None, f"reconcile: switch to version {target.version} failed: {failed[0]}")
+                    return False
+            extras = held & ~target.hosts
+            dropped = 0
+            for i in np.flatnonzero(extras.any(axis=(1, 2))).tolist():
+                try:
+                    out = self.client.drop(self.names[i], [(int(l), int(e)) for l, e in np.argwhere(extras[i])])
+                    dropped += int(out.get("dropped", 0))
+                except ControlFailed as err:
+                    log.warning("reconcile: %s", err)
+            with self._lock:
+                self.placement, self.reconciled = target, True
+            self._event("reconcile", None, f"servers served versions {sorted({p.version for p in served.values()})}; "
+                                           f"now all on version {target.version}, {dropped} unrouted copies dropped")
+        uncovered = ~(target.hosts & live[:, None, None]).any(axis=0)
+        if uncovered.any() and down:  # a server that was already down when this coordinator started
+            self.handle_down(down)
+        return True
+
     # --- failures -------------------------------------------------------------------------------------------
     def handle_down(self, names: list[str]) -> None:
         """Tell the survivors at once, then re-host experts left with no live copy."""
@@ -394,12 +533,18 @@ class Coordinator:
                     "servers": servers,
                     "last_decision": None if self.last_decision is None else self.last_decision.to_dict(),
                     "migrations": [m.to_dict() for m in self.migrations],
-                    "events": list(self.events)[-50:], "config": {**asdict(self.config), "api_key": None}}
+                    "events": list(self.events)[-50:], "config": {**asdict(self.config), "admin_key": None},
+                    "control": {"holder": self.holder, "leased": sorted(self.leased),
+                                "lease_error": self.lease_error, "reconciled": self.reconciled}}
 
     def app(self) -> Any:
         """FastAPI app: GET /health, /state, /placement; POST /replan[?dry_run=true], /migrate."""
-        from fastapi import FastAPI, HTTPException
+        from fastapi import Depends, FastAPI, HTTPException
         from pydantic import BaseModel
+
+        from prism_moe.runtime.auth import ControlGuard
+
+        control = [Depends(ControlGuard(self.config.admin_key))]  # the admin key, or loopback when none
 
         class MigrateBody(BaseModel):
             placement: dict[str, Any]
@@ -421,11 +566,11 @@ class Coordinator:
                 raise HTTPException(503, "no placement known yet")
             return self.placement.to_dict()
 
-        @app.post("/replan")
+        @app.post("/replan", dependencies=control)
         def replan(dry_run: bool = False) -> dict[str, Any]:
             return self.replan("requested", dry_run=dry_run)
 
-        @app.post("/migrate")
+        @app.post("/migrate", dependencies=control)
         def migrate(body: MigrateBody) -> dict[str, Any]:
             try:
                 target = Placement.from_dict(body.placement)

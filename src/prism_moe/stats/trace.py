@@ -23,7 +23,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
+
+from prism_moe.fileio import atomic_write_bytes
 
 TRACE_FORMAT = "prism-moe-trace"
 TRACE_VERSION = "1"
@@ -251,7 +253,7 @@ def save_trace(trace: RoutingTrace, path: str | Path) -> Path:
         "model": trace.model,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))  # never a torn trace
     return path
 
 
