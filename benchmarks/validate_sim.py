@@ -34,11 +34,10 @@ import numpy as np
 from rich.console import Console
 
 from prism_moe.config import cluster_from_dict
-from prism_moe.demo import _prompts, demo_cluster, run_one, tiny_checkpoint
+from prism_moe.demo import _prompts, demo_cluster, demo_workloads, run_one, tiny_checkpoint
 from prism_moe.sim import Engine, EngineConfig, SimResult, build_scenario
 from prism_moe.sim.calibrate import calibrate, calibrated_cost
 from prism_moe.sim.workload import Requests
-from prism_moe.stats.workload import resolve_data_dir
 
 
 def sim_requests(scen, prompts: dict[str, list[list[int]]], output_tokens: int) -> Requests:
@@ -72,13 +71,13 @@ def main() -> None:
     ap.add_argument("--under-load", action="store_true",
                     help="also calibrate while the other servers' load runs on this machine (about 40 s more)")
     args = ap.parse_args()
-    args.data_dir = str(resolve_data_dir(args.data_dir))
+    workloads, args.data_dir, _ = demo_workloads(args.data_dir)
     args.concurrency = args.requests  # all of a server's requests in flight at once, as in the simulation
     console = Console(stderr=True)
     ckpt = tiny_checkpoint(Path(args.cache_dir), console)
-    cluster_dict = demo_cluster(ckpt, with_workloads=True)
+    cluster_dict = demo_cluster(ckpt, workloads)
     cluster = cluster_from_dict(cluster_dict)
-    prompts = _prompts(ckpt, args.data_dir, True, args.requests, args.prompt_tokens)
+    prompts = _prompts(ckpt, args.data_dir, workloads, args.requests, args.prompt_tokens)
 
     t0 = time.perf_counter()
     # the servers replay traces over emulated links: calibrate that path (one domain's trace will do)

@@ -6,9 +6,10 @@ budgets, emulated links of different speeds); for each placement algorithm start
 server with its own domain's prompts through the OpenAI API, read the servers' metrics, stop the cluster;
 then print a table and write a report folder (Markdown, CSV, JSON, PNG plots).
 
-When the real routing data is present (`../shared/data` or PRISM_DATA_DIR), each server's routers replay
-its domain's ESFT trace (benchmark mode), so a random model shows real expert locality; otherwise the
-model's own random routing is used and the placements see uniform statistics — the demo says which.
+Each server's routers replay its domain's real ESFT routing trace (benchmark mode), so a random model shows
+real expert locality: the full ESFT set when a data folder holds it (`../shared/data`, PRISM_DATA_DIR,
+--data-dir or what `prism data fetch esft` downloaded), else the compact sample shipped in the package
+(`embedded:esft:<domain>`). The demo says which.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from rich.table import Table
 from prism_moe.config import cluster_from_dict
 from prism_moe.model.spec import GIB, ModelSpec
 
-DOMAINS = {"edge-a": "esft:intent", "edge-b": "esft:law", "edge-c": "esft:translation"}
+DOMAINS = {"edge-a": "intent", "edge-b": "law", "edge-c": "translation"}  # each server's ESFT domain
 # Share of all routed experts each server has room for (beyond the dense part), as in the paper's setting.
 MEMORY_SHARE = {"edge-a": 0.35, "edge-b": 0.35, "edge-c": 0.75}
 DEFAULT_ALGORITHMS = ("uniform", "eplb", "prism", "latency")
@@ -89,7 +90,22 @@ def tiny_checkpoint(cache_dir: Path, console: Console) -> Path:
     return make_tiny_model("deepseek_v2", path, seed=0, **TINY_SHAPE)
 
 
-def demo_cluster(ckpt: Path, with_workloads: bool) -> dict[str, Any]:
+def demo_workloads(data_dir: str | None) -> tuple[dict[str, str], str | None, str]:
+    """Each server's workload source, the data folder to pass on (None: the embedded sample) and, in
+    words, which data that is."""
+    from prism_moe.stats.workload import esft_domains, find_data_dir
+
+    root = find_data_dir(data_dir)
+    if root is not None and set(DOMAINS.values()) <= set(esft_domains(root)):
+        return ({n: f"esft:{d}" for n, d in DOMAINS.items()}, str(root),
+                f"the full ESFT routing traces in {root}")
+    where = f"{root} has no ESFT set" if root is not None else "no routing data folder found"
+    return ({n: f"embedded:esft:{d}" for n, d in DOMAINS.items()}, None,
+            f"the ESFT sample embedded in the package (~2,000 real tokens per domain; {where}; "
+            f"`prism data fetch esft` gets the full set)")
+
+
+def demo_cluster(ckpt: Path, workloads: dict[str, str]) -> dict[str, Any]:
     """Three heterogeneous servers: memory budgets and emulated links differ."""
     spec = ModelSpec.from_pretrained(ckpt)
     all_experts = spec.total_experts * spec.expert_bytes
@@ -97,8 +113,7 @@ def demo_cluster(ckpt: Path, with_workloads: bool) -> dict[str, Any]:
     for name, gpu in zip(DOMAINS, ("rtx-3090", "rtx-4090", "a100-40gb"), strict=True):
         s: dict[str, Any] = {"name": name, "gpu": gpu,
                              "memory_gib": round((spec.dense_bytes + MEMORY_SHARE[name] * all_experts) / GIB, 6)}
-        if with_workloads:
-            s["workload"] = DOMAINS[name]
+        s["workload"] = workloads[name]
         servers.append(s)
     return {
         "model": str(ckpt),
@@ -110,18 +125,19 @@ def demo_cluster(ckpt: Path, with_workloads: bool) -> dict[str, Any]:
     }
 
 
-def _prompts(ckpt: Path, data_dir: str | None, with_data: bool, n: int, prompt_tokens: int) -> dict[str, list[list[int]]]:
-    """Per server, n prompts as token ids (the real domain prompts when the data is there)."""
+def _prompts(ckpt: Path, data_dir: str | None, workloads: dict[str, str], n: int,
+             prompt_tokens: int) -> dict[str, list[list[int]]]:
+    """Per server, n prompts as token ids: the real prompts of its domain (repeated when fewer than n)."""
     from transformers import AutoTokenizer
 
     from prism_moe.stats.workload import load_prompts
 
     tok = AutoTokenizer.from_pretrained(ckpt)
     out = {}
-    for name, source in DOMAINS.items():
-        texts = (load_prompts(source, data_dir) if with_data else None) or [
+    for name, source in workloads.items():
+        texts = load_prompts(source, data_dir) or [
             f"Request {i} from the users of {name}: explain how experts are placed." for i in range(n)]
-        ids = [tok(t).input_ids[:prompt_tokens] for t in texts[:n]]
+        ids = [tok(texts[i % len(texts)]).input_ids[:prompt_tokens] for i in range(n)]
         out[name] = [x for x in ids if x] or [[1]]
     return out
 
@@ -194,12 +210,12 @@ def run_one(algorithm: str, cluster_dict: dict[str, Any], prompts, args, run_dir
     if args.data_dir:
         extra += ["--data-dir", args.data_dir]
     t0 = time.perf_counter()
-    with console.status(f"[{algorithm}] starting 3 servers ..."):
+    with console.status(f"\\[{algorithm}] starting 3 servers ..."):
         lc = start_local_cluster(cluster, run_dir / algorithm, extra, health_timeout=300, log=lambda *_: None)
     with lc:
         n = sum(len(v) for v in prompts.values())
         with Progress(console=console, transient=True) as prog:
-            task = prog.add_task(f"[{algorithm}] requests", total=n)
+            task = prog.add_task(f"\\[{algorithm}] requests", total=n)
             result.requests = asyncio.run(drive(lc.endpoints(), prompts, args.max_tokens, args.concurrency,
                                                 Path(cluster.model).name,
                                                 on_done=lambda _: prog.advance(task)))
@@ -260,40 +276,31 @@ def run_demo(args: Any) -> int:
     console = Console()
     out = Path(args.out)
     cache = Path(args.cache_dir)
-    from prism_moe.stats.workload import resolve_data_dir
-
-    try:
-        data = resolve_data_dir(args.data_dir)
-        args.data_dir = str(data)
-        with_data = True
-        console.print(f"routing data: {data} — each server replays its domain's real ESFT routing trace "
-                      f"(intent, law, translation) on the tiny model")
-    except FileNotFoundError:
-        with_data = False
-        console.print("[yellow]routing data not found (set PRISM_DATA_DIR or --data-dir): using the tiny "
-                      "model's own random routing; placements see uniform statistics[/yellow]")
+    workloads, args.data_dir, data_words = demo_workloads(args.data_dir)
+    console.print(f"routing data: {data_words}; each server replays its domain's real routing trace "
+                  f"({', '.join(workloads.values())}) on the tiny model")
     ckpt = tiny_checkpoint(cache, console)
-    cluster_dict = demo_cluster(ckpt, with_data)
+    cluster_dict = demo_cluster(ckpt, workloads)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cluster.yaml").write_text(yaml.safe_dump(cluster_dict, sort_keys=False))
     console.print(f"cluster: 3 servers (memory for {', '.join(f'{int(100 * v)}%' for v in MEMORY_SHARE.values())}"
                   f" of the experts), emulated links 200-1000 Mbps, 1-4 ms; file {out / 'cluster.yaml'}")
-    prompts = _prompts(ckpt, args.data_dir, with_data, args.requests, args.prompt_tokens)
+    prompts = _prompts(ckpt, args.data_dir, workloads, args.requests, args.prompt_tokens)
     runs, placements = [], {}
     t0 = time.perf_counter()
     for algorithm in args.algorithms:
-        res, placement = run_one(algorithm, cluster_dict, prompts, args, out / "runs", console, with_data)
+        res, placement = run_one(algorithm, cluster_dict, prompts, args, out / "runs", console, True)
         runs.append(res)
         placements[algorithm] = placement
         s = res.summary()
-        console.print(f"[{algorithm}] {s['requests']} requests, mean latency {s['mean_latency_s']:.2f} s, "
+        console.print(f"\\[{algorithm}] {s['requests']} requests, mean latency {s['mean_latency_s']:.2f} s, "
                       f"remote {100 * s['remote_fraction']:.1f}%, {s['cross_server_mb']:.1f} MB across servers "
                       f"({res.wall_s:.0f} s)")
     rows = [r.summary() for r in runs]
     print_table(rows, console)
     header = (f"# prism demo report\n\nTiny DeepSeek-V2-shaped model (26x64 experts, top-6, random weights) on 3 "
               f"local servers with emulated links; {args.requests} requests per server, {args.max_tokens} tokens "
-              f"each; routing: {'ESFT trace replay' if with_data else 'model routing (no data)'}. "
+              f"each; routing: replay of {data_words} ({', '.join(workloads.values())}). "
               f"Total {time.perf_counter() - t0:.0f} s.")
     write_report(out, rows, runs, placements, header)
     console.print(f"report: {out / 'report.md'} (CSV, JSON and PNG plots beside it)")

@@ -149,7 +149,7 @@ def test_mixtral_decode_facts(real_data, dataset):
 
 def test_every_listed_workload_loads(real_data):
     names = list_workloads(real_data)
-    assert len(names) == 4 + 28 + 21 + 14 + 2
+    assert len(names) == 4 + 28 + 21 + 14 + 2 + 4  # the last 4: the embedded sample
     for name in names:
         w = load_workload(name, real_data)
         spec = load_model_spec(w.model_hint)

@@ -14,11 +14,15 @@ from prism_moe.stats.trace import (
 )
 from prism_moe.stats.workload import (
     Workload,
+    embedded_workloads,
+    esft_domains,
+    find_data_dir,
     list_workloads,
     load_prompts,
     load_workload,
     resolve_data_dir,
     stack_counts,
+    user_data_dir,
 )
 
 __all__ = [
@@ -28,6 +32,9 @@ __all__ = [
     "TraceSequence",
     "UnsafeFileError",
     "Workload",
+    "embedded_workloads",
+    "esft_domains",
+    "find_data_dir",
     "list_workloads",
     "load_counts",
     "load_prompts",
@@ -38,4 +45,5 @@ __all__ = [
     "save_counts",
     "save_trace",
     "stack_counts",
+    "user_data_dir",
 ]

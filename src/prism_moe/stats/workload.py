@@ -8,13 +8,16 @@ the per-token trace when the source has one. Names:
     olmoe-routing:<olmoe|mistral>:<domain>[:top1]  counts of layers 0, 7, 15 only
     fiddler:<original|instruct>:<subject>   Mixtral counts
     mixtral-decode:<gsm8k|humaneval>        Mixtral decode traces
+    embedded:esft:<domain>                 the compact ESFT sample shipped in the package (no data folder needed)
     <path>.safetensors / <path>.json        a prism-moe trace or counts file
 
-Domains are discovered from the data folder; `list_workloads()` lists every valid name.
+Domains are discovered from the data folder; `list_workloads()` lists every valid name. When no data folder
+holds the ESFT set, `esft:<domain>` falls back to `embedded:esft:<domain>` with a note.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -29,7 +32,9 @@ from prism_moe.stats.trace import RoutingTrace, load_counts, load_trace
 
 DATA_ENV = "PRISM_DATA_DIR"
 
-FAMILIES = ("esft", "moe-lens", "olmoe-routing", "fiddler", "mixtral-decode")
+FAMILIES = ("esft", "moe-lens", "olmoe-routing", "fiddler", "mixtral-decode", "embedded")
+# the compact real sample shipped inside the package (src/prism_moe/data/README.md)
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data"
 # MoE-Lens file suffix -> preset of the model it was measured on
 MOE_LENS_MODELS = {"base": "deepseek-moe-16b", "chat": "deepseek-moe-16b", "olmoe": "olmoe-1b-7b",
                    "qwen": "qwen1.5-moe-a2.7b"}
@@ -40,13 +45,24 @@ FIDDLER_VARIANTS = ("original", "instruct")
 MIXTRAL = "mixtral-8x7b"
 
 _DATA_HELP = ("the data sets are the public routing measurements described in shared/data/README.md "
-              "(ESFT, MoE-Lens, OLMoE, Fiddler, speculative-moe); pass --data-dir or set "
-              f"{DATA_ENV} to the folder that holds them")
+              "(ESFT, MoE-Lens, OLMoE, Fiddler, speculative-moe): `prism data fetch` downloads them, or pass "
+              f"--data-dir or set {DATA_ENV} to the folder that holds them")
+
+
+def user_data_dir() -> Path:
+    """Where `prism data fetch` stores the data sets: $PRISM_DATA_DIR, else $XDG_CACHE_HOME/prism-moe/data
+    (~/.cache/prism-moe/data when XDG_CACHE_HOME is unset). It may not exist yet."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "prism-moe" / "data"
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """The routing data folder: `data_dir`, else $PRISM_DATA_DIR, else `shared/data` beside the
-    repository, else `./shared/data` or `../shared/data` from the working directory."""
+    repository, else `./shared/data` or `../shared/data` from the working directory, else the user cache
+    folder that `prism data fetch` fills (`user_data_dir()`)."""
     if data_dir is not None:
         p = Path(data_dir).expanduser()
         if not p.is_dir():
@@ -59,7 +75,8 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
             raise FileNotFoundError(f"{DATA_ENV}={env} is not a folder; {_DATA_HELP}")
         return p.resolve()
     candidates = list(dict.fromkeys([Path(__file__).resolve().parents[3].parent / "shared" / "data",
-                                     Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data"]))
+                                     Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data",
+                                     user_data_dir()]))
     for p in candidates:
         if p.is_dir():
             return p.resolve()
@@ -216,6 +233,11 @@ def stack_counts(workloads: list[Workload], *, normalize: bool = False) -> np.nd
 
 # --- discovery -------------------------------------------------------------------------------------
 
+def esft_domains(root: Path) -> list[str]:
+    """The ESFT domains the data folder holds."""
+    return list(_esft_domains(root))
+
+
 def _esft_domains(root: Path) -> dict[str, Path]:
     base = root / "esft" / "expert_scores"
     if not base.is_dir():
@@ -265,10 +287,30 @@ def _mixtral_decode_files(root: Path) -> dict[str, Path]:
     return {k: v[1] for k, v in found.items()}
 
 
+def embedded_workloads() -> list[str]:
+    """The names of the sample shipped in the package: `embedded:esft:<domain>`."""
+    return sorted(f"embedded:esft:{p.stem.removeprefix('esft-')}" for p in EMBEDDED_DIR.glob("esft-*.safetensors"))
+
+
+def find_data_dir(data_dir: str | Path | None = None) -> Path | None:
+    """`resolve_data_dir`, or None when no folder was named (argument or $PRISM_DATA_DIR) and none is
+    found; a named folder must exist."""
+    try:
+        return resolve_data_dir(data_dir)
+    except FileNotFoundError:
+        if data_dir is not None or os.environ.get(DATA_ENV):
+            raise
+        return None
+
+
 def list_workloads(data_dir: str | Path | None = None) -> list[str]:
-    """Every workload name the data folder holds."""
-    root = resolve_data_dir(data_dir)
-    names = [f"esft:{d}" for d in _esft_domains(root)]
+    """Every workload name the data folder holds, and the embedded sample's (all there is without a
+    data folder)."""
+    names = embedded_workloads()
+    root = find_data_dir(data_dir)
+    if root is None:
+        return names
+    names += [f"esft:{d}" for d in _esft_domains(root)]
     names += [f"moe-lens:{m}:{d}" for m, d in _moe_lens_files(root)]
     names += [f"olmoe-routing:{m}:{d}" + (":top1" if top1 else "") for m, d, top1 in _olmoe_files(root)]
     names += [f"fiddler:{v}:{s}" for v, s in _fiddler_files(root)]
@@ -280,8 +322,9 @@ def _choice(what: str, value: str, valid: list[str] | tuple[str, ...], where: Pa
             context: str = "") -> None:
     if value not in valid:
         found = f" (found in {where})" if where is not None else ""
+        fetch = "; `prism data fetch` downloads the public data sets" if not valid else ""
         raise ValueError(f"unknown {what} {value!r}{context}; choose one of: {', '.join(sorted(valid)) or 'none'}"
-                         f"{found}")
+                         f"{found}{fetch}")
 
 
 def _is_path(source: str) -> bool:
@@ -308,8 +351,47 @@ def load_workload(source: str, data_dir: str | Path | None = None) -> Workload:
             raise ValueError(f"unknown workload {source!r}: use one of the families {', '.join(FAMILIES)} "
                              f"(e.g. esft:law; list_workloads() shows all) or a path to a .safetensors trace "
                              f"or .json counts file")
-        w = _load_named_cached(source, str(resolve_data_dir(data_dir)))
+        w = _load_named(source, data_dir)
     return replace(w, notes=list(w.notes))
+
+
+def _load_named(source: str, data_dir: str | Path | None) -> Workload:
+    family, *args = source.split(":")
+    if family == "embedded":
+        return _load_embedded(source)
+    if family == "esft" and len(args) == 1:
+        root = find_data_dir(data_dir)
+        if root is None or not _esft_domains(root):
+            return _esft_fallback(source, root)
+    return _load_named_cached(source, str(resolve_data_dir(data_dir)))
+
+
+def _embedded_path(source: str) -> Path:
+    names = embedded_workloads()
+    if len(source.split(":")) != 3 or not source.startswith("embedded:esft:"):
+        raise ValueError(f"use embedded:esft:<domain>, one of: {', '.join(names)}")
+    _choice("embedded workload", source, names, EMBEDDED_DIR)
+    return EMBEDDED_DIR / f"esft-{source.split(':')[2]}.safetensors"
+
+
+def _load_embedded(source: str) -> Workload:
+    p = _embedded_path(source)
+    st = p.stat()
+    return _load_file_cached(str(p), st.st_mtime_ns, st.st_size)
+
+
+def _esft_fallback(source: str, root: Path | None) -> Workload:
+    """`esft:<domain>` without the ESFT set: the embedded sample of that domain, with a note."""
+    embedded = f"embedded:{source}"
+    where = f"the data folder {root} has no esft/expert_scores" if root else "no routing data folder found"
+    if embedded not in embedded_workloads():
+        raise ValueError(f"{source}: {where}, and the embedded sample has only "
+                         f"{', '.join(n.removeprefix('embedded:') for n in embedded_workloads())}; "
+                         f"`prism data fetch esft` downloads the full ESFT set")
+    w = _load_embedded(embedded)
+    return replace(w, notes=[*w.notes, f"{source}: {where}; using the embedded sample {embedded} "
+                                        f"({w.num_tokens:,} tokens of real ESFT routing; `prism data fetch esft` "
+                                        f"downloads the full set)"])
 
 
 @lru_cache(maxsize=64)
@@ -426,11 +508,19 @@ def load_prompts(source: str, data_dir: str | Path | None = None) -> list[str] |
     source = source.strip()
     if _is_path(source):
         return None
+    family, *args = source.split(":")
+    if family == "embedded":
+        _embedded_path(source)  # raises the error that says what is wrong with the name
+        return _embedded_prompts(args[1])
+    if family == "esft" and len(args) == 1:
+        root = find_data_dir(data_dir)
+        if root is None or not _esft_domains(root):
+            load_workload(source, data_dir)  # raises when the sample lacks the domain
+            return _embedded_prompts(args[0])
     root = resolve_data_dir(data_dir)
     if source not in list_workloads(root):
         load_workload(source, root)  # raises the error that says what is wrong with the name
         raise ValueError(f"unknown workload {source!r}; list_workloads() shows the valid names")
-    family, *args = source.split(":")
     if family == "esft":
         p = root / "esft" / "prompts" / f"{args[0]}.jsonl"
         return readers.read_esft_prompts(p) if p.is_file() else None
@@ -438,3 +528,8 @@ def load_prompts(source: str, data_dir: str | Path | None = None) -> list[str] |
         p = root / "olmoe-routing" / "text" / OLMOE_TEXT_FILES.get(args[1], f"{args[1]}_texts.txt")
         return readers.read_text_lines(p) if p.is_file() else None
     return None
+
+
+def _embedded_prompts(domain: str) -> list[str] | None:
+    doc = json.loads((EMBEDDED_DIR / "esft-prompts.json").read_text(encoding="utf-8"))
+    return doc.get(domain) or None
