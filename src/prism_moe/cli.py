@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "experiment",
     "serve",
     "coordinator",
+    "data",
     "tiny",
 ]
 
