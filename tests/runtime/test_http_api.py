@@ -56,7 +56,8 @@ def test_completion_text_and_token_prompts(client: TestClient, engine: Engine, g
 def test_completion_stream_concatenates_to_full(client: TestClient) -> None:
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "return_token_ids": True,
             "stream_options": {"include_usage": True}}
-    full = client.post("/v1/completions", json=body).json()["choices"][0]
+    full = client.post("/v1/completions", json={k: v for k, v in body.items() if k != "stream_options"})
+    full = full.json()["choices"][0]
     chunks = sse(client, "/v1/completions", body)
     *tokens, usage = chunks
     assert "".join(c["choices"][0]["text"] for c in tokens) == full["text"]
@@ -87,7 +88,15 @@ def test_chat_full_and_stream(client: TestClient, engine: Engine, greedy_ref) ->
     ({"prompt": [1, 99999]}, 400, "vocabulary"),
     ({"prompt": [5] * 500, "max_tokens": 100}, 400, "maximum context length"),
     ({"prompt": "hi", "model": "gpt-9"}, 404, "does not exist"),
-    ({"prompt": "hi", "n": 2}, 400, "n=1"),
+    ({"prompt": "hi", "n": 17}, 400, "n"),
+    ({"prompt": "hi", "best_of": 3}, 400, "best_of must equal n"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "hi", "logit_bias": {"x": 1}}, 400, "token ids"),
+    ({"prompt": "hi", "logit_bias": {"99999": 1}}, 400, "outside the vocabulary"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"prompt": ["a", "b"]}, 400, "one prompt"),
     ({"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
     ({"max_tokens": 4}, 400, "prompt"),
@@ -192,7 +201,7 @@ def test_openai_client_against_uvicorn(engine: Engine, greedy_ref) -> None:
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="nope", prompt="x", max_tokens=2)
         with pytest.raises(openai.BadRequestError):
-            client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=3)
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=99)
     finally:
         server.should_exit = True
         thread.join(10)

@@ -16,6 +16,7 @@ from prism_moe.runtime.engine.frontend import (
     GenerationResult,
     RequestStats,
     TokenEvent,
+    TokenStream,
     resolve_device,
 )
 from prism_moe.runtime.engine.runners import Runner, RunnerOutput, RunnerRequest, caches_latents
@@ -23,4 +24,4 @@ from prism_moe.runtime.engine.sampling import SamplingParams, SequenceSampler, T
 
 __all__ = ["Engine", "EngineError", "EngineOverloaded", "FinishReason", "GenerationResult", "RequestStats",
            "Runner", "RunnerOutput", "RunnerRequest", "SamplingParams", "SequenceSampler", "TokenEvent",
-           "TokenLogprobs", "caches_latents", "resolve_device"]
+           "TokenLogprobs", "TokenStream", "caches_latents", "resolve_device"]

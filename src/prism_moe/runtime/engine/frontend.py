@@ -124,6 +124,30 @@ class _Request:
     t_first: float | None = None
     t_last: float | None = None
     done: bool = False
+    closed: bool = False
+
+
+class TokenStream:
+    """The `TokenEvent`s of one request (an async iterator). `aclose()` cancels the request, also before its first
+    event was read (a bare async generator would skip its cleanup then and keep the request's place)."""
+
+    def __init__(self, engine: Engine, req: _Request) -> None:
+        self._engine, self._req = engine, req
+        self._events = engine._stream(req)
+
+    @property
+    def request_id(self) -> str:
+        return self._req.id
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+        self._engine._close(self._req, "abort")
 
 
 class Engine:
@@ -200,7 +224,10 @@ class Engine:
         """Prompt ids of a chat (`[{"role": ..., "content": str}, ...]`), ending with the assistant's turn."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        try:
+            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template's own checks (e.g. roles must alternate) raise jinja errors
+            raise ValueError(f"this model's chat template refused the messages: {e}") from e
         # The template writes the special tokens (bos) itself.
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -275,14 +302,15 @@ class Engine:
     # --- requests ------------------------------------------------------------------------------------------------
     async def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams | None = None, *,
                      stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] = (),
-                     **sampling_fields: Any) -> AsyncIterator[TokenEvent]:
+                     **sampling_fields: Any) -> TokenStream:
         """Admit one request and return its token stream.
 
         `sampling` (or its fields as keywords: `temperature=0.7, seed=1, ...`) says how tokens are picked; the
         default is greedy. `stop_token_ids` default to the model's EOS ids (pass `[]` to ignore EOS); the stop token
         is part of the output ids. `stop` strings end the text before them. Raises `ValueError` for an invalid
         request, `EngineOverloaded` when `max_waiting` requests have no token yet, `EngineError` when not running.
-        The iterator raises `EngineError` if generation fails; closing it early cancels the request.
+        The stream raises `EngineError` if generation fails; `aclose()` (also before the first token) cancels the
+        request and frees its place.
         """
         prompt = [int(t) for t in prompt_ids]
         params = sampling if sampling is not None else SamplingParams(**sampling_fields)
@@ -311,7 +339,7 @@ class Engine:
         if not accepted:
             self._forget(req)
             raise EngineError("engine is not accepting requests (restarting or stopping); retry")
-        return self._stream(req)
+        return TokenStream(self, req)
 
     def check_request(self, prompt_ids: Sequence[int], max_tokens: int,
                       sampling: SamplingParams | None = None) -> None:
@@ -382,10 +410,17 @@ class Engine:
                         reason = ev.finish_reason or "length"
                     yield ev
         finally:
-            if not req.done and self._runner is not None:
-                self._runner.cancel_request(req.id)  # client went away or an error: free the KV cache
-            self._forget(req)
-            self._notify(req, reason)
+            self._close(req, reason)
+
+    def _close(self, req: _Request, reason: str) -> None:
+        """End a request once: cancel it in the runner if it is still generating, forget it, report its stats."""
+        if req.closed:
+            return
+        req.closed = True
+        if not req.done and self._runner is not None:
+            self._runner.cancel_request(req.id)  # client went away or an error: free the KV cache
+        self._forget(req)
+        self._notify(req, reason)
 
     def _advance(self, req: _Request, out: RunnerOutput) -> list[TokenEvent]:
         """TokenEvents for the tokens of `out` (all tokens so far) not seen yet."""
