@@ -226,7 +226,11 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     if not p.is_file():
         raise ConfigError(f"cluster file {p} not found (examples/ has ready ones)")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text (UTF-8) file ({e}); a cluster file is YAML") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the cluster file: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     return cluster_from_dict(data, base_dir=p.resolve().parent, source=str(p))

@@ -26,6 +26,13 @@ class PlacementError(ValueError):
     """A placement that breaks a constraint; the message names the server, layer and expert."""
 
 
+def _count(d: dict, field: str) -> int:
+    v = d.get(field)
+    if type(v) is not int or v < 1:
+        raise PlacementError(f"placement field {field!r} must be a positive integer, got {v!r}")
+    return v
+
+
 def compute_routes(hosts: np.ndarray, link_cost: np.ndarray) -> np.ndarray:
     """For each server and expert, the holder reached over the cheapest link.
 
@@ -170,37 +177,61 @@ class Placement:
 
     @classmethod
     def from_dict(cls, d: Any) -> Placement:
+        """Validate a placement document field by field; every refusal names the field."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise PlacementError(f"not a prism-moe placement (expected \"format\": \"{FORMAT}\")")
         if d.get("format_version") != FORMAT_VERSION:
             raise PlacementError(f"placement format_version {d.get('format_version')!r} is not supported; "
                                  f"this prism-moe reads version {FORMAT_VERSION}")
+        names = d.get("servers")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names) \
+                or len(set(names)) != len(names):
+            raise PlacementError(f"placement field 'servers' must be a list of distinct server names, got {names!r}")
+        layers, experts = _count(d, "num_layers"), _count(d, "num_experts")
+        if len(names) * layers * experts > 10**8:
+            raise PlacementError(f"placement fields 'num_layers' x 'num_experts' ({layers} x {experts}) are too large")
+        hosts = np.zeros((len(names), layers, experts), dtype=bool)
+        per_server, routes = d.get("placement"), d.get("route")
+        for name, value in (("placement", per_server), ("route", routes)):
+            if not isinstance(value, dict) or set(value) != set(names):
+                raise PlacementError(f"placement JSON is missing or mistypes a field: '{name}' must map every server in 'servers' ({names}), "
+                                     f"got {sorted(value) if isinstance(value, dict) else type(value).__name__}")
+        for i, n in enumerate(names):
+            if not isinstance(per_server[n], dict):
+                raise PlacementError(f"placement field 'placement.{n}' must map layers to expert id lists")
+            for k, ids in per_server[n].items():
+                layer = int(k) if isinstance(k, str) and k.isdigit() else -1
+                if not 0 <= layer < layers:
+                    raise PlacementError(f"placement field 'placement.{n}': layer {k!r} is not in 0..{layers - 1}")
+                if not isinstance(ids, list) or not all(type(e) is int and 0 <= e < experts for e in ids):
+                    raise PlacementError(f"placement field 'placement.{n}.{k}': expert ids must be in "
+                                         f"0..{experts - 1} (a list of integers), got {ids!r}"[:300])
+                if len(set(ids)) != len(ids):
+                    raise PlacementError(f"placement field 'placement.{n}.{k}': an expert is listed twice in {ids}")
+                hosts[i, layer, ids] = True
         try:
-            names = [str(n) for n in d["servers"]]
-            layers, experts = int(d["num_layers"]), int(d["num_experts"])
-            hosts = np.zeros((len(names), layers, experts), dtype=bool)
-            for i, n in enumerate(names):
-                per_layer = d["placement"][n]
-                for k, ids in per_layer.items():
-                    layer = int(k)
-                    if not 0 <= layer < layers:
-                        raise PlacementError(f"server {n}: layer {layer} out of range 0..{layers - 1}")
-                    if len(set(ids)) != len(ids):
-                        raise PlacementError(f"server {n} layer {layer}: an expert is listed twice in {ids}")
-                    if any(not 0 <= int(e) < experts for e in ids):
-                        raise PlacementError(f"server {n} layer {layer}: expert ids must be in 0..{experts - 1}")
-                    hosts[i, layer, [int(e) for e in ids]] = True
-            route = np.array([d["route"][n] for n in names], dtype=np.int64)
-        except (KeyError, TypeError) as e:
-            raise PlacementError(f"placement JSON is missing or mistypes a field: {e}") from None
+            route = np.array([routes[n] for n in names])
+        except ValueError:
+            route = np.zeros(0)
+        if route.shape != hosts.shape or route.dtype.kind not in "iu":
+            raise PlacementError(f"placement field 'route' must give each server [{layers}][{experts}] server "
+                                 f"indices, got shape {route.shape} of {route.dtype}")
         cap = d.get("capacity")
-        return cls(tuple(names), hosts, route, None if cap is None else np.array(cap), str(d.get("algorithm", "")),
-                   int(d.get("version", 0)), dict(d.get("meta") or {}))
+        if cap is not None and (not isinstance(cap, list) or len(cap) != len(names)
+                                or not all(type(c) is int and c >= 0 for c in cap)):
+            raise PlacementError(f"placement field 'capacity' must be null or one slot count per server, got {cap!r}")
+        version, algorithm, meta = d.get("version", 0), d.get("algorithm", ""), d.get("meta")
+        if type(version) is not int or version < 0:
+            raise PlacementError(f"placement field 'version' must be a non-negative integer, got {version!r}")
+        if not isinstance(algorithm, str) or not (meta is None or isinstance(meta, dict)):
+            raise PlacementError("placement fields 'algorithm' (a string) and 'meta' (a mapping or null) are mistyped")
+        return cls(tuple(names), hosts, route.astype(np.int64), None if cap is None else np.array(cap), algorithm,
+                   version, dict(meta or {}))
 
     @classmethod
     def load(cls, path: str | Path) -> Placement:
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise PlacementError(f"{path}: not valid JSON: {e}") from None
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlacementError(f"{path}: not valid JSON (a torn or foreign file?): {e}") from None
         return cls.from_dict(data)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
-from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth.thread import ThreadAuthenticator
 
 from prism_moe.fileio import atomic_write_bytes, atomic_write_text
 
@@ -64,6 +64,8 @@ class CurveIdentity:
             public, _ = zmq.auth.load_certificate(path)
         except (OSError, ValueError) as e:
             raise KeyFileError(f"no public key for peer {peer!r}: {e}") from None
+        if len(public) != 40:
+            raise KeyFileError(f"{path} is torn or corrupt (a public key has 40 z85 characters)")
         return public
 
     def apply_server(self, sock: zmq.Socket) -> None:
@@ -146,22 +148,31 @@ def load_identity(keys_dir: str | os.PathLike[str], name: str) -> CurveIdentity:
         raise KeyFileError(f"cannot load the secret key of {name!r}: {e}") from None
     if secret is None:
         raise KeyFileError(f"{secret_file} holds no secret key")
+    if len(public) != 40 or len(secret) != 40 or not _derives(secret, public):  # a torn or edited file
+        raise KeyFileError(f"{secret_file} is torn or corrupt: its secret key does not give its public key; "
+                           f"make new keys with `prism keys --overwrite`")
     ident = CurveIdentity(name=name, public_key=public, secret_key=secret, public_dir=keys / PUBLIC_DIR)
     if ident.peer_key(name) != public:
         raise KeyFileError(f"{secret_file} does not match {ident.public_dir / (name + '.key')}")
     return ident
 
 
-def start_authenticator(context: zmq.Context, public_dir: str | os.PathLike[str]) -> AsyncioAuthenticator:
-    """Start a ZAP authenticator on `context` accepting only CURVE clients whose key is in `public_dir`.
+def _derives(secret: bytes, public: bytes) -> bool:
+    try:
+        return zmq.curve_public(secret) == public
+    except (ValueError, zmq.ZMQError):
+        return False
 
-    Must run inside the event loop that serves `context`'s sockets, before any CURVE server socket of
-    that context binds (without a ZAP handler libzmq would accept any key). One per context.
+
+def start_authenticator(context: zmq.Context, public_dir: str | os.PathLike[str]) -> ThreadAuthenticator:
+    """Start a ZAP authenticator (a thread of its own) on `context` accepting only CURVE clients whose key
+    is in `public_dir`. Start it before any CURVE server socket of that context binds (without a ZAP
+    handler libzmq would accept any key). One per context.
     """
     certs = zmq.auth.load_certificates(public_dir)  # raises OSError for a missing folder
     if not certs:
         raise KeyFileError(f"no public keys (*.key) in {public_dir}: every client would be refused")
-    auth = AsyncioAuthenticator(context)
+    auth = ThreadAuthenticator(context)
     auth.start()
     auth.configure_curve(domain="*", location=str(public_dir))
     return auth
