@@ -47,7 +47,7 @@ def cluster_stats(cluster: ClusterSpec, model: ModelSpec, data_dir: str | None =
             notes.append(f"server {srv.name} has no workload: uniform expert counts assumed")
             continue
         source = srv.workload
-        if source.endswith((".json", ".safetensors")) or "/" in source:
+        if source.endswith((".json", ".safetensors", ".pt")) or "/" in source:
             source = str(cluster.resolve_path(source))
         w = load_workload(source, data_dir).fit_to(layers, experts)
         if w.model_hint and w.model_hint != model.name:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prism_moe import cli
@@ -90,3 +91,50 @@ def test_unknown_algorithm_lists_choices(capsys, tmp_path):
     rc = cli.main(["place", "--cluster", str(write_cluster(tmp_path, memory=(8, 8))), "--algorithm", "nope"])
     assert rc == 2
     assert "choose one of uniform, redundance" in capsys.readouterr().err
+
+
+def _equal_gpu_cluster(tmp_path, gpus=(1, 1, 2), memory=(12, 12, 24)) -> Path:
+    path = tmp_path / "equal.yaml"
+    rows = [f"  - {{name: s{i}, gpu: a100-40gb, gpus: {g}, memory_gib: {m}, workload: 'embedded:esft:{d}'}}"
+            for i, (g, m, d) in enumerate(zip(gpus, memory, ("intent", "law", "translation"), strict=True))]
+    path.write_text("model: deepseek-v2-lite\nservers:\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_export_sglang_follows_sglangs_format_rules(capsys, tmp_path):
+    out = tmp_path / "loc.json"
+    res = run_json(capsys, "--cluster", _equal_gpu_cluster(tmp_path), "--algorithm", "prism",
+                   "--export", "sglang", "--export-out", out)
+    doc = json.loads(out.read_text())
+    assert list(doc) == ["physical_to_logical_map"]  # SGLang passes the keys to init_by_mapping(**doc)
+    m = doc["physical_to_logical_map"]
+    gpus, spg = res["export"]["gpus"], res["export"]["slots_per_gpu"]
+    assert gpus == 4 and len(m) == 27 and all(len(row) == gpus * spg for row in m)  # [num_hidden_layers, P]
+    assert all(sorted(set(row)) == list(range(64)) for row in m)  # every logical expert in every layer
+    # the placement's experts are on the GPUs of the server that holds them (s2 owns GPUs 2 and 3)
+    placement = res["placement"]
+    for i, name in enumerate(("s0", "s1")):
+        for layer, ids in placement[name].items():
+            assert set(ids) <= set(m[int(layer) + 1][i * spg:(i + 1) * spg])
+    for layer, ids in placement["s2"].items():
+        assert set(ids) <= set(m[int(layer) + 1][2 * spg:])
+
+
+def test_export_eplb_tables(capsys, tmp_path):
+    out = tmp_path / "eplb.json"
+    res = run_json(capsys, "--cluster", _equal_gpu_cluster(tmp_path), "--algorithm", "eplb",
+                   "--export", "eplb", "--export-out", out)
+    doc = json.loads(out.read_text())
+    phy2log, log2phy, logcnt = (np.array(doc[k]) for k in ("phy2log", "log2phy", "logcnt"))
+    assert phy2log.shape == (26, res["export"]["physical_slots"]) and logcnt.shape == (26, 64)
+    np.testing.assert_array_equal(logcnt.sum(axis=1), phy2log.shape[1])
+    for layer in (0, 25):
+        for x in range(64):
+            slots = log2phy[layer, x][log2phy[layer, x] >= 0]
+            assert len(slots) == logcnt[layer, x] and (phy2log[layer, slots] == x).all()
+
+
+def test_export_refuses_unequal_gpus(capsys, tmp_path):
+    path = _equal_gpu_cluster(tmp_path, memory=(12, 14, 24))
+    assert cli.main(["place", "--cluster", str(path), "--export", "sglang"]) == 2
+    assert "needs equal GPUs" in capsys.readouterr().err

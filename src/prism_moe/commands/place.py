@@ -7,6 +7,8 @@ import json
 import time
 from typing import Any
 
+import numpy as np
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("place", help="compute an expert placement for a cluster",
@@ -22,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="save the placement to this JSON file")
     p.add_argument("--compare", action="store_true",
                    help="also run every algorithm: remote fraction, gap to optimal, solve time, replicas")
+    p.add_argument("--export", choices=("sglang", "eplb"), default=None,
+                   help="also write the placement for an engine (clusters of equal GPUs): sglang = SGLang's "
+                        "--init-expert-location JSON, eplb = DeepSeek EPLB's phy2log/log2phy/logcnt (JSON)")
+    p.add_argument("--export-out", default=None,
+                   help="file for --export (default: expert-location-sglang.json / eplb-tables.json)")
     p.set_defaults(func=run)
 
 
@@ -73,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     problem = Problem.build(stats, cluster, model)
     if args.out:
         placement.save(args.out)
+    export = _export(args, placement, problem, cluster, model) if args.export else None
     used = placement.experts_used()
     names = list(placement.server_names)
     result: dict[str, Any] = {
@@ -88,13 +96,55 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.compare:
         result["compare"] = _compare(stats, cluster, model, problem, chosen=(placement, seconds))
+    if export:
+        result["export"] = export
     if args.json:
         print(json.dumps(result))
         return 0
     _print_summary(result, cluster, problem, placement)
     if args.out:
         print(f"placement saved to {args.out}")
+    if export:
+        print(f"{args.export} file written to {export['path']}: {export['gpus']} GPUs x {export['slots_per_gpu']} "
+              f"slots per MoE layer ({export['padding']} padding replicas); {export['usage']}")
     return 0
+
+
+def _export(args, placement, problem, cluster, model) -> dict[str, Any]:
+    """Write the placement in an engine's format (prism_moe.placement.export); returns what was written."""
+    from pathlib import Path
+
+    from prism_moe.placement.export import (
+        ExportError,
+        check_sglang_map,
+        eplb_tables,
+        physical_layout,
+        sglang_physical_to_logical,
+    )
+
+    kinds = {(s.gpu, round(s.memory_gib / s.gpus, 9)) for s in cluster.servers}
+    if len(kinds) != 1:
+        listing = ", ".join(f"{s.name}: {s.gpus}x {s.gpu}, {s.memory_gib / s.gpus:g} GiB per GPU" for s in cluster.servers)
+        raise ExportError(f"--export {args.export} needs equal GPUs (same gpu profile and memory per GPU): "
+                          f"{args.export} gives every GPU the same expert slots; this cluster has {listing}")
+    gpus = np.array([s.gpus for s in cluster.servers])
+    layout = physical_layout(placement.hosts, gpus, problem.demand.sum(axis=0))
+    n_gpus, e = layout.num_gpus, model.num_experts
+    path = Path(args.export_out or ("expert-location-sglang.json" if args.export == "sglang" else "eplb-tables.json"))
+    p_slots = layout.phy2log.shape[1]
+    if args.export == "sglang":
+        m = sglang_physical_to_logical(layout, model.moe_layer_ids, model.num_hidden_layers, e)
+        check_sglang_map(m, e, n_gpus)
+        path.write_text(json.dumps({"physical_to_logical_map": m.tolist()}))
+        usage = (f"start SGLang with --ep-size {n_gpus} --ep-num-redundant-experts {p_slots - e} "
+                 f"--init-expert-location {path}, EP rank r on GPU r (servers in cluster-file order)")
+    else:
+        phy2log, log2phy, logcnt = eplb_tables(layout, e)
+        path.write_text(json.dumps({"phy2log": phy2log.tolist(), "log2phy": log2phy.tolist(),
+                                    "logcnt": logcnt.tolist()}))
+        usage = f"num_replicas={p_slots}, num_gpus={n_gpus}; GPU g holds slots g*{layout.slots_per_gpu}.."
+    return {"format": args.export, "path": str(path), "gpus": n_gpus, "slots_per_gpu": layout.slots_per_gpu,
+            "physical_slots": p_slots, "padding": layout.padding, "usage": usage}
 
 
 def _run_plan(name: str, cluster, args) -> int:

@@ -10,6 +10,8 @@ the per-token trace when the source has one. Names:
     mixtral-decode:<gsm8k|humaneval>        Mixtral decode traces
     embedded:esft:<domain>                 the compact ESFT sample shipped in the package (no data folder needed)
     <path>.safetensors / <path>.json        a prism-moe trace or counts file
+    <path>.pt                               an SGLang expert-distribution recorder dump (logical_count)
+    <path>.safetensors (not a trace)        a vLLM EPLB expert-load file (global_expert_load_window_i<N>)
 
 Domains are discovered from the data folder; `list_workloads()` lists every valid name. When no data folder
 holds the ESFT set, `esft:<domain>` falls back to `embedded:esft:<domain>` with a note.
@@ -27,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from prism_moe.model.spec import ModelSpec, load_model_spec
-from prism_moe.stats import readers
-from prism_moe.stats.trace import RoutingTrace, load_counts, load_trace
+from prism_moe.stats import engines, readers
+from prism_moe.stats.trace import TRACE_FORMAT, RoutingTrace, load_counts, load_trace
 
 DATA_ENV = "PRISM_DATA_DIR"
 
@@ -328,7 +330,7 @@ def _choice(what: str, value: str, valid: list[str] | tuple[str, ...], where: Pa
 
 
 def _is_path(source: str) -> bool:
-    return source.endswith((".safetensors", ".json")) or "/" in source or os.sep in source
+    return source.endswith((".safetensors", ".json", ".pt")) or "/" in source or os.sep in source
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -347,7 +349,7 @@ def load_workload(source: str, data_dir: str | Path | None = None) -> Workload:
         family = source.split(":", 1)[0]
         if family not in FAMILIES:
             if Path(source).is_file():
-                raise ValueError(f"{source}: unsupported file type; give a .safetensors trace or a .json counts file")
+                raise ValueError(f"{source}: unsupported file type; give a .safetensors trace, a .json counts file or an SGLang .pt dump")
             raise ValueError(f"unknown workload {source!r}: use one of the families {', '.join(FAMILIES)} "
                              f"(e.g. esft:law; list_workloads() shows all) or a path to a .safetensors trace "
                              f"or .json counts file")
@@ -397,6 +399,14 @@ def _esft_fallback(source: str, root: Path | None) -> Workload:
 @lru_cache(maxsize=64)
 def _load_file_cached(path: str, mtime_ns: int, size: int) -> Workload:
     p = Path(path)
+    if p.suffix == ".pt":  # SGLang's expert-distribution recorder
+        counts, notes = engines.read_sglang_dump(p)
+        return Workload(source=str(p), counts=counts, trace=None, measured_layers=np.ones(len(counts), bool),
+                        model_hint="", top_k=0, notes=notes)
+    if p.suffix == ".safetensors" and not is_trace_file(p):  # vLLM's EPLB load window
+        counts = engines.read_vllm_load(p)
+        return Workload(source=str(p), counts=counts, trace=None, measured_layers=np.ones(len(counts), bool),
+                        model_hint="", top_k=0)
     if p.suffix == ".safetensors":
         t = load_trace(p)
         return Workload(source=t.source or str(p), counts=t.counts(), trace=t,
@@ -414,7 +424,18 @@ def _load_file_cached(path: str, mtime_ns: int, size: int) -> Workload:
                 pass
         return Workload(source=c.source or str(p), counts=c.counts, trace=None, measured_layers=measured,
                         model_hint=c.model, top_k=top_k, notes=notes)
-    raise ValueError(f"{p}: unsupported file type; give a .safetensors trace or a .json counts file")
+    raise ValueError(f"{p}: unsupported file type; give a .safetensors trace, a .json counts file or an SGLang .pt dump")
+
+
+def is_trace_file(path: Path) -> bool:
+    """Whether a safetensors file says it is a prism-moe trace (its header's format)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return (f.metadata() or {}).get("format") == TRACE_FORMAT
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 @lru_cache(maxsize=64)
