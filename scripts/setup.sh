@@ -14,7 +14,7 @@ fi
 stamp=.venv/.prism-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing dependencies (first run takes a few minutes)"
-  python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
+  python -m pip install -q --upgrade pip "setuptools>=77" 2>&1 | grep -v -i warning || true  # SPDX licence strings
   python -c 'import torch' 2>/dev/null || python -m pip install -q "${PRISM_TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v -i warning || true
   python -m pip install -q -e ".[test]" 2>&1 | grep -v -i warning || true
   python -c 'import prism_moe, torch, transformers, zmq, highspy' # fail loudly if an install did not work

@@ -30,6 +30,10 @@ def _run(cmd: list[str], **kw) -> str:
 
 
 def test_wheel_installs_into_a_clean_venv_and_places_on_the_embedded_sample(tmp_path):
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    assert major >= 77, f"setuptools {setuptools.__version__} cannot build an SPDX licence: run make setup"
     # build: the environment's own setuptools, no build isolation (no download); verbose to see its warnings
     dist = tmp_path / "dist"
     out = _run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(dist),
