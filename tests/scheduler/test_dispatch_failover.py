@@ -8,6 +8,7 @@ switch does not wait for such a call.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -16,14 +17,14 @@ import torch
 
 from prism_moe.placement.placement import Placement
 from prism_moe.runtime.dispatch import ClusterDispatcher
-from prism_moe.runtime.transport import ExpertService, LoopThread, PeerUnavailable, ServiceError, SyncPeerPool
+from prism_moe.runtime.transport import ExpertService, PeerPool, PeerUnavailable, ServiceError
 
 NAMES = ["a", "b", "c"]
 H = 4
 
 
 class Peer:
-    def __init__(self, name: str, lt: LoopThread, held: set[int]) -> None:
+    def __init__(self, name: str, held: set[int]) -> None:
         self.name, self.held, self.calls = name, held, 0
 
         def handler(layer: int, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ class Peer:
 
         self.service = ExpertService("tcp://127.0.0.1:*", handler, num_layers=1, num_experts=4, hidden_size=H,
                                      name=name)
-        self.endpoint = lt.run(self.service.start())
+        self.endpoint = self.service.start()
 
 
 def _placement(hosts: list[list[int]], version: int, link: np.ndarray) -> Placement:
@@ -47,17 +48,16 @@ def _placement(hosts: list[list[int]], version: int, link: np.ndarray) -> Placem
 
 @pytest.fixture
 def setup():
-    lt = LoopThread("test-failover")
-    b, c = Peer("b", lt, {1, 2}), Peer("c", lt, {1, 2, 3})
-    pool = SyncPeerPool({"b": b.endpoint, "c": c.endpoint}, loop_thread=lt, timeout=0.3, retries=0)
+    b, c = Peer("b", {1, 2}), Peer("c", {1, 2, 3})
+    pool = PeerPool({"b": b.endpoint, "c": c.endpoint}, name="a", timeout=0.3, retries=0)
     link = np.array([[0, 1, 2], [1, 0, 1], [2, 1, 0]], dtype=float)  # a prefers b
     p0 = _placement([[0], [1, 2], [1, 2, 3]], 0, link)
     d = ClusterDispatcher("a", p0, pool, repair_wait=5.0)
-    yield d, b, c, lt, link
+    yield d, b, c, link
+    d.close()
     pool.close()
     for peer in (b, c):
-        lt.run(peer.service.close())
-    lt.close()
+        peer.service.close()
 
 
 def _x(n: int) -> torch.Tensor:
@@ -65,7 +65,7 @@ def _x(n: int) -> torch.Tensor:
 
 
 def test_not_held_fails_over_to_another_holder(setup):
-    d, b, c, _, _ = setup
+    d, b, c, _ = setup
     assert d.locate(0, 1) == "b"
     b.held.clear()  # b dropped its copies (a migration it has not been told about yet)
     ids = torch.tensor([1, 1, 2])
@@ -76,42 +76,41 @@ def test_not_held_fails_over_to_another_holder(setup):
 
 
 def test_unavailable_peer_is_avoided_and_a_lone_copy_waits_for_the_repair(setup):
-    d, b, c, lt, link = setup
-    lt.run(c.service.close())  # c dies: it held the only copy of expert 3
-    ids = torch.tensor([3, 3])
-    fut = d.remote(0, {"c": (ids, _x(2))})["c"]
+    d, b, c, link = setup
+    c.service.close()  # c dies: it held the only copy of expert 3
+    got: dict[str, torch.Tensor] = {}
+
+    def model_thread() -> None:  # sends the batch and collects it: failover and repair wait included
+        got["y"] = d.remote(0, {"c": (torch.tensor([3, 3]), _x(2))})["c"].result(10)
+
+    waiter = threading.Thread(target=model_thread)
+    waiter.start()
     deadline = time.monotonic() + 5
-    while d.inflight():  # after c's timeout the call waits for a repair: counted nowhere
+    while d.inflight() or not d.is_down("c"):  # after c's timeout the call waits for a repair: counted nowhere
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert not fut.done() and d.is_down("c") and d.locate(0, 1) == "b"
+    assert waiter.is_alive() and d.locate(0, 1) == "b"
     b.held.add(3)  # the repair loads expert 3 on b, then every server switches
     assert d.set_placement(_placement([[0], [1, 2, 3], [1, 2, 3]], 1, link), drain_timeout=1.0)
-    assert torch.equal(fut.result(10), _x(2) * 4)
+    waiter.join(10)
+    assert torch.equal(got["y"], _x(2) * 4)
 
 
 def test_without_any_copy_the_call_fails_after_the_repair_wait(setup):
-    d, _, c, lt, _ = setup
+    d, _, c, _ = setup
     d.repair_wait = 0.2
-    lt.run(c.service.close())
+    c.service.close()
     with pytest.raises(PeerUnavailable):
         d.remote(0, {"c": (torch.tensor([3]), _x(1))})["c"].result(10)
 
 
-def test_direct_call_answered_not_held_fails_over_on_the_loop(setup):
-    d, b, c, _, _ = setup
+def test_call_answered_not_held_fails_over_on_the_callers_thread(setup):
+    d, b, c, _ = setup
     ids = torch.tensor([1, 2, 2])
-    deadline = time.monotonic() + 5
-    while True:  # the first calls go the loop way while b's direct socket connects
-        reply = d.remote(0, {"b": (ids, _x(3))})["b"]
-        assert torch.equal(reply.result(10), _x(3) * (ids[:, None] + 1))
-        if type(reply).__name__ == "_Reply":
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    reply = d.remote(0, {"b": (ids, _x(3))})["b"]
+    assert torch.equal(reply.result(10), _x(3) * (ids[:, None] + 1))
     b.held.clear()
     reply = d.remote(0, {"b": (ids, _x(3))})["b"]
-    assert type(reply).__name__ == "_Reply"  # sent from this thread
     assert d.inflight() == {0: 1}  # counted for draining until collected
     assert torch.equal(reply.result(10), _x(3) * (ids[:, None] + 1))
     assert d.failovers == 1 and c.calls == 1 and d.inflight() == {}
@@ -123,9 +122,7 @@ def test_direct_call_answered_not_held_fails_over_on_the_loop(setup):
 
 def test_a_switch_draining_old_calls_does_not_hold_up_new_steps(setup):
     """Live migration's switch waits for calls of the old placement; steps under the new one go on."""
-    import threading
-
-    d, b, c, lt, link = setup
+    d, b, c, link = setup
     release = threading.Event()
     plain = b.service.handler
 
@@ -159,36 +156,24 @@ def test_a_switch_draining_old_calls_does_not_hold_up_new_steps(setup):
         b.service.handler = plain
 
 
-def _warm_direct(d: ClusterDispatcher, server: str, expert: int) -> None:
-    """Call `server` until the call goes out directly (its socket is connected)."""
-    deadline = time.monotonic() + 5
-    while True:
-        reply = d.remote(0, {server: (torch.tensor([expert]), _x(1))})[server]
-        reply.result(10)
-        if type(reply).__name__ == "_Reply":
-            return
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-
-
 def test_a_failover_waiting_for_the_repair_lets_go_of_its_layers_other_direct_calls(setup):
     """Batches to b (answers) and c (stops answering; sole holder of expert 3) in one layer: collecting c's
     first makes it wait for the repair, whose switch drains version 0. b's answered batch must not stay
     counted under version 0 meanwhile, or the switch and the failover wait for each other."""
-    import threading
-
-    d, b, c, lt, link = setup
-    _warm_direct(d, "b", 1)
-    _warm_direct(d, "c", 3)
+    d, b, c, link = setup
     hang = threading.Event()
     plain = c.service.handler
     c.service.handler = lambda layer, ids, x: (hang.wait(10), plain(layer, ids, x))[1]
     try:
-        replies = d.remote(0, {"b": (torch.tensor([1]), _x(1)), "c": (torch.tensor([3, 3]), _x(2))})
-        assert {type(r).__name__ for r in replies.values()} == {"_Reply"}
         got: dict[str, torch.Tensor] = {}
-        waiter = threading.Thread(target=lambda: got.setdefault("c", replies["c"].result(20)))
-        waiter.start()  # the model's thread collects c first: timeout after 0.3 s, then the repair wait
+
+        def model_thread() -> None:  # sends both batches, collects c first: timeout after 0.3 s, repair wait
+            replies = d.remote(0, {"b": (torch.tensor([1]), _x(1)), "c": (torch.tensor([3, 3]), _x(2))})
+            got["c"] = replies["c"].result(20)
+            got["b"] = replies["b"].result(1)  # kept from when c's failover collected it
+
+        waiter = threading.Thread(target=model_thread)
+        waiter.start()
         deadline = time.monotonic() + 5
         while d.inflight():
             assert time.monotonic() < deadline, d.inflight_calls()
@@ -197,7 +182,7 @@ def test_a_failover_waiting_for_the_repair_lets_go_of_its_layers_other_direct_ca
         assert d.set_placement(_placement([[0], [1, 2, 3], [1, 2, 3]], 1, link), drain_timeout=2.0)
         waiter.join(10)
         assert torch.equal(got["c"], _x(2) * 4)
-        assert torch.equal(replies["b"].result(1), _x(1) * 2)  # kept from when c's failover collected it
+        assert torch.equal(got["b"], _x(1) * 2)
         assert d.inflight() == {}
     finally:
         hang.set()
@@ -205,8 +190,8 @@ def test_a_failover_waiting_for_the_repair_lets_go_of_its_layers_other_direct_ca
 
 
 def test_a_batch_for_a_server_declared_down_waits_for_the_repair_without_sending(setup):
-    d, b, c, lt, link = setup
-    lt.run(c.service.close())
+    d, b, c, link = setup
+    c.service.close()
     d.set_down(["c"])  # the coordinator's word: c is down; expert 3 has no other copy yet
     calls_before = c.calls
     t0 = time.monotonic()
@@ -222,19 +207,15 @@ def test_a_batch_for_a_server_declared_down_waits_for_the_repair_without_sending
 def test_declaring_a_server_down_fails_its_calls_in_flight_at_once(setup):
     """A direct call to c, which stopped answering, fails over as soon as the coordinator declares c down,
     not after its deadline (30 s here)."""
-    import threading
-
-    d, b, c, lt, link = setup
-    d.pool.pool["c"].timeout = 30.0
-    _warm_direct(d, "c", 1)
+    d, b, c, link = setup
+    d.pool["c"].timeout = 30.0
     hang = threading.Event()
     plain = c.service.handler
     c.service.handler = lambda layer, ids, x: (hang.wait(10), plain(layer, ids, x))[1]
     try:
-        reply = d.remote(0, {"c": (torch.tensor([1, 2]), _x(2))})["c"]
-        assert type(reply).__name__ == "_Reply"
         got: dict[str, torch.Tensor] = {}
-        waiter = threading.Thread(target=lambda: got.setdefault("y", reply.result(20)))
+        waiter = threading.Thread(
+            target=lambda: got.setdefault("y", d.remote(0, {"c": (torch.tensor([1, 2]), _x(2))})["c"].result(20)))
         waiter.start()
         time.sleep(0.2)
         t0 = time.monotonic()

@@ -10,8 +10,11 @@ Live migration and failures (see docs/operations.md):
   versions have finished, so the coordinator may drop an old copy once every server has switched.
 * A call whose peer is unavailable, or answers `not_held` (it dropped the expert meanwhile), is retried
   at once on another holder of those experts in the current placement; an unavailable peer is avoided
-  by `locate` for `suspect_ttl` seconds (or until the coordinator's `set_down` says otherwise). When no
-  other copy exists, the call waits up to `repair_wait` seconds for a placement that re-hosts it.
+  by `locate` until a background probe (a ping every `probe_interval` seconds) finds it answering again,
+  at most `suspect_ttl` seconds (or until the coordinator's `set_down` says otherwise). A peer that hangs
+  (process stopped, sockets open) or sits behind a partition is found by the call deadlines exactly like
+  a dead one. When no other copy exists, the call waits up to `repair_wait` seconds for a placement that
+  re-hosts it. Failovers run on the model's thread, inside the batch's `result()`.
 * Each forward computes from a frozen copy of the expert store, so a concurrent drop cannot pull an
   expert out between "is it held?" and "compute it".
 
@@ -21,13 +24,12 @@ With `recorder` set (`prism serve --record-trace`, a `prism_moe.runtime.recordin
 
 from __future__ import annotations
 
-import asyncio
 import copy
+import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,9 @@ from torch import Tensor
 from prism_moe.model.experts import ExpertStore, RemoteDispatcher
 from prism_moe.placement.placement import Placement
 from prism_moe.runtime.metrics import ServerMetrics
-from prism_moe.runtime.transport import PeerUnavailable, RemoteError, SyncPeerPool
+from prism_moe.runtime.transport import Call, PeerPool, PeerUnavailable, RemoteError, TransportError
+
+log = logging.getLogger(__name__)
 
 NOT_HELD = "not_held"  # error code of a peer asked for an expert it does not hold (see server.py)
 
@@ -105,25 +109,27 @@ def can_fail_over(err: Exception) -> bool:
 
 
 class _Reply:
-    """One remote batch of a forward step sent directly (`SyncPeerPool.try_direct`); if that attempt fails
-    over, the rest runs on the transport loop. `result()` is called on the model's thread.
+    """One remote batch of a forward step: its call to the placement's holder, then, if that fails over,
+    the batch's experts on other holders. `result()` runs on the model's thread, failover included.
 
-    A direct call completes only when collected, so before a failover (which may wait for a repair) the
-    batch first collects its siblings, the layer's other direct batches: a sibling answered meanwhile must
-    not stay counted as in flight under the old placement, or the repair's switch would wait for it while
-    this failover waits for that switch.
+    A call completes only when collected, so before a failover (which may wait for a repair) the batch
+    first collects its siblings, the layer's other batches: a sibling answered meanwhile must not stay
+    counted as in flight under the old placement, or the repair's switch would wait for it while this
+    failover waits for that switch.
     """
 
     def __init__(self, owner: ClusterDispatcher, layer: int, server: str, ids: Tensor, x: Tensor,
-                 call: Any, tag: _Tag, siblings: list[_Reply]) -> None:
+                 call: Call | None, tag: _Tag, siblings: list[_Reply], error: Exception | None = None) -> None:
         self._owner, self._layer, self._server, self._ids, self._x = owner, layer, server, ids, x
         self._call, self._tag, self._siblings = call, tag, siblings
         self._finished = False
-        self._outcome: tuple[Tensor | None, BaseException | None] | None = None  # the first attempt's
+        # the first attempt's (value, error); known at once when there was nothing to send
+        self._outcome: tuple[Tensor | None, BaseException | None] | None = None if call else (None, error)
 
     def _first_attempt(self, timeout: float | None) -> tuple[Tensor | None, BaseException | None]:
-        """Wait for the direct call itself (no failover); a success or a final error lets go of the tag."""
+        """Wait for the call itself (no failover); a success or a final error lets go of the tag."""
         if self._outcome is None:
+            assert self._call is not None
             try:
                 self._outcome = (self._call.result(timeout), None)
                 self._finish()
@@ -132,18 +138,17 @@ class _Reply:
                 if not can_fail_over(err):
                     self._finish()
             except BaseException:
-                self._call.cancel()  # e.g. a timeout: the attempt must let go of its peer's link
+                self._call.cancel()  # e.g. a timeout: the attempt must let go of its peer's socket
                 self._finish()
                 raise
         return self._outcome
 
     def result(self, timeout: float | None = None) -> Tensor:
-        owner = self._owner
         try:
             value, err = self._first_attempt(timeout)
             if value is not None:
                 return value
-            assert err is not None
+            assert isinstance(err, Exception)
             if not can_fail_over(err):
                 raise err
             for sib in self._siblings:
@@ -152,20 +157,14 @@ class _Reply:
                         sib._first_attempt(timeout)
                     except BaseException:  # noqa: S110 - its own result() reports it
                         pass
-            assert owner.pool is not None
-            again = owner.pool.loop_thread.submit(
-                owner._failover(self._layer, self._server, self._ids, self._x, err, (), self._tag))
-            try:
-                return again.result(timeout)
-            except BaseException:
-                again.cancel()
-                raise
+            return self._owner._failover(self._layer, self._server, self._ids, self._x, err, (), self._tag)
         finally:
             self._finish()
 
     def cancel(self) -> bool:
         """Stop waiting for it (a forward that failed elsewhere)."""
-        self._call.cancel()
+        if self._call is not None:
+            self._call.cancel()
         self._finish()
         return True
 
@@ -174,13 +173,12 @@ class _Reply:
             self._finished = True
             self._owner._track(self._tag, None, close=True)
 
-
 class ClusterDispatcher(RemoteDispatcher):
     """Route missing experts to peers by the placement's routing table; count what goes where."""
 
-    def __init__(self, me: str, placement: Placement, pool: SyncPeerPool | None,
+    def __init__(self, me: str, placement: Placement, pool: PeerPool | None,
                  metrics: ServerMetrics | None = None, timeout: float | None = 30.0,
-                 suspect_ttl: float = 30.0, repair_wait: float = 10.0,
+                 suspect_ttl: float = 30.0, repair_wait: float = 10.0, probe_interval: float = 0.5,
                  stores: Mapping[int, ExpertStore] | None = None) -> None:
         super().__init__(timeout=timeout, observer=self._observe)
         self.me = me
@@ -191,6 +189,9 @@ class ClusterDispatcher(RemoteDispatcher):
         self.counter = ActivationCounter(placement.num_layers, placement.num_experts)
         self.suspect_ttl = suspect_ttl
         self.repair_wait = repair_wait
+        self.probe_interval = probe_interval
+        self._prober: threading.Thread | None = None  # pings suspected peers while there are any
+        self._closed = threading.Event()
         self.stores: Mapping[int, ExpertStore] = stores or {}  # this server's stores (local fallback)
         self._down: frozenset[str] = frozenset()  # servers the coordinator declared down
         self._suspect: dict[str, float] = {}  # server -> monotonic time until which we avoid it
@@ -258,7 +259,7 @@ class ClusterDispatcher(RemoteDispatcher):
         self._suspect = {n: t for n, t in self._suspect.items() if n in down}
         if self.pool is not None:
             for name in newly:
-                if name in self.pool.pool:
+                if name in self.pool:
                     self.pool.fail_inflight(name, "declared down by the coordinator")
 
     def is_down(self, name: str) -> bool:
@@ -266,6 +267,46 @@ class ClusterDispatcher(RemoteDispatcher):
 
     def down(self) -> list[str]:
         return sorted(n for n in self._placement.server_names if self.is_down(n))
+
+    def _suspect_peer(self, name: str) -> None:
+        """Avoid `name` (its call found no answer) until a probe hears from it, at most `suspect_ttl` s."""
+        self._suspect[name] = time.monotonic() + self.suspect_ttl
+        with self._cv:
+            if self._prober is None and not self._closed.is_set():
+                self._prober = threading.Thread(target=self._probe, name=f"prism-probe-{self.me}", daemon=True)
+                self._prober.start()
+
+    def _probe(self) -> None:
+        """Ping suspected peers every `probe_interval` s; one that answers (and whose compute worker is not
+        stuck) is routed to again. Ends when none is suspected."""
+        while not self._closed.wait(self.probe_interval):
+            now = time.monotonic()
+            suspects = [n for n, until in list(self._suspect.items()) if until > now]
+            for name in suspects:
+                if self._answers(name):
+                    log.info("%s: peer %s answers again; routing to it", self.me, name)
+                    self._suspect.pop(name, None)
+            with self._cv:
+                if not any(until > time.monotonic() for until in list(self._suspect.values())):
+                    self._prober = None
+                    return
+        with self._cv:
+            self._prober = None
+
+    def _answers(self, name: str) -> bool:
+        if self.pool is None or name not in self.pool:
+            return False
+        ch = self.pool[name]
+        try:
+            _, pong = ch.ping(timeout=self.probe_interval)
+        except (TransportError, KeyError):
+            return False
+        busy = pong.get("busy_s", 0.0)
+        return isinstance(busy, int | float) and busy < ch.timeout
+
+    def close(self) -> None:
+        """Stop probing peers (the pool is the server's to close)."""
+        self._closed.set()
 
     def _alternative(self, p: Placement, layer: int, expert_id: int, exclude: Iterable[str]) -> str | None:
         """Another live holder of (layer, expert) in `p`, spread deterministically; None when none is left."""
@@ -295,7 +336,7 @@ class ClusterDispatcher(RemoteDispatcher):
         if self.pool is None:
             raise RuntimeError(f"server {self.me} has no peers but layer {layer} needs experts it does not hold")
         out: dict[Hashable, Any] = {}
-        direct: list[_Reply] = []  # this layer's direct batches, which collect each other before a failover
+        replies: list[_Reply] = []  # this layer's batches, which collect each other before a failover
         try:
             for server, (ids, x) in batches.items():
                 name = str(server)
@@ -303,41 +344,31 @@ class ClusterDispatcher(RemoteDispatcher):
                 self._track(tag, self._placement.version)
                 # The wire carries CPU tensors; the reply is moved back to the model's device in `combine`.
                 ids, x = ids.cpu(), x.detach().cpu()
+                call, error = None, None
                 if name in self._down:
                     # The coordinator declared it down and `locate` found no other copy: sending would only
-                    # wait out a dead peer's deadlines (holding up the repair's switch meanwhile), so wait
-                    # for the repair right away, counted nowhere. (A server only suspected locally is
-                    # still tried: it may be back.)
+                    # wait out a dead peer's deadlines (holding up the repair's switch meanwhile), so the
+                    # batch waits for the repair in `result()`, counted nowhere. (A server only suspected
+                    # locally is still tried: it may be back.)
                     tag.how = "holder down"
                     self._track(tag, None)
-                    down = PeerUnavailable(name, after=0.0, attempts=0, reason="marked down")
-                    out[server] = self._in_background(self._failover(layer, name, ids, x, down, (), tag), tag)
-                    continue
-                try:
-                    # sent from this thread: no hop onto the transport loop (when the link allows it)
-                    call = self.pool.try_direct(name, layer, ids, x)
-                except BaseException:
-                    self._track(tag, None, close=True)
-                    raise
-                if call is not None:
-                    tag.how = "direct"
-                    out[server] = _Reply(self, layer, name, ids, x, call, tag, direct)
-                    direct.append(out[server])
-                else:  # the loop way: the call and any failover proceed there, in the background
-                    tag.how = "loop"
-                    out[server] = self._in_background(self._call(layer, name, ids, x, (), tag), tag)
+                    error = PeerUnavailable(name, after=0.0, attempts=0, reason="marked down")
+                else:
+                    tag.how = "call"
+                    try:  # sent now, from this thread; collected (and failed over) in `result()`
+                        call = self.pool.start_call(name, layer, ids, x)
+                    except PeerUnavailable as err:  # its channel was just replaced or closed
+                        error = err
+                    except BaseException:
+                        self._track(tag, None, close=True)
+                        raise
+                out[server] = reply = _Reply(self, layer, name, ids, x, call, tag, replies, error)
+                replies.append(reply)
         except BaseException:
             for reply in out.values():
                 reply.cancel()
             raise
         return out
-
-    def _in_background(self, coro: Any, tag: _Tag) -> Future[Tensor]:
-        """Run a batch's coroutine on the transport loop; its tag closes when it is done."""
-        assert self.pool is not None
-        fut = self.pool.loop_thread.submit(coro)
-        fut.add_done_callback(lambda _f: self._track(tag, None, close=True))
-        return fut
 
     def _track(self, tag: _Tag, version: int | None, close: bool = False) -> None:
         """Count a top-level call as in flight under `version` (None: not in flight on any holder); `close`:
@@ -358,22 +389,11 @@ class ClusterDispatcher(RemoteDispatcher):
                 self._tracked.discard(tag)
             self._cv.notify_all()
 
-    async def _call(self, layer: int, server: str, ids: Tensor, x: Tensor, tried: tuple[str, ...],
-                    tag: _Tag | None = None) -> Tensor:
-        """One batch to `server`; on failure, its experts regrouped onto other holders (runs on the loop)."""
-        assert self.pool is not None
-        try:
-            return await self.pool.pool.call(server, layer, ids, x)
-        except (PeerUnavailable, RemoteError) as err:
-            if not can_fail_over(err):
-                raise
-            return await self._failover(layer, server, ids, x, err, tried, tag)
-
-    async def _failover(self, layer: int, server: str, ids: Tensor, x: Tensor, err: Exception,
-                        tried: tuple[str, ...], tag: _Tag | None) -> Tensor:
-        """The batch `server` failed with `err`: send its experts to other holders (runs on the loop)."""
+    def _failover(self, layer: int, server: str, ids: Tensor, x: Tensor, err: Exception,
+                  tried: tuple[str, ...], tag: _Tag | None) -> Tensor:
+        """The batch `server` failed with `err`: send its experts to other holders (on the model's thread)."""
         if isinstance(err, PeerUnavailable):
-            self._suspect[server] = time.monotonic() + self.suspect_ttl
+            self._suspect_peer(server)
         tried = (*tried, server)
         placement = self._placement
         targets = self._regroup(placement, layer, ids, tried)
@@ -387,7 +407,7 @@ class ClusterDispatcher(RemoteDispatcher):
             # (from the placement regrouped above: a switch landing just now must count as the change)
             version, deadline = placement.version, time.monotonic() + self.repair_wait
             while targets is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+                time.sleep(0.05)
                 if self._placement.version != version:
                     version, tried = self._placement.version, (server,)
                     targets = self._regroup(self._placement, layer, ids, tried)
@@ -396,12 +416,31 @@ class ClusterDispatcher(RemoteDispatcher):
             if tag is not None:
                 self._track(tag, version)
         self.failovers += 1
-        masks = {s: torch.isin(ids, torch.tensor(es, dtype=ids.dtype)) for s, es in targets.items()}
-        parts = await asyncio.gather(*(self._part(layer, s, ids[m], x[m], tried) for s, m in masks.items()))
-        out = torch.empty_like(x)
-        for m, part in zip(masks.values(), parts, strict=True):
-            out[m] = part
-        return out
+        parts: dict[str, tuple[Tensor, Tensor, Tensor, Any]] = {}
+        try:
+            for s, es in targets.items():  # every part sent before any is awaited
+                m = torch.isin(ids, torch.tensor(es, dtype=ids.dtype))
+                call: Any = None
+                if s != self.me:
+                    try:
+                        call = self._start(s, layer, ids[m], x[m])
+                    except PeerUnavailable as e:
+                        call = e
+                parts[s] = (m, ids[m], x[m], call)
+            out = torch.empty_like(x)
+            for s in list(parts):
+                m, p_ids, p_x, call = parts.pop(s)
+                out[m] = self._collect(layer, s, p_ids, p_x, call, tried)
+            return out
+        except BaseException:
+            for *_, call in parts.values():
+                if isinstance(call, Call):
+                    call.cancel()
+            raise
+
+    def _start(self, server: str, layer: int, ids: Tensor, x: Tensor) -> Call:
+        assert self.pool is not None
+        return self.pool.start_call(server, layer, ids, x)
 
     def _regroup(self, p: Placement, layer: int, ids: Tensor, tried: tuple[str, ...]) -> dict[str, list[int]] | None:
         """{holder: expert ids} for the batch's experts on holders not tried (this server when its store has
@@ -415,13 +454,21 @@ class ClusterDispatcher(RemoteDispatcher):
             targets.setdefault(alt, []).append(e)
         return targets
 
-    async def _part(self, layer: int, server: str, ids: Tensor, x: Tensor, tried: tuple[str, ...]) -> Tensor:
-        if server != self.me:
-            return await self._call(layer, server, ids, x, tried)
+    def _collect(self, layer: int, server: str, ids: Tensor, x: Tensor, call: Any, tried: tuple[str, ...]) -> Tensor:
+        """A failover part's result: the call's (failed over again if need be), or computed here."""
+        if isinstance(call, Call | Exception):
+            try:
+                if isinstance(call, Exception):
+                    raise call
+                out: Tensor = call.result()
+                return out
+            except (PeerUnavailable, RemoteError) as err:
+                if not can_fail_over(err):
+                    raise
+                return self._failover(layer, server, ids, x, err, tried, None)
         store = frozen_store(self.stores[layer])  # loaded here meanwhile (e.g. by a repair)
         ref = store.get(int(ids[0]))[0]
-        out = await asyncio.to_thread(store.compute_batch, ids.to(ref.device), x.to(ref.device, ref.dtype))
-        return out.to("cpu", x.dtype)
+        return store.compute_batch(ids.to(ref.device), x.to(ref.device, ref.dtype)).to("cpu", x.dtype)
 
     def _observe(self, layer: int, top_k_index: Tensor) -> None:
         ids = _valid_ids(top_k_index)

@@ -12,10 +12,11 @@ routes under `/prism/`: load experts from the local checkpoint, send held expert
 (draining calls made under the old one), drop experts, and learn which peers are down. The expert
 service answers a call for an expert it no longer holds with `not_held`, so the caller re-routes.
 
-Threads: the expert service answers peers on an I/O thread of its own and computes their calls there;
-the transport's clients and migration messages run on one asyncio loop thread (`LoopThread`); the model
-runs on the engine's generation thread, HTTP on uvicorn's loop. The model's own expert calls are sent
-and awaited on its generation thread (`SyncPeerPool.start_call`).
+Threads: the expert service answers peers on an I/O thread of its own, computes their calls on its
+compute worker (merging concurrent calls of one layer) and runs migration messages on its control thread;
+the model runs on the engine's generation thread, HTTP on uvicorn's loop. The model's own expert calls
+are sent and awaited on its generation thread, through the peer pool's channels (`PeerPool.start_call`);
+emulated links (`network.emulate`) are applied by each peer's service, on that same path.
 """
 
 from __future__ import annotations
@@ -85,6 +86,16 @@ class ReplayBody(BaseModel):
     workload: str
 
 
+class LinkBody(BaseModel):
+    """Emulate this server's side of the link from `peer` (fault injection, experiments): its service holds
+    or drops `peer`'s requests and the replies to them. A partition is `drop` set on both servers."""
+
+    peer: str = Field(min_length=1, max_length=64, description="the server at the other end of the link")
+    drop: bool = Field(default=False, description="drop everything from and to `peer` (a partition)")
+    delay_ms: float = Field(default=0.0, ge=0, le=60_000, description="one-way delay added in each direction")
+    bandwidth_mbps: float | None = Field(default=None, gt=0, description="bandwidth cap; null: none")
+
+
 def checkpoint_dir(cluster: ClusterSpec) -> Path:
     """The checkpoint folder the runtime loads: `checkpoint`, else `model` when it is a folder."""
     for candidate in (cluster.checkpoint, cluster.model):
@@ -102,14 +113,15 @@ def _median(xs: list[float]) -> float | None:
 
 
 def _links_for(cluster: ClusterSpec, me: str) -> dict[str, Any]:
-    """Per-peer link emulation profiles (only when `network.emulate` is on)."""
+    """Link emulation profiles of the links from each peer to `me`, by peer name, which `me`'s expert
+    service applies to that peer's calls (only when `network.emulate` is on)."""
     if not cluster.network.emulate:
         return {}
     from prism_moe.runtime.emulation import LinkProfile
 
     bw, lat = cluster.link_matrices()
     i = cluster.server_names.index(me)
-    return {n: LinkProfile(delay_ms=float(lat[i, j] * 1e3), bandwidth_mbps=float(bw[i, j] / 1e6))
+    return {n: LinkProfile(delay_ms=float(lat[j, i] * 1e3), bandwidth_mbps=float(bw[j, i] / 1e6))
             for j, n in enumerate(cluster.server_names) if j != i}
 
 
@@ -124,7 +136,6 @@ class EdgeServer:
             raise ConfigError(f"the placement is for servers {list(self.placement.server_names)}, the cluster "
                               f"file has {cluster.server_names}")
         self.metrics = ServerMetrics(name)
-        self.loop_thread: Any = None
         self.service: Any = None
         self.pool: Any = None
         self.engine: Any = None
@@ -155,7 +166,7 @@ class EdgeServer:
         from prism_moe.model.spec import ModelSpec
         from prism_moe.runtime.dispatch import ClusterDispatcher
         from prism_moe.runtime.engine import Engine, resolve_device
-        from prism_moe.runtime.transport import ExpertService, LoopThread, SyncPeerPool
+        from prism_moe.runtime.transport import ExpertService, PeerPool
 
         ckpt = checkpoint_dir(self.cluster)
         spec = ModelSpec.from_pretrained(ckpt)
@@ -185,27 +196,24 @@ class EdgeServer:
 
             identity = load_identity(self.options.keys_dir, self.name)
 
-        self.loop_thread = LoopThread(f"prism-transport-{self.name}")
         host, port = self.spec_server.host, self.spec_server.expert_port
         if not port:
             raise ConfigError(f"server {self.name}: expert_port is not set (prism cluster up picks free ports; "
                               f"a real cluster gives them in the cluster file)")
-        links = _links_for(self.cluster, self.name)
-        # Peers' expert calls compute right on the service's I/O thread (inline: no hop to a worker thread
-        # and back); the transport loop stays free for the emulator's timers and migration messages.
+        # peers' calls compute on the service's worker (its own CUDA stream on a GPU); emulated links are
+        # applied there too, to each peer's traffic
         self.service = ExpertService(f"tcp://{host}:{port}", self._serve_experts, num_layers=spec.num_moe_layers,
                                      num_experts=spec.num_experts, hidden_size=spec.hidden_size, name=self.name,
-                                     identity=identity, compute_threads=0)
-        # the service runs these sync handlers in its loop's default thread pool, not on its I/O thread, so
-        # peers' expert calls are not queued behind incoming weights
+                                     identity=identity, device=device, links=_links_for(self.cluster, self.name),
+                                     emulate=self.cluster.network.emulate)
+        # on the service's control thread: peers' expert calls never queue behind incoming weights
         self.service.on("load_expert", self._on_load_message)
         self.service.on("drop_expert", self._on_drop_message)
-        self.loop_thread.run(self.service.start())
+        self.service.start()
         peers = {s.name: f"tcp://{s.host}:{s.expert_port}" for s in self.cluster.servers if s.name != self.name}
         if peers:
-            self.pool = SyncPeerPool(peers, loop_thread=self.loop_thread, identity=identity,
-                                     links=links, timeout=self.options.call_timeout,
-                                     retries=self.options.call_retries, on_call=self._on_call)
+            self.pool = PeerPool(peers, name=self.name, identity=identity, timeout=self.options.call_timeout,
+                                 retries=self.options.call_retries, on_call=self._on_call)
 
         self.dispatcher = ClusterDispatcher(self.name, p, self.pool, self.metrics, stores=self.stores)
         if self.options.record_trace:
@@ -288,12 +296,12 @@ class EdgeServer:
             except Exception:  # closing must go on (ports, threads) even if the disk is full
                 log.exception("%s: could not save the routing trace to %s", self.name, self.record_path)
             self.recorder = None
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         if self.pool is not None:
             self.pool.close()
-        if self.service is not None and self.loop_thread is not None and not self.loop_thread.closed:
-            self.loop_thread.run(self.service.close(), timeout=10)
-        if self.loop_thread is not None:
-            self.loop_thread.close()
+        if self.service is not None:
+            self.service.close()
 
     # --- expert service and metrics hooks -------------------------------------------------------------------
     def _serve_experts(self, layer: int, expert_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -409,7 +417,7 @@ class EdgeServer:
         from prism_moe.runtime.transport import TransportError
 
         experts = self._check_ids(experts)
-        if self.pool is None or to not in self.pool.pool:
+        if self.pool is None or to not in self.pool:
             raise ControlError(400, f"{to!r} is not a peer of {self.name}")
         chunks: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]] = [[]]
         size = 0
@@ -427,28 +435,34 @@ class EdgeServer:
             size += nbytes
         t0 = time.perf_counter()
         try:
-            sent = self.pool.loop_thread.run(self._push(to, [c for c in chunks if c]))
+            sent = self._push(to, [c for c in chunks if c])
         except TransportError as err:
             raise ControlError(502, f"{self.name} -> {to}: {err}") from err
         return {"server": self.name, "to": to, "sent": len(experts), "bytes": sent,
                 "seconds": time.perf_counter() - t0}
 
-    async def _push(self, to: str, chunks: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]]) -> int:
-        import asyncio
-
+    def _push(self, to: str, chunks: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]]) -> int:
+        from prism_moe.runtime.transport import Call
         from prism_moe.runtime.wire import LOAD_EXPERT
 
-        client = self.pool.pool[to]
+        channel = self.pool[to]
 
-        async def one(chunk: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> int:
+        def one(chunk: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> tuple[Call, int]:
             tensors: dict[str, torch.Tensor] = {}
             for i, (_, _, gate_up, down) in enumerate(chunk):
                 tensors[f"gate_up_proj.{i}"], tensors[f"down_proj.{i}"] = gate_up, down
-            await client.request(LOAD_EXPERT, {"experts": [[l, e] for l, e, _, _ in chunk]}, tensors,
-                                 timeout=max(self.options.call_timeout, 30.0), retries=0)
-            return sum(t.numel() * t.element_size() for t in tensors.values())
+            call = channel.start_request(LOAD_EXPERT, {"experts": [[l, e] for l, e, _, _ in chunk]}, tensors,
+                                         timeout=max(self.options.call_timeout, 30.0), retries=0)
+            return call, sum(t.numel() * t.element_size() for t in tensors.values())
 
-        return sum(await asyncio.gather(*(one(c) for c in chunks)))
+        calls = [one(c) for c in chunks]  # every chunk in flight before any is awaited
+        try:
+            for call, _ in calls:
+                call.result()
+        finally:
+            for call, _ in calls:
+                call.cancel()  # (a no-op for those that finished)
+        return sum(n for _, n in calls)
 
     def _on_load_message(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -504,9 +518,24 @@ class EdgeServer:
         if self.pool is None:
             return
         for n in newly:
-            if n in self.pool.pool:
+            if n in self.pool:
                 s = self.cluster.server(n)
                 self.pool.add_peer(n, f"tcp://{s.host}:{s.expert_port}")
+
+    def set_link(self, body: LinkBody) -> dict[str, Any]:
+        """Emulate the link from a peer on this server's expert service (a plain link again when nothing is
+        set); see `LinkBody`."""
+        from dataclasses import asdict
+
+        from prism_moe.runtime.emulation import LinkProfile
+
+        if body.peer not in self.cluster.server_names or body.peer == self.name:
+            raise ControlError(400, f"{body.peer!r} is not a peer of {self.name}; peers: "
+                                    f"{[n for n in self.cluster.server_names if n != self.name]}")
+        plain = not body.drop and body.delay_ms == 0 and body.bandwidth_mbps is None
+        self.service.set_link(body.peer, None if plain else LinkProfile(body.delay_ms, body.bandwidth_mbps, body.drop))
+        log.warning("%s: link from %s now %s", self.name, body.peer, "plain" if plain else body.model_dump())
+        return {"server": self.name, "links": {n: asdict(p) for n, p in self.service.links.profiles().items()}}
 
     def switch_placement(self, placement: Placement, down: list[str] | None = None,
                          drain_timeout: float = 10.0) -> dict[str, Any]:
@@ -548,7 +577,7 @@ class EdgeServer:
         def health() -> dict[str, Any]:
             return {"server": self.name, "placement_version": self.dispatcher.placement.version,
                     "experts_held": self.held_count(),
-                    "peers": sorted(self.pool.pool.names) if self.pool else [],
+                    "peers": sorted(self.pool.names) if self.pool else [],
                     "trace_replay": bool(self.options.replay)}
 
         app = create_app(self.engine, self.metrics, self.model_name, api_key=self.options.api_key,
@@ -606,9 +635,12 @@ class EdgeServer:
         def replay(body: ReplayBody) -> dict[str, Any]:
             return self.set_replay(body.workload)
 
+        def links(body: LinkBody) -> dict[str, Any]:
+            return self.set_link(body)
+
         for path, fn in (("/prism/experts/load", load), ("/prism/experts/send", send),
                          ("/prism/experts/drop", drop), ("/prism/placement", switch), ("/prism/down", set_down),
-                         ("/prism/replay", replay)):
+                         ("/prism/replay", replay), ("/prism/links", links)):
             app.add_api_route(path, guarded(fn), methods=["POST"], dependencies=control)
         app.add_api_route("/prism/placement", lambda: self.dispatcher.placement.to_dict(), methods=["GET"])
 

@@ -1,50 +1,63 @@
-"""Expert service: answers peers' expert calls on a ROUTER socket, from an I/O thread of its own.
+"""Expert service: answers peers' expert calls on a ROUTER socket. An I/O thread does only I/O; a compute
+worker runs the experts.
 
-The I/O thread owns the socket (ZeroMQ sockets are not thread-safe). For each message it reads, it
-- answers right there whatever needs no waiting: malformed input (an `error` reply), pings, empty
-  batches and, in *inline* mode (`compute_threads=0`, no `executor`), the sync handler itself;
-- hands the rest off: sync handlers to the compute pool (`compute_threads` workers or your `executor`),
-  async handlers and control messages (migration) to the asyncio loop the service was started on. A
-  finished job posts itself to the thread's outbox and wakes the thread through a socket pair; the
-  thread sends the reply.
+Threads of one service:
+- the **I/O thread** owns the socket (ZeroMQ sockets are not thread-safe). It reads every message,
+  decodes and validates it, answers right there what needs no compute (malformed input with an `error`
+  reply, pings, empty batches, link-emulation settings), hands expert calls to the compute worker and
+  control messages to the control thread, and sends the replies they post back. It also applies link
+  emulation (`emulation.py`): requests and replies of an emulated caller wait in a timer heap until the
+  emulated link would have carried them; a partitioned caller's messages are dropped.
+- the **compute worker** runs the handler, on its own CUDA stream when the service's device is a GPU.
+  It takes every call queued when it wakes up and merges the calls of one layer (and dtype) into one
+  handler call, so concurrent peers' batches for a layer share one grouped expert computation; it splits
+  the result back per call. If a merged call fails, its calls are computed one by one, so each gets
+  its own error.
+- the **control thread** runs `load_expert` / `drop_expert` handlers (weights arriving never wait
+  behind expert calls, and expert calls never wait behind them).
 
-While no job is out, the thread just blocks in ZeroMQ's receive (GIL released); with jobs out it polls
-the socket and the wake-up pair. Why not the asyncio loop: for a small call on a loaded 2-core box the
-loop's select-and-dispatch round costs tens of microseconds of Python per message, a large share of a
-loopback round trip (benchmarks/transport_overhead.py). `max_inflight` bounds the jobs out; at the bound
-the socket is not read, so ZeroMQ's queues push back on senders. `close()` terminates the service's own
-ZeroMQ context, which ends a blocked receive.
+A finished job is posted to the I/O thread's outbox and wakes that thread through a socket pair. While
+nothing is out and nothing is held by emulation, the I/O thread blocks in ZeroMQ's receive (GIL
+released); otherwise it polls the socket and the wake-up pair until the next emulated arrival.
+`max_inflight` bounds the jobs out; at the bound the socket is not read, so ZeroMQ's queues push back on
+senders. `close()` terminates the service's own ZeroMQ context, which ends a blocked receive.
 
 Wire format: see `wire.py` and docs/wire-protocol.md.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import contextlib
+import heapq
 import inspect
+import itertools
 import logging
+import math
+import queue
+import select
 import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 import zmq
 
+from .emulation import LinkProfile, LinkTable
 from .keys import CurveIdentity, start_authenticator
-from .sockets import NOBLOCK, POLLIN, recv_frame, recv_rest, send_nowait
+from .sockets import EVENTS, NOBLOCK, POLLIN, recv_frame, recv_rest, send_nowait, sockopt
 from .wire import (
     ACK,
+    BAD_REQUEST,
     DEFAULT_LIMITS,
     ERROR,
     EXPERT_CALL,
     HANDLER_ERROR,
+    LINK,
     PING,
     PONG,
     REPLY_TYPE,
@@ -59,13 +72,11 @@ from .wire import (
 
 log = logging.getLogger(__name__)
 
-#: handler(layer, expert_ids [n], hidden [n, H]) -> out [n, H]; sync or async
-Handler = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | Awaitable[torch.Tensor]"]
+#: handler(layer, expert_ids [n], hidden [n, H]) -> out [n, H]; runs on the compute worker
+Handler = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 ControlReply = tuple[dict[str, Any], dict[str, torch.Tensor]]
-#: control handler(header, tensors) -> (reply fields, reply tensors); sync (thread pool) or async
-ControlHandler = Callable[[dict[str, Any], dict[str, torch.Tensor]], "ControlReply | Awaitable[ControlReply]"]
-#: a job's outcome: the reply's frames and the seconds its handler computed
-_Done = tuple[list[Any], float]
+#: control handler(header, tensors) -> (reply fields, reply tensors); runs on the control thread
+ControlHandler = Callable[[dict[str, Any], dict[str, torch.Tensor]], ControlReply]
 
 MAX_REMOTE_MESSAGE = 2000  # chars of an error message we send
 
@@ -80,7 +91,8 @@ class ServiceError(Exception):
 
 @dataclass
 class ServiceStats:
-    """Counters of an expert service, updated on its I/O thread (reads from others are fine)."""
+    """Counters of an expert service, updated on its I/O thread and (compute) its worker; reads from
+    other threads are fine."""
 
     requests: int = 0
     expert_calls: int = 0
@@ -88,29 +100,37 @@ class ServiceStats:
     bytes_received: int = 0
     bytes_sent: int = 0
     compute_s_sum: float = 0.0
+    handler_calls: int = 0  # handler invocations: fewer than the expert calls computed when calls merge
+    merged_calls: int = 0  # expert calls computed together with others of their layer
+    dropped: int = 0  # messages dropped by an emulated partition
     errors: Counter[str] = field(default_factory=Counter)  # by error code
 
 
-def is_async(fn: Callable[..., Any]) -> bool:
-    """An `async def` function, or an object with `async def __call__`."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+@dataclass
+class _Job:
+    """An expert call handed to the compute worker."""
+
+    route: list[Any]
+    rid: int
+    layer: int
+    ids: torch.Tensor
+    hidden: torch.Tensor
 
 
 class ExpertService:
     """Serves expert calls of peers on a ROUTER socket.
 
-    For each valid `expert_call` it runs `handler(layer, expert_ids [n], hidden [n, H]) -> out [n, H]`
-    and replies `expert_result` with `out`; invalid messages and handler exceptions get an `error`
-    reply, so no input can stop the service. Inputs are zero-copy views of the received frames: read
-    them, do not keep writing into them; the returned tensor must not be modified after return (it
-    is sent zero-copy). Up to `max_inflight` handed-off requests are served concurrently.
+    For each valid `expert_call` the compute worker runs `handler(layer, expert_ids [n], hidden [n, H])
+    -> out [n, H]`, possibly on the rows of several concurrent calls of that layer at once (rows of one
+    call stay contiguous and in order), and the service replies `expert_result` with the call's rows of
+    `out`. Invalid messages and handler exceptions get an `error` reply, so no input can stop the
+    service. Inputs are read-only views of received frames (or their concatenation); the returned tensor
+    must not be modified after return (it is sent zero-copy).
 
-    Where sync handlers run: `compute_threads` worker threads (default 1) or your `executor`, so the
-    service keeps receiving and replying while experts compute (GPU or otherwise non-trivial
-    compute). `compute_threads=0` (and no `executor`) selects *inline* mode: the handler runs on the
-    service's I/O thread, saving the two thread hops; requests are then served one at a time, which
-    suits compute that takes well under a millisecond (tiny CPU models, tests, benchmarks) or a server
-    whose compute is serialised anyway. Async handlers run as tasks on the loop that ran `start()`.
+    `device`: where the handler computes; on CUDA the worker runs it on a stream of its own. `links`:
+    emulated links by caller name (experiments); `emulate`: also serve `link` messages, which change
+    them while serving (a test or benchmark partitions or slows links this way). Without `emulate`, a
+    `link` message gets `unsupported`.
     """
 
     def __init__(
@@ -124,43 +144,48 @@ class ExpertService:
         name: str = "",
         identity: CurveIdentity | None = None,
         limits: WireLimits = DEFAULT_LIMITS,
-        executor: Executor | None = None,
-        compute_threads: int = 1,
+        device: str | torch.device | None = None,
         max_inflight: int = 64,
+        links: Mapping[str, LinkProfile] | None = None,
+        emulate: bool = False,
     ):
+        if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__):
+            raise TypeError("the expert handler must be a plain function: it runs on the compute worker")
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.address, self.handler, self.name = address, handler, name
         self.num_layers, self.num_experts, self.hidden_size = num_layers, num_experts, hidden_size
         self.identity, self.limits, self.max_inflight = identity, limits, max_inflight
-        if compute_threads < 0:
-            raise ValueError(f"compute_threads must be >= 0, got {compute_threads}")
-        if max_inflight < 1:
-            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
-        self._own_executor = executor is None
-        self._executor: Executor | None = executor
-        self._compute_threads = compute_threads
-        self._async_of: tuple[Any, bool] = (None, False)  # (handler, is it async), cached
+        self.device = None if device is None else torch.device(device)
+        self.links = LinkTable(links)
+        self.emulate = emulate or bool(links)
         self._control: dict[str, ControlHandler] = {}
         self.stats = ServiceStats()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._auth: Any = None
-        self._thread: threading.Thread | None = None
-        # jobs handed off and not answered yet; touched by the I/O thread only
+        self._io_thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        self._control_pool: ThreadPoolExecutor | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._busy_since = 0.0  # monotonic time the worker started its current batch (0: idle)
+        # jobs handed off (I/O thread) less those answered through the outbox (I/O thread) and those the
+        # worker answered itself (`_sent_by_worker`, worker): `_out()` is what is in flight
         self._inflight = 0
-        # finished jobs, (route, rid, job), appended by any thread, sent by the I/O thread
+        self._sent_by_worker = 0
+        # finished jobs, (route, rid, reply frames or the exception), appended by any thread
         self._outbox: deque[tuple[list[Any], int, Any]] = deque()
+        self._sock_lock = threading.Lock()  # the I/O thread receives and replies, the worker replies
+        self._sock_closed = False
+        self._io_ident = 0
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
-        self._tasks: set[asyncio.Task[_Done]] = set()  # on the loop
+        # messages held by link emulation: (due, seq, inbound, frames); I/O thread only
+        self._held: list[tuple[float, int, bool, list[Any]]] = []
+        self._seq = itertools.count()
         self._seen: dict[bytes, Any] = {}  # expert_call headers that passed validation (decode_request)
         self._closing = False
         self._endpoint = ""
-
-    @property
-    def inline(self) -> bool:
-        """Sync expert handlers run on the I/O thread itself (`compute_threads=0`, no `executor`)."""
-        return self._executor is None and self._compute_threads == 0
 
     @property
     def endpoint(self) -> str:
@@ -168,15 +193,18 @@ class ExpertService:
         return self._endpoint
 
     def on(self, msg_type: str, handler: ControlHandler) -> None:
-        """Serve control messages of `msg_type` (e.g. "load_expert"); replies `ack` with the handler's
-        fields and tensors."""
-        if msg_type not in REPLY_TYPE or msg_type in (EXPERT_CALL, PING):
+        """Serve control messages of `msg_type` (e.g. "load_expert") on the control thread; replies `ack`
+        with the handler's fields and tensors."""
+        if msg_type not in REPLY_TYPE or msg_type in (EXPERT_CALL, PING, LINK):
             raise ValueError(f"{msg_type!r} cannot be served by a control handler")
         self._control[msg_type] = handler
 
-    async def start(self) -> str:
-        """Bind and start serving; return the bound endpoint. Async handlers and control messages will
-        run on the running loop."""
+    def set_link(self, caller: str, profile: LinkProfile | None) -> None:
+        """Emulate `profile` on the link from `caller` (None: a plain link; `drop`: a partition)."""
+        self.links.set(caller, profile)
+
+    def start(self) -> str:
+        """Bind and start serving; return the bound endpoint."""
         if self._sock is not None or self._closing:
             raise RuntimeError("service already started")
         # own context: the ZAP authenticator is per context, and `close` terminates it
@@ -201,22 +229,18 @@ class ExpertService:
             ctx.term()
             raise
         self._ctx, self._sock = ctx, sock
-        if self._executor is None and self._compute_threads > 0:
-            self._executor = ThreadPoolExecutor(
-                self._compute_threads, thread_name_prefix=f"experts-{self.name}"
-            )
-        self._loop = asyncio.get_running_loop()
+        label = self.name or self._endpoint
+        self._control_pool = ThreadPoolExecutor(1, thread_name_prefix=f"prism-control-{label}")
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._worker = threading.Thread(target=self._work, name=f"prism-experts-{label}", daemon=True)
+        self._worker.start()
         # the socket moves to the I/O thread here (thread start is a full memory barrier) and stays there
-        self._thread = threading.Thread(
-            target=self._serve, name=f"prism-service-{self.name or self._endpoint}", daemon=True
-        )
-        self._thread.start()
-        log.info(
-            "expert service %r serving on %s (curve=%s)", self.name, self._endpoint, self.identity is not None
-        )
+        self._io_thread = threading.Thread(target=self._serve, name=f"prism-service-{label}", daemon=True)
+        self._io_thread.start()
+        self._io_ident = self._io_thread.ident or 0
+        log.info("expert service %r serving on %s (curve=%s)", self.name, self._endpoint, self.identity is not None)
         return self._endpoint
 
     def reload_keys(self) -> None:
@@ -224,85 +248,112 @@ class ExpertService:
         if self._auth is not None and self.identity is not None:
             self._auth.configure_curve(domain="*", location=str(self.identity.public_dir))
 
-    async def close(self) -> None:
-        """Stop serving: cancel in-flight requests (their replies are dropped) and release the socket."""
+    def close(self) -> None:
+        """Stop serving: requests in progress get no reply; the socket is released."""
         if self._closing:
             return
         self._closing = True
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._jobs.put(None)
         if self._auth is not None:
             self._auth.stop()
+        if self._io_thread is not None:
+            self._wake()  # the I/O thread sees `_closing`, closes the socket and ends
+            self._io_thread.join()
         if self._ctx is not None:
-            # ends the I/O thread's receive or poll; it then closes the socket, which lets term() return.
-            # In a thread: the I/O thread may be finishing an inline handler.
-            await asyncio.to_thread(self._stop_io_thread)
-        if self._own_executor and self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def _stop_io_thread(self) -> None:
-        assert self._ctx is not None
-        self._ctx.term()
-        if self._thread is not None:
-            self._thread.join()
+            self._ctx.term()
+        if self._worker is not None:
+            self._worker.join(timeout=5.0)  # a handler still computing finishes on its own (daemon)
+        if self._control_pool is not None:
+            self._control_pool.shutdown(wait=False, cancel_futures=True)
         for s in (self._wake_r, self._wake_w):
             if s is not None:
                 s.close()
 
-    async def __aenter__(self) -> ExpertService:
-        await self.start()
+    def __enter__(self) -> ExpertService:
+        self.start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---------------------------------------------------------------------------------- I/O thread
 
     def _serve(self) -> None:
-        sock, wake = self._sock, self._wake_r
+        sock, wake, lock = self._sock, self._wake_r, self._sock_lock
         assert sock is not None and wake is not None
-        wake_fd = wake.fileno()
-        reading = [(sock, POLLIN), (wake_fd, POLLIN)]
-        paused = [(wake_fd, POLLIN)]  # at max_inflight: only finished jobs
+        # Blocks in poll() on ZeroMQ's FD (edge-triggered: it signals changes, so ZMQ_EVENTS is read before
+        # each wait) and the wake-up pair, not inside ZeroMQ: the worker sends its replies itself, under
+        # `lock`, and wakes this thread only when that send found input pending (it may have eaten the edge).
+        poller = select.poll()
+        poller.register(sock.get(zmq.FD), select.POLLIN)
+        poller.register(wake.fileno(), select.POLLIN)
+        held, outbox = self._held, self._outbox
         try:
-            while True:
-                outbox = self._outbox
+            while not self._closing:
                 while outbox:
                     self._finish(*outbox.popleft())
-                if self._inflight == 0:
-                    # nothing can be posted: block in ZeroMQ until a message comes (or close)
-                    first = recv_frame(sock, 0, False, False)
-                else:
-                    ready = [s for s, _ in zmq.zmq_poll(reading if self._inflight < self.max_inflight else paused, -1)]
-                    if wake_fd in ready:
+                while self._out() < self.max_inflight and not self._closing:
+                    with lock:
+                        if not sockopt(sock, EVENTS) & POLLIN:
+                            break
+                        frames = recv_rest(sock, recv_frame(sock, NOBLOCK, False, False))
+                    self._on_message(frames)
+                timeout = None
+                if held:  # link emulation: serve or send what falls due, then wait until the next one
+                    now = time.monotonic()
+                    while held and held[0][0] <= now:
+                        self._release(heapq.heappop(held))
+                    if held:
+                        timeout = max(1, math.ceil((held[0][0] - now) * 1000))
+                if outbox or self._closing:
+                    continue
+                for fd, _ in poller.poll(timeout):  # (GIL released)
+                    if fd == wake.fileno():
                         try:
                             wake.recv(4096)
                         except BlockingIOError:
                             pass
-                    if sock not in ready:
-                        continue
-                    try:
-                        first = recv_frame(sock, NOBLOCK, False, False)
-                    except zmq.Again:
-                        continue
-                self._on_message(recv_rest(sock, first))
-        except zmq.ContextTerminated:
-            pass  # close()
+        except zmq.ContextTerminated:  # pragma: no cover - close() ends this thread before terminating
+            pass
         except Exception:  # pragma: no cover - a bug here must not hang close()
             log.exception("expert service %r: I/O thread failed", self.name)
         finally:
-            sock.close(linger=0)
+            with lock:
+                self._sock_closed = True
+                sock.close(linger=0)
 
-    def _on_message(self, frames: list[Any]) -> None:
-        stats = self.stats
-        stats.requests += 1
+    def _out(self) -> int:
+        return self._inflight - self._sent_by_worker
+
+    def _release(self, item: tuple[float, int, bool, list[Any]]) -> None:
+        """A message held by link emulation falls due: serve it (inbound) or send it (a reply)."""
+        _, _, inbound, frames = item
+        if inbound:
+            self._on_message(frames, arrived=True)
+        else:
+            self._send(frames)
+
+    def _on_message(self, frames: list[Any], arrived: bool = False) -> None:
         if len(frames) < 2:
             return  # only a routing id: nothing to answer
         # ROUTER prepends the sender's routing id; REQ senders also add an empty delimiter frame
         n_env = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
         route, body = frames[:n_env], frames[n_env:]
-        stats.bytes_received += frames_nbytes(body)
+        nbytes = frames_nbytes(body)
+        if self.links and not arrived:
+            link = self.links.get(_caller(route[0]))
+            if link is not None:
+                if link.profile.drop:
+                    self.stats.dropped += 1
+                    return
+                now = time.monotonic()
+                due = link.reserve("up", nbytes, now)
+                if due > now:
+                    heapq.heappush(self._held, (due, next(self._seq), True, frames))
+                    return
+        stats = self.stats
+        stats.requests += 1
+        stats.bytes_received += nbytes
         rid = 0  # id 0 = unattributable; clients number requests from 1
         try:
             header, tensors, call = decode_request(
@@ -316,55 +367,58 @@ class ExpertService:
                 stats.tokens += n
                 if n == 0:
                     reply = encode_expert_result(rid, layer, hidden, self.limits)
-                elif self._handler_is_async():
-                    self._to_loop(route, rid, self._serve_async(rid, layer, ids, hidden))
-                    return
-                elif self._executor is None:  # inline
-                    reply, seconds = self._compute(rid, layer, ids, hidden)
-                    stats.compute_s_sum += seconds
                 else:
-                    job = self._executor.submit(self._compute, rid, layer, ids, hidden)
                     self._inflight += 1
-                    job.add_done_callback(partial(self._post, route, rid))
+                    self._jobs.put(_Job(route, rid, layer, ids, hidden))
                     return
             elif header["type"] == PING:
-                reply = encode({"type": PONG, "id": rid, "server": self.name, "inflight": self._inflight})
+                busy = self._busy_since
+                reply = encode({"type": PONG, "id": rid, "server": self.name, "inflight": self._out(),
+                                "busy_s": time.monotonic() - busy if busy else 0.0})
+            elif header["type"] == LINK:
+                reply = self._on_link(header)
             else:
                 handler = self._control.get(header["type"])
                 if handler is None:
                     raise ServiceError(UNSUPPORTED, f"{header['type']!r} messages are not served by this endpoint")
-                self._to_loop(route, rid, self._serve_control(handler, header, tensors))
+                assert self._control_pool is not None
+                self._inflight += 1
+                job = self._control_pool.submit(_control_reply, handler, header, tensors, self.limits)
+                job.add_done_callback(lambda f, route=route, rid=rid: self._post(route, rid, _outcome(f)))
                 return
         except Exception as e:
             reply = self._failure(rid, e)
-        self._reply(route, rid, reply)
+        self._reply(route, reply)
 
-    def _compute(self, rid: int, layer: int, ids: torch.Tensor, hidden: torch.Tensor) -> _Done:
-        """Run the sync handler and encode its reply (on the I/O thread or a worker)."""
-        t0 = time.perf_counter()
-        out = _checked_output(self.handler(layer, ids, hidden), hidden)
-        seconds = time.perf_counter() - t0
-        return encode_expert_result(rid, layer, out, self.limits), seconds
+    def _on_link(self, header: dict[str, Any]) -> list[Any]:
+        """A `link` message: emulate a delay, a bandwidth cap or a partition on the link from `peer`."""
+        if not self.emulate:
+            raise ServiceError(UNSUPPORTED, "link emulation is off on this server (experiments only: "
+                                            "`network.emulate: true` in the cluster file)")
+        peer = header.get("peer")
+        if not isinstance(peer, str) or not 0 < len(peer) <= 200:
+            raise ServiceError(BAD_REQUEST, f"link: 'peer' must be a server name, got {peer!r}")
+        if header.get("clear"):
+            self.links.set(peer, None)
+        else:
+            try:
+                profile = LinkProfile(delay_ms=float(header.get("delay_ms", 0.0)),
+                                      bandwidth_mbps=_opt_float(header.get("bandwidth_mbps")),
+                                      drop=bool(header.get("drop", False)))
+            except (TypeError, ValueError) as e:
+                raise ServiceError(BAD_REQUEST, f"link: {e}") from None
+            self.links.set(peer, profile)
+        return encode({"type": ACK, "id": header["id"], "server": self.name,
+                       "links": sorted(self.links.profiles())})
 
-    def _handler_is_async(self) -> bool:
-        handler = self.handler  # public attribute: look again if it was replaced
-        if handler is not self._async_of[0]:
-            self._async_of = (handler, is_async(handler))
-        return self._async_of[1]
-
-    def _finish(self, route: list[Any], rid: int, job: concurrent.futures.Future[_Done] | asyncio.Task[_Done]) -> None:
-        """Reply for a handed-off job that finished."""
+    def _finish(self, route: list[Any], rid: int, outcome: Any) -> None:
+        """Reply for a handed-off job that finished: its reply frames or the exception it raised."""
         self._inflight -= 1
-        if self._closing or job.cancelled():
+        if self._closing:
             return
-        try:
-            reply, seconds = job.result()
-            self.stats.compute_s_sum += seconds
-        except Exception as e:
-            reply = self._failure(rid, e)
-        self._reply(route, rid, reply)
+        self._reply(route, self._failure(rid, outcome) if isinstance(outcome, BaseException) else outcome)
 
-    def _failure(self, rid: int, e: Exception) -> list[bytes | memoryview]:
+    def _failure(self, rid: int, e: BaseException) -> list[bytes | memoryview]:
         """The error reply for an exception raised while serving request `rid`."""
         if isinstance(e, WireError):
             return self._error(e.request_id if e.request_id is not None else rid, e.code, str(e))
@@ -378,22 +432,42 @@ class ExpertService:
         self.stats.errors[code] += 1
         return encode({"type": ERROR, "id": rid, "code": code, "message": message[:MAX_REMOTE_MESSAGE]})
 
-    def _reply(self, route: list[Any], rid: int, reply: list[bytes | memoryview]) -> None:
-        assert self._sock is not None
-        try:
-            # a ROUTER never blocks: ZeroMQ drops a reply to a peer that is gone or not reading
-            send_nowait(self._sock, [*route, *reply])
-            self.stats.bytes_sent += frames_nbytes(reply)
-        except zmq.ContextTerminated:
-            raise
-        except zmq.ZMQError as e:
-            log.warning("expert service %r: reply to request %d failed: %s", self.name, rid, e)
+    def _reply(self, route: list[Any], reply: list[Any]) -> None:
+        self.stats.bytes_sent += frames_nbytes(reply)
+        if self.links:
+            link = self.links.get(_caller(route[0]))
+            if link is not None:
+                if link.profile.drop:
+                    self.stats.dropped += 1
+                    return
+                now = time.monotonic()
+                due = link.reserve("down", frames_nbytes(reply), now)
+                if due > now:
+                    heapq.heappush(self._held, (due, next(self._seq), False, [*route, *reply]))
+                    return
+        self._send([*route, *reply])
 
-    # ------------------------------------------------------------------- handing off, and back
+    def _send(self, frames: list[Any]) -> None:
+        """Send a reply now (from the I/O thread or the worker)."""
+        sock = self._sock
+        assert sock is not None
+        with self._sock_lock:
+            if self._sock_closed:
+                return
+            try:
+                # a ROUTER never blocks: ZeroMQ drops a reply to a peer that is gone or not reading
+                send_nowait(sock, frames)
+            except zmq.ZMQError as e:
+                log.warning("expert service %r: a reply failed: %s", self.name, e)
+            if threading.get_ident() != self._io_ident and sockopt(sock, EVENTS) & POLLIN:
+                self._wake()  # input waits, and this send may have eaten the FD's signal for it
 
-    def _post(self, route: list[Any], rid: int, job: Any) -> None:
+    def _post(self, route: list[Any], rid: int, outcome: Any) -> None:
         """A job finished (any thread): queue it for the I/O thread and wake that up."""
-        self._outbox.append((route, rid, job))
+        self._outbox.append((route, rid, outcome))
+        self._wake()
+
+    def _wake(self) -> None:
         wake = self._wake_w
         if wake is not None:
             try:
@@ -401,48 +475,108 @@ class ExpertService:
             except OSError:  # full (a wake-up is pending anyway) or closed (nobody to reply to)
                 pass
 
-    def _to_loop(self, route: list[Any], rid: int, coro: Coroutine[Any, Any, _Done]) -> None:
-        """Run `coro` as a task on the service's loop; its outcome comes back through `_post`."""
-        assert self._loop is not None
-        self._inflight += 1
-        try:
-            self._loop.call_soon_threadsafe(self._start_task, route, rid, coro)
-        except RuntimeError:  # the loop is closed
-            coro.close()
-            self._inflight -= 1
-            self._reply(route, rid, self._error(rid, UNSUPPORTED, "the service is shutting down"))
+    # ------------------------------------------------------------------------------ compute worker
 
-    def _start_task(self, route: list[Any], rid: int, coro: Coroutine[Any, Any, _Done]) -> None:
-        if self._closing:
-            coro.close()
-            return
-        assert self._loop is not None
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(partial(self._task_done, route, rid))
+    def _work(self) -> None:
+        stream = None
+        if self.device is not None and self.device.type == "cuda":
+            stream = torch.cuda.Stream(self.device)  # expert compute never queues behind the model's own work
+        jobs = self._jobs
+        stop = False
+        while not stop:
+            job = jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            while True:  # every call queued meanwhile: same-layer calls merge
+                try:
+                    more = jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._busy_since = time.monotonic()
+            try:
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    for group in _by_layer(batch):
+                        self._compute(group)
+            finally:
+                self._busy_since = 0.0
+            if self._outbox:
+                self._wake()
 
-    def _task_done(self, route: list[Any], rid: int, task: asyncio.Task[_Done]) -> None:
-        self._tasks.discard(task)
-        self._post(route, rid, task)
-
-    async def _serve_async(self, rid: int, layer: int, ids: torch.Tensor, hidden: torch.Tensor) -> _Done:
+    def _compute(self, group: list[_Job]) -> None:
+        """Run the handler once for calls of one layer and dtype; post each call's reply to the outbox."""
         t0 = time.perf_counter()
-        out = _checked_output(await self.handler(layer, ids, hidden), hidden)  # type: ignore[misc]
-        return encode_expert_result(rid, layer, out, self.limits), time.perf_counter() - t0
+        stats = self.stats
+        if len(group) > 1:
+            try:
+                hidden = torch.cat([j.hidden for j in group])
+                out = _checked_output(self.handler(group[0].layer, torch.cat([j.ids for j in group]), hidden), hidden)
+            except Exception:  # compute them one by one: each call gets its own outcome
+                pass
+            else:
+                stats.handler_calls += 1
+                stats.merged_calls += len(group)
+                stats.compute_s_sum += time.perf_counter() - t0
+                parts = torch.split(out, [j.hidden.shape[0] for j in group])
+                for j, part in zip(group, parts, strict=True):
+                    self._done(j, encode_expert_result(j.rid, j.layer, part, self.limits))
+                return
+        for j in group:
+            outcome: Any
+            try:
+                out = _checked_output(self.handler(j.layer, j.ids, j.hidden), j.hidden)
+                outcome = encode_expert_result(j.rid, j.layer, out, self.limits)
+            except Exception as e:
+                outcome = e
+            stats.handler_calls += 1
+            self._done(j, outcome)
+        stats.compute_s_sum += time.perf_counter() - t0
 
-    async def _serve_control(
-        self, handler: ControlHandler, header: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> _Done:
-        if is_async(handler):
-            result = await handler(header, tensors)  # type: ignore[misc]
-        else:
-            # control handlers (rare, maybe slow: loading weights) run off the loop, in its default
-            # executor, whatever the compute mode
-            result = await asyncio.get_running_loop().run_in_executor(None, partial(handler, header, tensors))
-            if inspect.isawaitable(result):
-                result = await result
-        fields, out_tensors = result
-        return encode({**fields, "type": ACK, "id": header["id"]}, out_tensors, self.limits), 0.0
+    def _done(self, job: _Job, outcome: Any) -> None:
+        """A computed call: reply from here (one thread wake-up less per call), or through the I/O thread
+        where it needs that thread (an error reply, a job counted in flight there, emulated links)."""
+        if isinstance(outcome, BaseException) or self.links:
+            self._outbox.append((job.route, job.rid, outcome))
+            return
+        self._sent_by_worker += 1
+        self.stats.bytes_sent += frames_nbytes(outcome)
+        self._send([*job.route, *outcome])
+
+
+def _by_layer(batch: list[_Job]) -> list[list[_Job]]:
+    """Calls grouped by (layer, dtype), in order of first arrival."""
+    groups: dict[tuple[int, torch.dtype], list[_Job]] = {}
+    for j in batch:
+        groups.setdefault((j.layer, j.hidden.dtype), []).append(j)
+    return list(groups.values())
+
+
+def _caller(routing_id: Any) -> str:
+    """The caller's name from a DEALER's routing id `name/unique` (`transport.PeerPool` sets it)."""
+    return bytes(routing_id).rpartition(b"/")[0].decode("utf-8", "replace")
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _control_reply(
+    handler: ControlHandler, header: dict[str, Any], tensors: dict[str, torch.Tensor], limits: WireLimits
+) -> list[Any]:
+    fields, out_tensors = handler(header, tensors)
+    return encode({**fields, "type": ACK, "id": header["id"]}, out_tensors, limits)
+
+
+def _outcome(fut: Future[Any]) -> Any:
+    """A finished control job's reply frames, or the exception it raised."""
+    if fut.cancelled():
+        return ServiceError(UNSUPPORTED, "the service is shutting down")
+    exc = fut.exception()
+    return exc if exc is not None else fut.result()
 
 
 def _checked_output(out: Any, hidden: torch.Tensor) -> torch.Tensor:

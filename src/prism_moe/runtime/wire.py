@@ -33,10 +33,11 @@ PING = "ping"  # -> pong
 PONG = "pong"  # fields server, inflight
 LOAD_EXPERT = "load_expert"  # control (migration): served by a handler registered with ExpertService.on
 DROP_EXPERT = "drop_expert"  # control (migration)
+LINK = "link"  # link emulation (experiments): fields peer, and delay_ms, bandwidth_mbps, drop or clear
 ACK = "ack"  # generic success reply to a control message
-MESSAGE_TYPES = frozenset({EXPERT_CALL, EXPERT_RESULT, ERROR, PING, PONG, LOAD_EXPERT, DROP_EXPERT, ACK})
+MESSAGE_TYPES = frozenset({EXPERT_CALL, EXPERT_RESULT, ERROR, PING, PONG, LOAD_EXPERT, DROP_EXPERT, LINK, ACK})
 # request type -> its success reply type (any request may also be answered with ERROR)
-REPLY_TYPE = {EXPERT_CALL: EXPERT_RESULT, PING: PONG, LOAD_EXPERT: ACK, DROP_EXPERT: ACK}
+REPLY_TYPE = {EXPERT_CALL: EXPERT_RESULT, PING: PONG, LOAD_EXPERT: ACK, DROP_EXPERT: ACK, LINK: ACK}
 
 # Error codes carried by ERROR messages.
 BAD_REQUEST = "bad_request"  # the message failed validation (WireError)
