@@ -37,7 +37,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
@@ -376,7 +376,8 @@ def create_app(engine: Engine, metrics: ServerMetrics, model_name: str, api_key:
                            param="model", code="model_not_found")
 
     # --- routes ----------------------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Engine not running or a health check failed (same "
+                                                        "body, with `status` saying why)"}})
     async def health() -> JSONResponse:
         body: dict[str, Any] = {"status": "ok", "model": model_name, "engine_running": engine.is_running,
                                 "running": engine.num_running, "waiting": engine.num_waiting,
@@ -391,7 +392,8 @@ def create_app(engine: Engine, metrics: ServerMetrics, model_name: str, api_key:
                 body["status"], status = f"extra health check failed: {e}", 503
         return JSONResponse(body, status_code=status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format"}})
     async def metrics_endpoint() -> Response:
         metrics.set_load(engine.num_running, engine.num_waiting)
         return Response(metrics.render(), media_type=metrics.content_type)
