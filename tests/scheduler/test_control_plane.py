@@ -198,6 +198,16 @@ def test_two_coordinators_never_both_drive(cluster_run):
             second.client.set_down("edge-a", ["edge-c"])
         assert err.value.status == 409
         assert "edge-c" not in httpx.get(f"{lc.endpoints()['edge-a']}/prism/stats", timeout=10).json()["down"]
+        # the coordinator's own control routes take the admin key too
+        from fastapi.testclient import TestClient
+
+        with TestClient(first.app()) as http:
+            assert http.post("/replan?dry_run=true").status_code == 401
+            assert http.post("/replan?dry_run=true", headers={"Authorization": f"Bearer {USER_KEY}"}).status_code == 401
+            assert http.post("/migrate", json={}).status_code == 401
+            ok = http.post("/replan?dry_run=true", headers={"Authorization": f"Bearer {admin}"})
+            assert ok.status_code == 200 and ok.json()["migrate"] in (True, False)
+            assert http.get("/state").json()["control"]["reconciled"]
         first.stop()  # releases its leases: the second takes over at its next poll
         _wait(lambda: second.reconciled and second.holds_control(), 10, "the second coordinator did not take over")
         assert not first.holds_control() or first._stop.is_set()
