@@ -157,3 +157,30 @@ def test_torn_or_mutated_trace_files_fail_clearly(tmp_path_factory, data):
         assert str(p) in str(e)
         return
     assert t.num_tokens == len(t.experts)  # a mutation that kept a valid trace loads as one
+
+
+def _counts_doc(tmp: Path) -> dict:
+    from prism_moe.stats.trace import save_counts
+
+    counts = np.arange(2 * 4, dtype=np.int64).reshape(2, 4)
+    return json.loads(save_counts(counts, tmp / "c.json", top_k=2, source="test").read_text())
+
+
+@FUZZ
+@given(st.data())
+def test_mutated_or_torn_counts_files_fail_clearly(tmp_path_factory, data):
+    from prism_moe.stats.trace import load_counts
+
+    tmp = tmp_path_factory.mktemp("n")
+    base = _counts_doc(tmp)
+    p = tmp / "bad.json"
+    if data.draw(st.booleans()):
+        doc, path = data.draw(mutated(base))
+        p.write_text(json.dumps(doc))
+    else:
+        text = json.dumps(base).encode()
+        p.write_bytes(text[:data.draw(st.integers(0, len(text) - 1))])
+    try:
+        load_counts(p)
+    except ValueError as e:
+        assert str(p) in str(e) or "counts" in str(e), str(e)

@@ -25,7 +25,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
-from prism_moe.fileio import atomic_write_bytes
+from prism_moe.fileio import atomic_write_bytes, atomic_write_text
 
 TRACE_FORMAT = "prism-moe-trace"
 TRACE_VERSION = "1"
@@ -360,7 +360,7 @@ def save_counts(counts: np.ndarray, path: str | Path, *, top_k: int = 0, source:
             raise ValueError(f"measured_layers must have shape ({counts.shape[0]},), got {m.shape}")
         doc["measured_layers"] = m.tolist()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=None) + "\n")
+    atomic_write_text(path, json.dumps(doc, indent=None) + "\n")
     return path
 
 
