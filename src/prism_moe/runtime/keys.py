@@ -98,7 +98,8 @@ def make_cluster_keys(
     pub, priv = out / PUBLIC_DIR, out / PRIVATE_DIR
     existing = [p for n in names for p in (pub / f"{n}.key", priv / f"{n}.key_secret") if p.exists()]
     if existing and not overwrite:
-        raise KeyFileError(f"keys already exist ({existing[0]}); pass overwrite=True to replace them")
+        raise KeyFileError(f"keys already exist ({existing[0]}); pass overwrite=True (`prism keys --overwrite`) "
+                           f"to replace them")
     pub.mkdir(parents=True, exist_ok=True)
     priv.mkdir(parents=True, exist_ok=True)
     os.chmod(priv, 0o700)
@@ -119,8 +120,8 @@ def make_admin_key(path: str | os.PathLike[str], *, overwrite: bool = False) -> 
     """Write a new admin credential to `path` (mode 0600) and return the path."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise KeyFileError(f"{path} already exists; pass overwrite=True to replace it (servers and the "
-                           f"coordinator must then all be given the new one)")
+        raise KeyFileError(f"{path} already exists; pass overwrite=True (`prism keys --overwrite`) to replace it "
+                           f"(servers and the coordinator must then all be given the new one)")
     return atomic_write_text(path, ADMIN_KEY_PREFIX + secrets.token_urlsafe(32) + "\n", mode=0o600)
 
 
