@@ -538,11 +538,14 @@ class Coordinator:
                                 "lease_error": self.lease_error, "reconciled": self.reconciled}}
 
     def app(self) -> Any:
-        """FastAPI app: GET /health, /state, /placement; POST /replan[?dry_run=true], /migrate."""
+        """FastAPI app: GET / (live cluster page), /health, /state, /placement; POST /replan[?dry_run=true],
+        /migrate."""
         from fastapi import Depends, FastAPI, HTTPException
+        from fastapi.responses import HTMLResponse
         from pydantic import BaseModel
 
         from prism_moe.runtime.auth import ControlGuard
+        from prism_moe.scheduler.cluster_page import PAGE
 
         control = [Depends(ControlGuard(self.config.admin_key))]  # the admin key, or loopback when none
 
@@ -550,6 +553,10 @@ class Coordinator:
             placement: dict[str, Any]
 
         app = FastAPI(title="prism-moe coordinator")
+
+        @app.get("/", response_class=HTMLResponse)
+        def page() -> str:  # the live cluster page: reads /state and /placement (scheduler/cluster_page.py)
+            return PAGE
 
         @app.get("/health")
         def health() -> dict[str, Any]:
