@@ -141,10 +141,12 @@ def test_failed_forward_fails_requests_and_engine_recovers(engine: Engine, greed
         raise AssertionError("engine did not recover")
 
     assert asyncio.run(after()).token_ids == greedy_ref(prompt, 4)
-    assert engine.restarts == restarts + 1
+    # transformers' manager loses its thread to the exception (the pump restarts it); the slot runner's loop
+    # fails that forward's requests and goes on
+    assert engine.restarts == restarts + (engine.batching == "paged")
 
 
-# --- the padded loop: DeepSeek-V2 (latent attention), and the same answers as the paged loop ----------------------
+# --- DeepSeek-V2 (latent attention) on the slot runner, and the same answers from both runners ------------------
 @pytest.fixture(scope="module")
 def deepseek(tmp_path_factory: pytest.TempPathFactory):
     from transformers import AutoModelForCausalLM
@@ -157,11 +159,11 @@ def deepseek(tmp_path_factory: pytest.TempPathFactory):
         yield eng, ref
 
 
-def test_latent_attention_model_is_served_by_the_padded_loop(deepseek) -> None:
+def test_latent_attention_model_is_served_by_the_slot_runner(deepseek) -> None:
     import torch
 
     engine, ref = deepseek
-    assert engine.batching == "padded"
+    assert engine.batching == "slots"
     prompts, lengths = [engine.encode(t) for t in TEXTS[:4]], MAX_TOKENS[:4]
 
     async def run():
@@ -189,15 +191,16 @@ def test_latent_attention_model_is_served_by_the_padded_loop(deepseek) -> None:
     assert engine.num_running == engine.num_waiting == 0
 
 
-def test_padded_and_paged_loops_agree(engine: Engine, tiny_dir) -> None:
+def test_slot_and_paged_runners_agree(engine: Engine, tiny_dir) -> None:
     prompts = [engine.encode(t) for t in TEXTS[:3]]
 
     async def run(eng: Engine):
         return await asyncio.gather(*[eng.generate(p, 8, temperature=t, seed=3)
                                       for p, t in zip(prompts, (0.0, 1.0, 0.6), strict=True)])
 
-    with Engine.from_pretrained(tiny_dir, device="cpu", dtype="float32", batching="padded") as padded:
-        ours = asyncio.run(run(padded))
+    assert engine.batching == "slots"
+    with Engine.from_pretrained(tiny_dir, device="cpu", dtype="float32", batching="paged") as paged:
+        theirs = asyncio.run(run(paged))
     with engine.paused():
         pass
-    assert [r.token_ids for r in ours] == [r.token_ids for r in asyncio.run(run(engine))]
+    assert [r.token_ids for r in asyncio.run(run(engine))] == [r.token_ids for r in theirs]

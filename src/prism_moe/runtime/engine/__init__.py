@@ -4,8 +4,9 @@
   stop strings, prompt logprobs; it drives one runner.
 * `sampling.py`: pure functions on logits (temperature, top-k/top-p, penalties, logit bias, logprobs) and the
   per-request sampling state; no model, no threads.
-* `runners.py`: the `Runner` protocol; `hf_batching.py` (transformers' continuous batching, the only module that
-  touches its internals) and `padded.py` (per-request caches, for latent attention) implement it.
+* `runners.py`: the `Runner` protocol; `slots.py` (a preallocated per-slot cache for every family, latent attention
+  included: the default) and `hf_batching.py` (transformers' continuous batching, the only module that touches its
+  internals) implement it.
 """
 
 from prism_moe.runtime.engine.frontend import (

@@ -163,15 +163,17 @@ class Engine:
     `max_position_embeddings`, capped by the cache. `device` 'auto' picks cuda when available; `None` keeps the
     model where it is (the model is moved only when it is elsewhere).
 
-    `batching` picks the runner: "paged" is transformers' continuous batching (`HFBatchingRunner`); "padded" is
-    `PaddedRunner`; "auto" takes "padded" for models with latent attention caches (DeepSeek-V2/V3, see
-    `caches_latents`), else "paged".
+    `batching` picks the runner: "slots" (the default, "auto") is `SlotRunner`, a preallocated per-slot cache that
+    holds every family's cache, latent attention included, and measured faster on CPU (docs/results.md); its memory
+    is `max_running` x the longest request so far (it ignores `kv_cache_tokens` and `page_size`). "paged" is
+    transformers' continuous batching (`HFBatchingRunner`: a paged cache of `kv_cache_tokens`; not for latent
+    attention, see `caches_latents`).
     """
 
     def __init__(self, model: Any, tokenizer: Any, device: str | torch.device | None = "auto", *,
                  max_running: int = 32, max_waiting: int = 64, max_batch_tokens: int = 512,
                  kv_cache_tokens: int = 16384, page_size: int = 32, max_model_len: int | None = None,
-                 use_cuda_graph: bool = False, batching: Literal["auto", "paged", "padded"] = "auto") -> None:
+                 use_cuda_graph: bool = False, batching: Literal["auto", "paged", "slots"] = "auto") -> None:
         self.device = model.device if device is None else resolve_device(device)
         if not _same_device(model.device, self.device):  # a model placed already (maybe partly meta) stays put
             model = model.to(self.device)
@@ -183,9 +185,12 @@ class Engine:
         self.max_model_len: int = min(max_model_len, limit) if max_model_len else limit
         self.eos_token_ids: tuple[int, ...] = _eos_ids(model, tokenizer)
         self.max_waiting = max_waiting
-        if batching not in ("auto", "paged", "padded"):
-            raise ValueError(f"batching must be 'auto', 'paged' or 'padded', got {batching!r}")
-        self.batching = batching if batching != "auto" else "padded" if caches_latents(text_config) else "paged"
+        if batching not in ("auto", "paged", "slots"):
+            raise ValueError(f"batching must be 'auto', 'slots' or 'paged', got {batching!r}")
+        if batching == "paged" and caches_latents(text_config):
+            raise ValueError("batching='paged' cannot hold this model's latent attention cache (DeepSeek-V2/V3); "
+                             "use batching='slots' (the default)")
+        self.batching = "slots" if batching == "auto" else batching
         self.max_running = max_running
         self._runner_kwargs = dict(max_running=max_running, max_batch_tokens=max_batch_tokens,
                                    kv_cache_tokens=kv_cache_tokens, page_size=page_size,
@@ -248,10 +253,11 @@ class Engine:
         """Create the runner and start its generation thread and the pump thread."""
         if self.is_running:
             return
-        if self.batching == "padded":
-            from prism_moe.runtime.engine.padded import PaddedRunner
+        if self.batching == "slots":
+            from prism_moe.runtime.engine.slots import SlotRunner
 
-            self._runner = PaddedRunner(self.model, self.max_running)
+            self._runner = SlotRunner(self.model, self.max_running, self.max_model_len,
+                                      self._runner_kwargs["max_batch_tokens"])
         else:
             from prism_moe.runtime.engine.hf_batching import HFBatchingRunner
 

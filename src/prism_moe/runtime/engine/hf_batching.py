@@ -45,7 +45,7 @@ def check_transformers(version: str | None = None) -> None:
         raise RuntimeError(
             f"prism's continuous-batching runner uses internals of transformers' ContinuousBatchingManager and was "
             f"checked with transformers >={low},<{high}; this environment has {version}. Install a checked version "
-            f"(pip install 'transformers>={low},<{high}') or serve with batching='padded'.")
+            f"(pip install 'transformers>={low},<{high}') or use batching='slots' (the default).")
 
 
 class HFBatchingRunner:

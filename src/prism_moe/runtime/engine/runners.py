@@ -2,8 +2,9 @@
 
 A runner owns the model's forwards on its own thread. The frontend hands it `RunnerRequest`s (prompt ids, limits
 and a `SequenceSampler` that picks the tokens) and reads `RunnerOutput`s back from any thread; the runner picks
-each token with `sampling.sample`, so every runner samples the same way. Runners today: `HFBatchingRunner`
-(transformers' continuous batching, paged cache) and `PaddedRunner` (per-request caches, for latent attention).
+each token with `sampling.sample`, so every runner samples the same way. Runners today: `SlotRunner` (a
+preallocated per-slot cache, every family; the default) and `HFBatchingRunner` (transformers' continuous batching,
+paged cache; not for latent attention).
 """
 
 from __future__ import annotations
@@ -66,5 +67,6 @@ class Runner(Protocol):
 
 def caches_latents(config: Any) -> bool:
     """True for multi-head latent attention (DeepSeek-V2/V3): it caches two latents of different widths per layer,
-    which transformers' PagedAttentionCache cannot store (it fails with an index_copy_ shape mismatch)."""
+    which transformers' PagedAttentionCache cannot store (it fails with an index_copy_ shape mismatch); the
+    `SlotRunner`'s cache holds them."""
     return getattr(config, "kv_lora_rank", None) is not None
