@@ -189,3 +189,89 @@ def test_place_and_simulate_commands_run_plan_algorithms(tmp_path, capsys):
     assert cli.main(["simulate", "--cluster", str(f), "--placement", str(tmp_path / "p.json"), "--requests", "6",
                      "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mean_latency_s"] == sim["mean_latency_s"]
+
+
+def test_backup_owners_fill_the_roomiest_other_server_block_by_block():
+    from prism_moe.placement.pipeline import backup_owners
+
+    # 6 layers on servers 0, 0, 1, 1, 1, 2; spare whole layers 1, 2, 4
+    got = backup_owners(np.array([0, 0, 1, 1, 1, 2]), np.array([3, 5, 5]))
+    # block 0 -> server 2 (4 spare), block 1 -> server 2 (2 left) then 0 (1 spare), block 2 -> server 1
+    assert got.tolist() == [2, 2, 2, 2, 0, 1]
+    # no room anywhere: -1
+    assert backup_owners(np.array([0, 1]), np.array([1, 1])).tolist() == [-1, -1]
+
+
+def test_replicated_pipelines_record_backups_that_hold_the_whole_layer(tmp_path):
+    from prism_moe.placement.registry import plan_for
+
+    cluster = paper_cluster()
+    big = cluster.model_copy(update={"servers": [s.model_copy(update={"memory_gib": 2 * s.memory_gib})
+                                                 for s in cluster.servers]})
+    model = cluster.model_spec()
+    sizes = PlanSizes.of(model)
+    for name in ("pipeline-rep", "pipeline-opt-rep"):
+        plain = plan_for(name.removesuffix("-rep"), skewed_stats(model), big, model)
+        rep = plan_for(name, skewed_stats(model), big, model)
+        assert rep.algorithm == name and plain.backup is None and rep.covered() == 1.0
+        assert (rep.executor == plain.executor).all()  # the same split; copies only add
+        assert (rep.backup != rep.executor).all()
+        assert rep.dense[rep.backup[0], np.arange(model.num_moe_layers)].all()
+        rep.check_memory(sizes, np.array([s.memory_gib for s in big.servers]) * 2**30)
+        rep.save(tmp_path / "p.json")
+        back = ExecutionPlan.load(tmp_path / "p.json")
+        assert (back.backup == rep.backup).all()
+    # the paper's memory: copies only where spare whole layers remain (41 of 52 layer slots in all)
+    part = plan_for("pipeline-rep", skewed_stats(model), cluster, model)
+    assert 0 < part.covered() < 1 and part.meta["replicated_layers"] == int((max_layers(cluster, model)).sum() - 26)
+
+
+def test_a_backup_must_hold_the_whole_layer():
+    plan = home_plan(servers=2, layers=2)
+    hosts = plan.placement.hosts.copy()
+    hosts[1, 0, 1] = False
+    p = Placement.from_hosts(["s0", "s1"], hosts, np.ones((2, 2)))
+    with pytest.raises(PlacementError, match="backup of layer 0"):
+        ExecutionPlan(p, plan.executor, plan.dense, backup=np.array([[1, 1], [0, 0]]))
+
+
+def _sizes():
+    return PlanSizes(base=0.0, dense_layer=1.0, expert=1.0, kv_token_layer=0.0, num_experts=2)
+
+
+def test_replan_uses_the_backup_then_a_holder_then_loads_where_memory_allows():
+    from prism_moe.placement.failover import replan_without
+
+    # 3 servers, 3 layers of 2 experts (a whole layer: 1 + 2 = 3 bytes); pipeline 0 | 1 | 2
+    owner = np.array([0, 1, 2])
+    hosts = np.zeros((3, 3, 2), dtype=bool)
+    hosts[owner, np.arange(3)] = True
+    dense = np.zeros((3, 3), dtype=bool)
+    dense[owner, np.arange(3)] = True
+    hosts[2, 0] = dense[2, 0] = True  # a copy of layer 0 on server 2 (its backup)
+    backup = np.tile([2, -1, -1], (3, 1))
+    plan = ExecutionPlan(Placement.from_hosts(["a", "b", "c"], hosts, np.ones((3, 3))), np.tile(owner, (3, 1)),
+                         dense, "pipeline-rep", backup=backup)
+    # server 0 dies: layer 0 moves to its backup (c), nothing loaded
+    r = replan_without(plan, np.array([True, False, False]), _sizes(), np.full(3, 10.0), np.ones((3, 3)))
+    assert r.plan is not None and r.loaded_bytes.sum() == 0 and r.from_backup == 2  # homes b and c
+    assert r.plan.executor[1].tolist() == [2, 1, 2] and r.plan.executor[0].tolist() == r.plan.executor[1].tolist()
+    # server 1 dies (no copy of layer 1): its whole layer is loaded on the previous layer's executor
+    r = replan_without(plan, np.array([False, True, False]), _sizes(), np.full(3, 10.0), np.ones((3, 3)))
+    assert r.plan.executor[0].tolist() == [0, 0, 2] and r.plan.executor[2].tolist() == [0, 0, 2]
+    assert r.loaded_bytes.tolist() == [3.0, 0.0, 0.0] and r.moved_layers == 2
+    # ... unless memory is short: server 0 (budget 4, uses 3) cannot take it; server 2 (6, uses 6) neither
+    r = replan_without(plan, np.array([False, True, False]), _sizes(), np.array([4.0, 10.0, 6.0]), np.ones((3, 3)))
+    assert r.plan is None and "layer 1" in r.reason
+
+
+def test_replan_of_a_placement_only_reloads_orphaned_experts():
+    from prism_moe.placement.failover import replan_without
+
+    hosts = np.zeros((3, 1, 2), dtype=bool)
+    hosts[0, 0, 0] = hosts[1, 0, 1] = hosts[2, 0, 1] = True  # expert 1 twice, expert 0 only on a
+    plan = ExecutionPlan.from_placement(Placement.from_hosts(["a", "b", "c"], hosts, np.ones((3, 3))))
+    r = replan_without(plan, np.array([False, True, False]), _sizes(), np.full(3, 5.0), np.ones((3, 3)))
+    assert r.loaded_bytes.sum() == 0 and r.moved_layers == 0  # b's expert has a live copy on c
+    r = replan_without(plan, np.array([True, False, False]), _sizes(), np.full(3, 5.0), np.ones((3, 3)))
+    assert r.loaded_bytes.sum() == 1.0 and r.plan.placement.hosts[1:, 0, 0].sum() == 1

@@ -89,3 +89,73 @@ def test_kv_peak_counts_each_layer_on_its_executor_while_requests_overlap():
     per = PlanSizes.of(model).kv_token_layer
     got = kv_peak_bytes(plan, model, reqs, finish)
     assert got == pytest.approx([10 * (110 + 60) * per, 16 * (110 + 60) * per])
+
+
+def _repair(servers: int, budget: float = 10e6):
+    from functools import partial
+
+    from prism_moe.placement.failover import replan_without
+    from prism_moe.placement.plan import PlanSizes
+
+    sizes = PlanSizes(base=0.0, dense_layer=1e6, expert=1e6, kv_token_layer=0.0, num_experts=2)
+    return partial(replan_without, sizes=sizes, weight_budget=np.full(servers, budget),
+                   link_cost=np.ones((servers, servers)))
+
+
+def test_a_dead_stage_fails_its_requests_and_the_survivor_loads_the_layer_then_serves():
+    from prism_moe.sim.engine import ServerFailure
+    from prism_moe.sim.metrics import SimResult
+
+    # layer 0 runs on s1 for both homes. s0's first request (prompt 1, 100 tokens) is decoding when s1
+    # dies at 10 ms; s1's own request waits in its queue. The survivor s0 loads layer 0 (dense 1 MB + 2
+    # experts of 1 MB) at 1 GB/s = 3 ms after 100 ms of detection: the plan switches at 113 ms, and s0's
+    # request arriving at 20 ms runs at home then: 3 ms (dense 1 ms + experts 2 ms), no hop.
+    cost = cost_model(2, layers=1)
+    reqs = requests([(0, 0.0, 1, 100), (1, 0.005, 1, 100), (0, 0.020, 1, 1)])
+    fail = ServerFailure(time=0.010, server=1, detect_s=0.100, load_gb_s=1.0)
+    eng = Engine(cost, pipeline_plan([1], 2), [const_pool(1, [0, 1])], reqs, failures=[fail], repair=_repair(2))
+    first, finish, stats, wall = eng.run()
+    assert eng.failed.tolist() == [True, True, False]
+    assert np.isnan(finish[:2]).all()
+    assert first[2] == pytest.approx(0.113 + 3 * MS) and finish[2] == first[2]
+    rec = stats.failures[0]
+    assert rec["switched_at"] == pytest.approx(0.113) and rec["loaded_bytes"] == 3e6
+    assert rec["failed_requests"] == 2 and rec["paused_homes"] == [0] and rec["moved_layers"] == 1
+    res = SimResult(("s0", "s1"), reqs, first, finish, stats, wall, "pipeline", None, eng.failed)
+    summ = res.summary()
+    assert summ["failed_requests"] == 2 and summ["requests"] == 3
+    assert summ["mean_latency_s"] == pytest.approx(0.113 + 3 * MS - 0.020)
+    assert summ["failures"][0]["server"] == "s1" and summ["failures"][0]["paused_homes"] == ["s0"]
+
+
+def test_a_dead_server_without_room_on_the_survivors_stops_the_homes_that_needed_it():
+    from prism_moe.sim.engine import ServerFailure
+
+    cost = cost_model(2, layers=1)
+    reqs = requests([(0, 0.0, 1, 100), (0, 0.020, 1, 1)])
+    fail = ServerFailure(time=0.010, server=1)
+    eng = Engine(cost, pipeline_plan([1], 2), [const_pool(1, [0, 1])], reqs, failures=[fail],
+                 repair=_repair(2, budget=2e6))  # s0 cannot hold the 3 MB layer
+    _, finish, stats, _ = eng.run()
+    assert eng.failed.all() and np.isnan(finish).all()
+    assert stats.failures[0]["switched_at"] is None and stats.failures[0]["stopped_homes"] == [1, 0]
+    assert "layer 0" in stats.failures[0]["reason"]
+
+
+def test_with_a_placement_only_the_dead_home_loses_requests_the_others_pause_then_finish():
+    from prism_moe.sim.engine import ServerFailure
+
+    # s0 holds expert 0, s1 expert 1, s2 both; s0's tokens call s1 for expert 1 (the first of equal links).
+    # s1 dies at 10 ms while s0 decodes: s0's request keeps its KV cache at home, pauses until the repaired
+    # placement (routes to s2, nothing to load) is in place at 10 + 50 ms, then finishes.
+    hosts = np.zeros((3, 1, 2), dtype=bool)
+    hosts[0, 0, 0] = hosts[1, 0, 1] = hosts[2, 0, :] = True
+    cost = cost_model(3, layers=1)
+    reqs = requests([(0, 0.0, 1, 30), (1, 0.001, 1, 30)])
+    fail = ServerFailure(time=0.010, server=1, detect_s=0.050)
+    eng = Engine(cost, placement(hosts), [const_pool(1, [0, 1])], reqs, failures=[fail], repair=_repair(3))
+    first, finish, stats, _ = eng.run()
+    assert eng.failed.tolist() == [False, True]
+    assert finish[0] > 0.060 and stats.failures[0]["loaded_bytes"] == 0.0
+    assert stats.failures[0]["failed_requests"] == 1 and stats.failures[0]["moved_layers"] == 0
+    assert (eng.plan.placement.route[0, 0] == [0, 2]).all()

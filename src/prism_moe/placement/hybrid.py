@@ -265,7 +265,7 @@ def hybrid(stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, *, promp
     best = candidates[i]
     meta = dict(best.meta, estimate_s=j, chosen=best.algorithm or "hybrid",
                 candidates={c.algorithm or f"#{k}": s for (s, k), c in zip(scored, candidates, strict=True)})
-    return ExecutionPlan(best.placement, best.executor, best.dense, "hybrid", meta)
+    return ExecutionPlan(best.placement, best.executor, best.dense, "hybrid", meta, best.backup)
 
 
 def _search_blocks(est: PlanEstimate, n: np.ndarray, cluster: ClusterSpec, model: ModelSpec,

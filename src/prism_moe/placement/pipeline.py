@@ -5,6 +5,9 @@ plus the embedding and head; every request, whatever its home, runs each block o
 hand-off per block boundary, one from home to the first stage and one back).
 
 `pipeline`: blocks proportional to each server's memory, in cluster order (as exo splits).
+`replicate=True` (`pipeline-rep`, `pipeline-opt-rep`): the same split, plus a second copy of every
+block that fits on another server's spare memory (`backup_owners`), recorded as the plan's backup
+executor: when a stage fails, its blocks run on the backup without loading anything.
 `pipeline-opt`: the partition (and stage order) minimising the estimated request latency over the
 GPUs and links, as prima.cpp's Halda does: for each stage order (all orders up to 6 servers, else
 servers by decreasing speed) a dynamic program over (stage, layers placed, last used stage) finds the
@@ -35,23 +38,55 @@ def max_layers(cluster: ClusterSpec, model: ModelSpec) -> np.ndarray:
     return np.maximum(np.floor((weights - sizes.base) / sizes.full_layer), 0).astype(np.int64)
 
 
+def backup_owners(owner: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """A second holder for each layer where memory allows: int [L] (-1: no room anywhere).
+
+    Block by block, the copies go to the server (not the block's own) with the most spare whole layers,
+    filling it before moving to the next, so a failed stage's block mostly moves as one block (one hop).
+    owner int [L]; cap int [S] whole layers each server can hold.
+    """
+    owner = np.asarray(owner, dtype=np.int64)
+    spare = np.asarray(cap, dtype=np.int64) - np.bincount(owner, minlength=len(cap))
+    out = np.full(len(owner), -1, dtype=np.int64)
+    current = -1
+    for l, p in enumerate(owner.tolist()):
+        if current < 0 or current == p or spare[current] <= 0:
+            room = np.where(np.arange(len(cap)) == p, -1, spare)
+            current = int(np.argmax(room)) if room.max() > 0 else -1
+        if current >= 0:
+            out[l] = current
+            spare[current] -= 1
+    return out
+
+
 def plan_from_blocks(cluster: ClusterSpec, model: ModelSpec, owner: np.ndarray, algorithm: str,
-                     meta: dict | None = None) -> ExecutionPlan:
-    """The pipeline plan where layer l runs on owner[l] for every home: owner int [L]."""
+                     meta: dict | None = None, replicate: bool = False) -> ExecutionPlan:
+    """The pipeline plan where layer l runs on owner[l] for every home: owner int [L]. With `replicate`,
+    each layer also gets a backup holder where memory allows (`backup_owners`)."""
     s_n, layers, e = len(cluster.servers), model.num_moe_layers, model.num_experts
     hosts = np.zeros((s_n, layers, e), dtype=bool)
     hosts[owner, np.arange(layers)] = True
-    bw, lat = cluster.link_matrices()
-    placement = Placement.from_hosts(cluster.server_names, hosts, 2 * lat + 1.0 / bw, algorithm=algorithm)
     dense = np.zeros((s_n, layers), dtype=bool)
     dense[owner, np.arange(layers)] = True
-    plan = ExecutionPlan(placement, np.tile(owner, (s_n, 1)), dense, algorithm, meta or {})
+    backup = None
+    meta = dict(meta or {})
+    if replicate:
+        second = backup_owners(owner, max_layers(cluster, model))
+        has = second >= 0
+        hosts[second[has], np.flatnonzero(has)] = True
+        dense[second[has], np.flatnonzero(has)] = True
+        backup = np.tile(second, (s_n, 1))
+        meta["replicated_layers"] = int(has.sum())
+        algorithm = f"{algorithm}-rep"
+    bw, lat = cluster.link_matrices()
+    placement = Placement.from_hosts(cluster.server_names, hosts, 2 * lat + 1.0 / bw, algorithm=algorithm)
+    plan = ExecutionPlan(placement, np.tile(owner, (s_n, 1)), dense, algorithm, meta, backup)
     weights, _ = server_budgets(cluster)
     plan.check_memory(PlanSizes.of(model), weights)
     return plan
 
 
-def pipeline(stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec) -> ExecutionPlan:
+def pipeline(stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, *, replicate: bool = False) -> ExecutionPlan:
     """Memory-proportional contiguous blocks in cluster order (largest remainders, capped by what fits)."""
     layers = model.num_moe_layers
     cap = max_layers(cluster, model)
@@ -66,7 +101,7 @@ def pipeline(stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec) -> Exe
         i = int(np.argmax(np.where(room, share - n, -np.inf)))
         n[i] += 1
     owner = np.repeat(np.arange(len(n)), n)
-    return plan_from_blocks(cluster, model, owner, "pipeline", {"layers_per_server": n.tolist()})
+    return plan_from_blocks(cluster, model, owner, "pipeline", {"layers_per_server": n.tolist()}, replicate)
 
 
 def stage_costs(cluster: ClusterSpec, model: ModelSpec, prompt_tokens: float, output_tokens: float,
@@ -92,12 +127,12 @@ def stage_costs(cluster: ClusterSpec, model: ModelSpec, prompt_tokens: float, ou
 
 
 def pipeline_opt(stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, *, prompt_tokens: float = 512,
-                 output_tokens: float = 128) -> ExecutionPlan:
+                 output_tokens: float = 128, replicate: bool = False) -> ExecutionPlan:
     """The exact best contiguous split under the estimate of the module docstring (per stage order)."""
     s_n, layers = len(cluster.servers), model.num_moe_layers
     cap = max_layers(cluster, model)
     if cap.sum() < layers:
-        return pipeline(stats, cluster, model)  # raises the clear error
+        return pipeline(stats, cluster, model, replicate=replicate)  # raises the clear error
     rate = np.array([s.request_rate for s in cluster.servers], dtype=np.float64)
     total_rate = float(rate.sum())
     batch = max(1.0, total_rate * 10.0)  # requests decoding together, a rough Little's-law guess
@@ -124,7 +159,7 @@ def pipeline_opt(stats: ClusterStats, cluster: ClusterSpec, model: ModelSpec, *,
         cost, owner = _split(order, layers, cap, stage, hop, w)
         if cost < best[0]:
             best = (cost, owner)
-    return plan_from_blocks(cluster, model, np.array(best[1]), "pipeline-opt", {"estimate_s": best[0]})
+    return plan_from_blocks(cluster, model, np.array(best[1]), "pipeline-opt", {"estimate_s": best[0]}, replicate)
 
 
 def _split(order, layers: int, cap: np.ndarray, stage, hop: np.ndarray, w: np.ndarray):

@@ -9,6 +9,8 @@ layer (attention, that layer's KV cache, the router, and the MoE layer through i
                               shared experts); an executor must hold them
     placement                 which experts each server holds (hosts [S, L, E]) and, for a layer that
                               server p executes, whom p calls for an expert it lacks (route [S, L, E])
+    backup:   int  [S, L]     optional: the server that takes over layer l of home h's requests when
+                              executor[h, l] fails (-1: none); it holds a second copy of the layer
 
 A request's hidden states start at its home (embedding) and end there (LM head, sampling): every
 server holds the embedding and the head. Whenever executor[h, l] != executor[h, l - 1] (home before
@@ -82,12 +84,15 @@ class ExecutionPlan:
     dense: np.ndarray
     algorithm: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    backup: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         ex = np.asarray(self.executor, dtype=np.int64)
         dense = np.asarray(self.dense, dtype=bool)
         object.__setattr__(self, "executor", ex)
         object.__setattr__(self, "dense", dense)
+        if self.backup is not None:
+            object.__setattr__(self, "backup", np.asarray(self.backup, dtype=np.int64))
         s, layers = self.placement.num_servers, self.placement.num_layers
         names = self.placement.server_names
         if ex.shape != (s, layers):
@@ -102,7 +107,24 @@ class ExecutionPlan:
             h, l = np.argwhere(~ok)[0]
             raise PlacementError(f"requests of {names[h]} run layer {l} on {names[ex[h, l]]}, which does not "
                                  f"hold that layer's dense weights")
+        if self.backup is not None:
+            self._check_backup(self.backup, dense)
 
+    def _check_backup(self, bk: np.ndarray, dense: np.ndarray) -> None:
+        s, layers = self.executor.shape
+        names = self.placement.server_names
+        if bk.shape != (s, layers):
+            raise PlacementError(f"backup must be [servers, layers] = [{s}, {layers}], got {bk.shape}")
+        if (bk < -1).any() or (bk >= s).any():
+            raise PlacementError("backup holds server indices, or -1 for none")
+        has = bk >= 0
+        safe = np.where(has, bk, 0)
+        bad = has & ((safe == self.executor) | ~dense[safe, np.arange(layers)[None, :]]
+                     | ~self.placement.hosts[safe, np.arange(layers)[None, :]].all(axis=2))
+        if bad.any():
+            h, l = np.argwhere(bad)[0]
+            raise PlacementError(f"backup of layer {l} for {names[h]} is {names[bk[h, l]]}, which is its executor "
+                                 f"or does not hold the whole layer (dense weights and every expert)")
     # ---- construction ---------------------------------------------------------------------------
 
     @classmethod
@@ -173,8 +195,12 @@ class ExecutionPlan:
                                      f"for the planned load, more than the {format_bytes(kv_budget[i])} its device "
                                      f"has beside the weights")
 
+    def covered(self) -> float:
+        """Share of (home, layer) pairs with a backup executor (0 without backups)."""
+        return 0.0 if self.backup is None else float((self.backup >= 0).mean())
+
     def summary(self, sizes: PlanSizes | None = None) -> dict:
-        out = {"algorithm": self.algorithm, "at_home": self.at_home,
+        out = {"algorithm": self.algorithm, "at_home": self.at_home, "backup_coverage": self.covered(),
                "handoffs_per_forward": dict(zip(self.server_names, self.handoffs().tolist(), strict=True)),
                "dense_layers": dict(zip(self.server_names, self.dense.sum(axis=1).tolist(), strict=True)),
                "experts": dict(zip(self.server_names, self.placement.hosts.sum(axis=(1, 2)).tolist(), strict=True)),
@@ -188,9 +214,12 @@ class ExecutionPlan:
 
     def to_dict(self) -> dict:
         d = self.placement.to_dict()
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "algorithm": self.algorithm,
-                "executor": self.executor.tolist(), "dense": self.dense.astype(int).tolist(),
-                "placement": d, "meta": _jsonable(self.meta)}
+        out = {"format": FORMAT, "format_version": FORMAT_VERSION, "algorithm": self.algorithm,
+               "executor": self.executor.tolist(), "dense": self.dense.astype(int).tolist(),
+               "placement": d, "meta": _jsonable(self.meta)}
+        if self.backup is not None:
+            out["backup"] = self.backup.tolist()
+        return out
 
     def save(self, path: str | Path) -> None:
         p = Path(path)
@@ -216,7 +245,17 @@ class ExecutionPlan:
             raise PlacementError(f"{source}: executor and dense must be integer matrices ({e})") from None
         if not np.isin(dense, (0, 1)).all():
             raise PlacementError(f"{source}: dense must hold 0 or 1")
-        return cls(placement, ex, dense.astype(bool), str(d.get("algorithm", "")), dict(d.get("meta") or {}))
+        backup = None
+        if d.get("backup") is not None:
+            try:
+                backup = np.asarray(d["backup"], dtype=np.int64)
+            except (TypeError, ValueError) as e:
+                raise PlacementError(f"{source}: backup must be an integer matrix ({e})") from None
+        try:
+            return cls(placement, ex, dense.astype(bool), str(d.get("algorithm", "")), dict(d.get("meta") or {}),
+                       backup)
+        except PlacementError as e:
+            raise PlacementError(f"{source}: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> ExecutionPlan:

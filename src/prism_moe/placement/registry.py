@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from prism_moe.config import ClusterSpec
@@ -52,6 +53,9 @@ PLAN_ALGORITHMS: dict[str, Callable[..., ExecutionPlan]] = {
     "pipeline": pipeline,  # memory-proportional contiguous layer blocks (exo, llama.cpp RPC)
     "pipeline-opt": pipeline_opt,  # the best contiguous split over GPUs and links (prima.cpp's Halda)
     "hybrid": hybrid,  # per home and layer: at home, remote experts, or a hand-off (placement/hybrid.py)
+    # the same splits with a second copy of each block where memory allows (a backup executor per layer)
+    "pipeline-rep": partial(pipeline, replicate=True),
+    "pipeline-opt-rep": partial(pipeline_opt, replicate=True),
 }
 
 

@@ -27,6 +27,15 @@ forward's tokens serialised on that link (FIFO) + latency; the layer then claims
 (FIFO with its own steps and other homes' blocks: batches of different homes are not merged into one
 kernel) and calls the executor's peers for experts it lacks, by the executor's routes. After the last
 layer the hidden state of each request's last position goes back home for the head and sampling.
+
+Server failures (`ServerFailure`): at its time the server stops. Requests whose home it was fail (those
+not finished, and later arrivals there); so do requests in flight whose KV cache was on it (a layer it
+executed for them: with a placement, none but its own). The plan is repaired by the `repair` callable
+(`placement.failover.replan_without`: backups, then survivors holding the layer, then loads from each
+survivor's checkpoint); homes whose executors or expert routes used the dead server pause until the
+repaired plan is in place (detection + the longest load). When the survivors cannot hold the model,
+those homes stop and their requests fail. The forward under way at the failure instant completes (at
+most one forward's worth of work, milliseconds, is simulated as if the server answered).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from prism_moe.placement.plan import ExecutionPlan
 from prism_moe.sim.cost import HEADER_BYTES, PAIR_BYTES, CostModel
 from prism_moe.sim.workload import Requests, TokenPool
 
-LAYER, ARRIVE, RETURN, WAKE, MIGRATE, CHUNK, SWITCH = range(7)
+LAYER, ARRIVE, RETURN, WAKE, MIGRATE, CHUNK, SWITCH, FAIL = range(8)
 # Migration copies go in chunks, each only when its link is idle (background priority): a serving
 # message waits at most one chunk (256 KiB: 4 ms at 500 Mbps) behind a migration.
 MIGRATION_CHUNK_BYTES = 256 * 2**10
@@ -72,6 +81,17 @@ class PlacementChange:
     migrate: bool = True
 
 
+@dataclass(frozen=True)
+class ServerFailure:
+    """Server `server` (index) dies at `time`. Peers notice after `detect_s` (timeouts); lost weights are
+    loaded from each survivor's own checkpoint at `load_gb_s` GB/s (a local NVMe disk)."""
+
+    time: float
+    server: int
+    detect_s: float = 1.0
+    load_gb_s: float = 2.0
+
+
 @dataclass
 class EngineStats:
     pairs: int = 0  # (token, expert) invocations = simulated expert calls
@@ -86,12 +106,19 @@ class EngineStats:
     busy_s: list = field(default_factory=list)  # GPU busy seconds per server
     link_busy_s: list = field(default_factory=list)  # [S][S] seconds each directed link spent sending
     migrations: list = field(default_factory=list)  # dicts: start, end, bytes, experts
+    failures: list = field(default_factory=list)  # dicts: see Engine._fail
 
 
 class Engine:
     def __init__(self, cost: CostModel, placement: Placement | ExecutionPlan, pools: list[TokenPool], requests: Requests,
-                 config: EngineConfig | None = None, changes: list[PlacementChange] | None = None):
+                 config: EngineConfig | None = None, changes: list[PlacementChange] | None = None,
+                 failures: list[ServerFailure] | None = None, repair=None):
         self.cost = cost
+        self.failures = sorted(failures or [], key=lambda f: f.time)
+        if self.failures and repair is None:
+            raise ValueError("failures need a repair function (placement.failover.replan_without with the sizes)")
+        self.repair = repair
+        self.failed = np.zeros(len(requests), dtype=bool)  # set by run(): requests lost to failures
         self.cfg = config or EngineConfig()
         self.req = requests
         s = cost.num_servers
@@ -205,6 +232,11 @@ class Engine:
         output = req.output.tolist()
         first = np.full(R, np.nan)
         finish = np.full(R, np.nan)
+        failed = [False] * R  # lost to a server failure
+        dead = [False] * S
+        stopped = [False] * S  # a dead home, or one the survivors cannot serve: its requests fail
+        paused_until = [0.0] * S  # waiting for the repaired plan
+        any_failed = False
         gen = [0] * R
         by_server = [np.flatnonzero(req.server == s).tolist() for s in range(S)]
         nxt = [0] * S  # next not-yet-admitted request (index into by_server[s])
@@ -268,6 +300,13 @@ class Engine:
 
         def start_step(s: int, t: float) -> None:
             """Admit waiting requests and start the step's (first) forward; or go idle."""
+            if stopped[s] or t < paused_until[s]:
+                idle[s] = True
+                if not stopped[s]:
+                    push(paused_until[s], WAKE, s)
+                return
+            if any_failed:
+                running[s] = [r for r in running[s] if not failed[r]]
             mine = by_server[s]
             new: list[int] = []
             budget = math.inf if separate else cfg.max_batch_tokens
@@ -298,13 +337,21 @@ class Engine:
 
         def end_step(s: int, t: float) -> None:
             """The forward under way ended at t: tokens out; the step's next forward, or the next step."""
+            if stopped[s]:
+                step_new[s], step_run[s], forwards[s], keep[s], joined[s], running[s] = [], [], [], [], [], []
+                idle[s] = True
+                return
             for r in step_run[s]:  # decoded one more token
+                if failed[r]:
+                    continue
                 gen[r] += 1
                 if gen[r] >= output[r]:
                     finish[r] = t
                 else:
                     keep[s].append(r)
             for r in step_new[s]:  # prefilled: the first token
+                if failed[r]:
+                    continue
                 first[r] = t
                 gen[r] = 1
                 if output[r] <= 1:
@@ -416,9 +463,53 @@ class Engine:
             layer[s] += 1
             do_layer(s, when)
 
+        def unfinished(h: int, admitted_only: bool) -> list[int]:
+            mine = by_server[h][:nxt[h]] if admitted_only else by_server[h]
+            return [r for r in mine if not failed[r] and math.isnan(finish[r])]
+
+        def fail(ev: ServerFailure, t: float) -> None:
+            """Server ev.server dies at t: fail what it held, repair the plan, pause or stop who used it."""
+            nonlocal any_failed
+            d = ev.server
+            if dead[d]:
+                return
+            dead[d] = True
+            any_failed = True
+            old = self.plan
+            layers_ = np.arange(L)
+            uses = [bool((old.executor[h] == d).any()
+                         or (old.placement.route[old.executor[h], layers_] == d).any()) for h in range(S)]
+            lost: list[int] = unfinished(d, admitted_only=False)
+            stopped[d] = True
+            for h in range(S):  # in-flight requests whose KV cache was on d
+                if h != d and not dead[h] and (old.executor[h] == d).any():
+                    lost += unfinished(h, admitted_only=True)
+            rep = self.repair(old, np.array(dead))
+            rec = {"time": t, "server": d, "detect_s": ev.detect_s, "loaded_bytes": float(rep.loaded_bytes.sum()),
+                   "moved_layers": rep.moved_layers, "from_backup": rep.from_backup, "reason": rep.reason,
+                   "switched_at": None, "paused_homes": [], "stopped_homes": [d]}
+            affected = [h for h in range(S) if uses[h] and not dead[h]]
+            if rep.plan is None:
+                for h in affected:
+                    stopped[h] = True
+                    lost += unfinished(h, admitted_only=False)
+                rec["stopped_homes"] += affected
+            else:
+                t_switch = t + ev.detect_s + float(rep.loaded_bytes.max(initial=0.0)) / (ev.load_gb_s * 1e9)
+                for h in affected:
+                    paused_until[h] = max(paused_until[h], t_switch)
+                rec["switched_at"], rec["paused_homes"] = t_switch, affected
+                push(t_switch, SWITCH, {"placement": rep.plan})
+            for r in set(lost):
+                failed[r] = True
+            rec["failed_requests"] = len(set(lost))
+            st.failures.append(rec)
+
         changes = list(self.changes)
         for ch in changes:
             push(ch.time, MIGRATE, ch)
+        for ev in self.failures:
+            push(ev.time, FAIL, ev)
         for s in range(S):
             if by_server[s]:
                 push(arrival[by_server[s][0]], WAKE, s)
@@ -470,7 +561,10 @@ class Engine:
                         push(b["end"], SWITCH, b)
             elif kind == SWITCH:
                 self._set_placement(a["placement"])
+            elif kind == FAIL:
+                fail(a, t)
         st.events = n_events
+        self.failed = np.array(failed, dtype=bool)
         return first, finish, st, time.perf_counter() - t_wall
 
     def _start_migration(self, ch: PlacementChange, t: float, link_free, mig_left, push, st: EngineStats) -> None:

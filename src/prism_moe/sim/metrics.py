@@ -22,10 +22,16 @@ class SimResult:
     wall_s: float
     label: str = ""
     kv_peak_bytes: dict | None = None  # per server: the most KV cache it kept at once (set by `simulate`)
+    failed: np.ndarray | None = None  # bool [R]: lost to a server failure (their finish is NaN)
+
+    @property
+    def done(self) -> np.ndarray:
+        """Requests that completed: bool [R] (all of them unless a server failed)."""
+        return ~np.isnan(self.finish)
 
     @property
     def latency(self) -> np.ndarray:
-        """End-to-end seconds per request: float [R]."""
+        """End-to-end seconds per request: float [R] (NaN for requests lost to a failure)."""
         return self.finish - self.requests.arrival
 
     @property
@@ -35,7 +41,7 @@ class SimResult:
     @property
     def tpot(self) -> np.ndarray:
         """Seconds per output token after the first, for requests with >1 output token: float [R'] ."""
-        multi = self.requests.output > 1
+        multi = (self.requests.output > 1) & self.done
         return (self.finish[multi] - self.first[multi]) / (self.requests.output[multi] - 1)
 
     @property
@@ -68,18 +74,20 @@ class SimResult:
         return float((self.finish > last).sum() / len(self.finish))
 
     def summary(self) -> dict:
-        lat, st = self.latency, self.stats
+        """Latency figures are over completed requests; `failed_requests` counts the others."""
+        done = self.done
+        lat, st = self.latency[done], self.stats
         pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: 0.0)
         tpot = self.tpot
         util = self.utilisation()
         out = {
             "label": self.label,
-            "requests": int(len(lat)),
+            "requests": int(len(done)),
             "mean_latency_s": float(lat.mean()) if len(lat) else 0.0,
             "p50_latency_s": pct(50),
             "p95_latency_s": pct(95),
             "p99_latency_s": pct(99),
-            "mean_ttft_s": float(self.ttft.mean()) if len(lat) else 0.0,
+            "mean_ttft_s": float(self.ttft[done].mean()) if len(lat) else 0.0,
             "backlog": self.backlog(),
             "max_link_utilisation": float(self.link_utilisation().max()) if len(self.server_names) > 1 else 0.0,
             "mean_tpot_s": float(tpot.mean()) if len(tpot) else 0.0,
@@ -94,13 +102,19 @@ class SimResult:
             "makespan_s": self.makespan_s,
             "utilisation": {n: float(u) for n, u in zip(self.server_names, util, strict=True)},
             "mean_latency_by_server_s": {
-                n: float(lat[self.requests.server == i].mean()) if (self.requests.server == i).any() else 0.0
-                for i, n in enumerate(self.server_names)},
+                n: float(lat[self.requests.server[done] == i].mean()) if (self.requests.server[done] == i).any()
+                else 0.0 for i, n in enumerate(self.server_names)},
             "sim_seconds": self.wall_s,
             "expert_calls_per_s": st.pairs / self.wall_s if self.wall_s > 0 else 0.0,
         }
         if self.kv_peak_bytes is not None:
             out["kv_peak_gib"] = {n: v / 2**30 for n, v in self.kv_peak_bytes.items()}
+        if st.failures:
+            out["failed_requests"] = int((~done).sum())
+            out["failures"] = [dict(f, server=self.server_names[f["server"]],
+                                    paused_homes=[self.server_names[h] for h in f["paused_homes"]],
+                                    stopped_homes=[self.server_names[h] for h in f["stopped_homes"]])
+                               for f in st.failures]
         if st.migrations:
             out["migrations"] = [{k: v for k, v in m.items() if k in ("start", "end", "bytes", "experts")}
                                  for m in st.migrations]

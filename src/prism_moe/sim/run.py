@@ -19,7 +19,7 @@ from prism_moe.placement.placement import Placement
 from prism_moe.placement.plan import ExecutionPlan
 from prism_moe.placement.problem import ClusterStats
 from prism_moe.sim.cost import CostModel
-from prism_moe.sim.engine import Engine, EngineConfig, PlacementChange
+from prism_moe.sim.engine import Engine, EngineConfig, PlacementChange, ServerFailure
 from prism_moe.sim.metrics import SimResult
 from prism_moe.sim.workload import (
     LengthModel,
@@ -125,16 +125,30 @@ def build_scenario(cluster: ClusterSpec, data_dir: str | Path | None = None, see
 
 def simulate(scen: Scenario, placement: Placement | ExecutionPlan, n_requests: int = 300, seed: int = 0,
              config: EngineConfig | None = None, changes: list[PlacementChange] | None = None,
-             label: str = "") -> SimResult:
-    """Run `n_requests` Poisson arrivals (seeded) against `placement`; deterministic for a seed."""
+             label: str = "", failures: list[ServerFailure] | None = None) -> SimResult:
+    """Run `n_requests` Poisson arrivals (seeded) against `placement`; deterministic for a seed.
+    `failures`: servers that die during the run (their plan repaired by `replan_without`)."""
     rng = np.random.default_rng(seed)
     reqs = generate_requests(scen.loads(), scen.pools, n_requests, rng)
-    eng = Engine(scen.cost, placement, scen.pools, reqs, config, changes)
+    eng = Engine(scen.cost, placement, scen.pools, reqs, config, changes, failures,
+                 repair_for(scen.cluster, scen.model) if failures else None)
     first, finish, stats, wall = eng.run()
     names = tuple(scen.cluster.server_names)
     kv = kv_peak_bytes(eng.plan, scen.model, reqs, finish)
     return SimResult(names, reqs, first, finish, stats, wall, label or placement.algorithm,
-                     dict(zip(names, kv.tolist(), strict=True)))
+                     dict(zip(names, kv.tolist(), strict=True)), eng.failed)
+
+
+def repair_for(cluster: ClusterSpec, model: ModelSpec):
+    """The engine's repair function for this cluster: (plan, dead bool [S]) -> failover.Repair."""
+    from functools import partial
+
+    from prism_moe.placement.failover import replan_without
+    from prism_moe.placement.plan import PlanSizes, server_budgets
+
+    bw, lat = cluster.link_matrices()
+    return partial(replan_without, sizes=PlanSizes.of(model), weight_budget=server_budgets(cluster)[0],
+                   link_cost=2 * lat + 1.0 / bw)
 
 
 def kv_peak_bytes(plan: ExecutionPlan, model: ModelSpec, reqs, finish: np.ndarray) -> np.ndarray:
@@ -176,7 +190,7 @@ def make_placement(scen: Scenario, algorithm: str, phase: int = 0,
 
     if algorithm in PLAN_ALGORITHMS:
         opts = {}
-        if algorithm != "pipeline":
+        if algorithm not in ("pipeline", "pipeline-rep"):
             opts["prompt_tokens"], opts["output_tokens"] = mean_lengths(scen, phase)
         return PLAN_ALGORITHMS[algorithm](stats, scen.cluster, scen.model, **opts)
     if algorithm == "latency":
