@@ -113,3 +113,22 @@ def test_admin_key_files(tmp_path, monkeypatch):
     for name in ("torn.key", "foreign.key", "binary.key"):
         with pytest.raises(KeyFileError, match="admin key"):
             read_admin_key(tmp_path / name)
+
+
+def test_the_lease_guards_the_routes_a_coordinator_drives_only(tmp_path):
+    admin = read_admin_key(make_admin_key(tmp_path / "admin.key"))
+    lease = ControlLease()
+    guard = ControlGuard(admin, USER_KEY, lease)
+    app = FastAPI()
+    for path in ("/prism/down", "/prism/experts/load", "/prism/placement", "/prism/replay", "/prism/links"):
+        app.add_api_route(path, lambda: {"ok": True}, methods=["POST"], dependencies=[Depends(guard)])
+    client = TestClient(app)
+    auth = {"Authorization": f"Bearer {admin}"}
+    lease.acquire("coordinator-1", 30)
+    for path in ("/prism/down", "/prism/experts/load", "/prism/placement"):
+        assert client.post(path, headers=auth).status_code == 409
+        assert client.post(path, headers={**auth, "X-Prism-Coordinator": "coordinator-2"}).status_code == 409
+        assert client.post(path, headers={**auth, "X-Prism-Coordinator": "coordinator-1"}).status_code == 200
+    for path in ("/prism/replay", "/prism/links"):  # benchmark routes: the admin key is enough
+        assert client.post(path, headers=auth).status_code == 200
+        assert client.post(path).status_code == 401

@@ -99,6 +99,7 @@ def test_every_control_route_refuses_without_the_admin_key(cluster_run):
               ("/prism/down", {"down": ["edge-b", "edge-c"]}),
               ("/prism/replay", {"workload": "esft:law"}),
               ("/prism/trace/save", None),
+              ("/prism/links", {"peer": "edge-b", "drop": True}),
               ("/prism/lease", {"holder": "intruder", "ttl": 60})]
     for path, body in routes:
         for headers, status in (({}, 401), ({"Authorization": f"Bearer {USER_KEY}"}, 403),

@@ -11,8 +11,9 @@ are separate trust levels:
   other host: a cluster reachable over a network cannot be reconfigured by whoever reaches its port.
 
 `ControlLease` fences coordinators: a coordinator holds a lease on every server it drives and renews it;
-while a lease is held, control requests from anyone else are refused with 409, so two coordinators
-never both drive a cluster (the second one waits until the first stops renewing).
+while a lease is held, requests to the routes it drives (`LEASED_ROUTES`) from anyone else are refused
+with 409, so two coordinators never both drive a cluster (the second one waits until the first stops
+renewing).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 ADMIN_KEY_ENV = "PRISM_ADMIN_KEY"
+# What the lease protects: the routes a coordinator drives (what a server holds and routes to). The others
+# (replay, emulated links, trace save: benchmarks and recording) need the admin key only.
+LEASED_ROUTES = ("/prism/experts/", "/prism/placement", "/prism/down")
 HOLDER_HEADER = "X-Prism-Coordinator"  # who sends a control request (the lease holder's id)
 MIN_ADMIN_KEY_CHARS = 16
 
@@ -142,5 +146,5 @@ class ControlGuard:
 
     def __call__(self, request: Request) -> None:
         self.authorize(request)
-        if self.lease is not None:
+        if self.lease is not None and request.url.path.startswith(LEASED_ROUTES):
             self.lease.check(request.headers.get(HOLDER_HEADER))
