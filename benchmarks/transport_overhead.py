@@ -10,8 +10,9 @@ For hidden states of [tokens, H] (float32 and bfloat16) it times one round trip 
            uses, on real and emulated links alike) against an `ExpertService` in a child process whose
            identity handler runs on its compute worker.
   before:M with `--baseline REV`: the transport of git revision REV (its runtime modules, extracted
-           into a temporary package), the same way: its `SyncPeerPool.call` against its own service in
-           handler mode M (`inline`: on the service's I/O thread; `threads`: in a worker thread).
+           into a temporary package), the same way: for a revision before the one remote-call path, its
+           `SyncPeerPool.call` against its own service in handler mode M (`inline`: on the service's I/O
+           thread, what `prism serve` used; `threads`: in a worker thread); for a later one, `before:prism`.
 
 The methods are interleaved sample by sample so load spikes on a shared machine hit them alike, in an
 order shuffled every round (in a fixed order each method would always follow the same others, and a
@@ -96,6 +97,12 @@ def extract_baseline(rev: str, into: Path) -> None:
 def serve_before(hidden: int, mode: str, path: str) -> None:
     sys.path.insert(0, path)
     old = importlib.import_module(f"{BASELINE_PACKAGE}.transport")
+    if not hasattr(old, "LoopThread"):  # a revision with this one-path transport
+        with old.ExpertService("tcp://127.0.0.1:*", identity, num_layers=64, num_experts=256,
+                               hidden_size=hidden) as svc:
+            print(svc.endpoint, flush=True)
+            sys.stdin.readline()
+        return
     kw: dict[str, Any] = {"compute_threads": 0} if mode == "inline" else {}
     with old.LoopThread() as lt:
         svc = old.ExpertService("tcp://127.0.0.1:*", identity, num_layers=64, num_experts=256, hidden_size=hidden,
@@ -149,10 +156,12 @@ def main() -> None:
         extract_baseline(args.baseline, Path(tmp.name))
         sys.path.insert(0, tmp.name)
         old = importlib.import_module(f"{BASELINE_PACKAGE}.transport")
-        for mode in args.baseline_modes:
+        one_path = not hasattr(old, "LoopThread")
+        for mode in ["prism"] if one_path else args.baseline_modes:
             proc, ep = _spawn("--serve", mode, "--hidden", str(args.hidden), "--baseline-dir", tmp.name)
             procs.append(proc)
-            old_pools[mode] = old.SyncPeerPool({"peer": ep}, timeout=10.0, retries=0)
+            pool_type = old.PeerPool if one_path else old.SyncPeerPool
+            old_pools[mode] = pool_type({"peer": ep}, timeout=10.0, retries=0)
     results = []
     try:
         for dtype_name in args.dtypes:

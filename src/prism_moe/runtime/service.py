@@ -27,7 +27,6 @@ Wire format: see `wire.py` and docs/wire-protocol.md.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import inspect
 import itertools
@@ -488,20 +487,22 @@ class ExpertService:
             if job is None:
                 return
             batch = [job]
-            while True:  # every call queued meanwhile: same-layer calls merge
-                try:
-                    more = jobs.get_nowait()
-                except queue.Empty:
-                    break
+            while not jobs.empty():  # every call queued meanwhile: same-layer calls merge
+                more = jobs.get_nowait()
                 if more is None:
                     stop = True
                     break
                 batch.append(more)
             self._busy_since = time.monotonic()
             try:
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    for group in _by_layer(batch):
+                groups = [batch] if len(batch) == 1 else _by_layer(batch)
+                if stream is None:
+                    for group in groups:
                         self._compute(group)
+                else:
+                    with torch.cuda.stream(stream):
+                        for group in groups:
+                            self._compute(group)
             finally:
                 self._busy_since = 0.0
             if self._outbox:
