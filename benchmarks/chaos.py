@@ -16,6 +16,9 @@ Printed JSON (`--json`):
 * `recovery_seconds` per fault: from the fault (from its end for SIGSTOP and partition) until every live
   server completed a request started after it, all of them serve one placement version, and the
   coordinator has control (its leases, state rebuilt) and sees every live server; null: not recovered;
+* the coordinator restart's fault record says whether the migration it was killed in had finished first
+  and whether the new coordinator's reconcile `finished` it, `rolled back` or left it `partly moved`
+  (a consistent intermediate placement: the migration plan's rounds drop early copies);
 * `placement_versions` each server reported, in order; `max_rss_mib` and `rss_growth_mib` per server
   (first sample after start to the last one of the same process).
 
@@ -295,14 +298,40 @@ class Chaos:
         self._fault("partition", f"{a}|{b}", t, time.monotonic(), NAMES)
 
     def restart_coordinator(self) -> None:
-        t = time.monotonic()
+        """kill -9 the coordinator in the middle of a live migration (every expert's second copy moves to the
+        other server), then start a new one: it must finish or roll back from what the servers hold."""
         assert self.lc.coordinator is not None
+        current = Placement.from_dict(httpx.get(f"{self.coordinator_url}/placement", timeout=10).json())
+        hosts = np.zeros_like(current.hosts)
+        for e in range(self.spec.num_experts):
+            hosts[e % 3, :, e] = hosts[(e + 2) % 3, :, e] = True
+        target = Placement.from_hosts(NAMES, hosts, np.ones((3, 3)))
+        answer: dict[str, Any] = {}
+
+        def migrate() -> None:
+            try:
+                r = httpx.post(f"{self.coordinator_url}/migrate", json={"placement": target.to_dict()},
+                               headers={"Authorization": f"Bearer {self.admin}"}, timeout=120)
+                answer["status"] = r.status_code
+            except httpx.HTTPError as e:
+                answer["error"] = type(e).__name__
+
+        thread = threading.Thread(target=migrate, daemon=True)
+        thread.start()
+        time.sleep(self.args.kill_after)
+        t = time.monotonic()
         os.killpg(self.lc.coordinator.pid, signal.SIGKILL)
         self.lc.coordinator.wait(timeout=10)
+        thread.join(timeout=10)
         self.coordinator_url = start_coordinator(self.lc, free_port(), [
             "--admin-key-file", str(self.admin_file), "--poll", "0.5", "--down-after", str(self.args.down_after),
             "--lease", str(self.args.lease), "--period", "1e9"])
-        self._fault("coordinator restart", "coordinator", t, t, NAMES)
+        rec = self._fault("coordinator restart", "coordinator", t, t, NAMES)
+        rec["note"] = f"kill -9 {self.args.kill_after} s into a live migration"
+        rec["migration_finished_before_kill"] = answer.get("status") == 200
+        final = Placement.from_dict(httpx.get(f"{self.coordinator_url}/placement", timeout=10).json())
+        rec["outcome"] = ("finished" if (final.hosts == target.hosts).all() else
+                          "rolled back" if (final.hosts == current.hosts).all() else "partly moved")
 
     # --- the run --------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -372,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lease", type=float, default=3.0, help="coordinator's control lease, s")
     ap.add_argument("--request-timeout", type=float, default=60.0, help="clients' deadline per request, s")
     ap.add_argument("--recover-timeout", type=float, default=60.0)
+    ap.add_argument("--kill-after", type=float, default=0.4,
+                    help="seconds into the live migration at which the coordinator is killed")
     args = ap.parse_args(argv)
     args.quiet = args.quiet if args.quiet is not None else (1.0 if args.short else 15.0)
     args.hang = args.hang if args.hang is not None else (3.0 if args.short else 10.0)
