@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from prism_moe.runtime.engine import Engine, EngineError, EngineOverloaded, RequestStats
+from prism_moe.runtime.engine import Engine, EngineError, EngineOverloaded, RequestStats, SamplingParams
 
 TEXTS = ["Hello, how are", "The quick brown fox jumps over the lazy dog. Pack my box", "Edge",
          "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation", "Which experts are popular"]
@@ -193,14 +193,61 @@ def test_latent_attention_model_is_served_by_the_slot_runner(deepseek) -> None:
 
 def test_slot_and_paged_runners_agree(engine: Engine, tiny_dir) -> None:
     prompts = [engine.encode(t) for t in TEXTS[:3]]
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=20, seed=3, logprobs=2),
+              SamplingParams(temperature=0.6, seed=3, presence_penalty=0.5, repetition_penalty=1.3,
+                             logit_bias={7: 2.0}, logprobs=0)]
 
     async def run(eng: Engine):
-        return await asyncio.gather(*[eng.generate(p, 8, temperature=t, seed=3)
-                                      for p, t in zip(prompts, (0.0, 1.0, 0.6), strict=True)])
+        return await asyncio.gather(*[eng.generate(p, 8, s) for p, s in zip(prompts, params, strict=True)])
+
+    async def scores(eng: Engine):
+        return await eng.prompt_logprobs(prompts[1], 3)
 
     assert engine.batching == "slots"
     with Engine.from_pretrained(tiny_dir, device="cpu", dtype="float32", batching="paged") as paged:
-        theirs = asyncio.run(run(paged))
+        theirs, their_scores = asyncio.run(run(paged)), asyncio.run(scores(paged))
     with engine.paused():
         pass
-    assert [r.token_ids for r in asyncio.run(run(engine))] == [r.token_ids for r in theirs]
+    ours, our_scores = asyncio.run(run(engine)), asyncio.run(scores(engine))
+    assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]
+    for a, b in zip(ours[1].logprobs + ours[2].logprobs, theirs[1].logprobs + theirs[2].logprobs, strict=True):
+        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert len(ours[1].logprobs) == 8 and len(ours[1].logprobs[0].top) == 2 and ours[2].logprobs[0].top == ()
+    assert our_scores[0] is None and their_scores[0] is None
+    for a, b in zip(our_scores[1:], their_scores[1:], strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_prompt_logprobs_equal_a_plain_forward(engine: Engine, tiny_dir) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = engine.encode(TEXTS[1])
+    got = asyncio.run(engine.prompt_logprobs(prompt, 2))
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    with torch.no_grad():
+        lp = ref(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    assert got[0] is None and len(got) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert got[i].token_id == prompt[i] and got[i].logprob == pytest.approx(lp[i - 1, prompt[i]].item(), abs=1e-4)
+        assert [t for t, _ in got[i].top] == lp[i - 1].topk(2).indices.tolist()
+
+
+def test_closing_an_unread_stream_frees_its_place(engine: Engine) -> None:
+    async def run():
+        streams = [await engine.submit(engine.encode(TEXTS[0]), 50, stop_token_ids=[]) for _ in range(3)]
+        for s in streams:
+            await s.aclose()
+
+    asyncio.run(run())
+    assert engine.num_running == engine.num_waiting == 0
+
+
+def test_transformers_version_check() -> None:
+    from prism_moe.runtime.engine.hf_batching import check_transformers
+
+    check_transformers()  # the installed version is a checked one
+    for version in ("5.10.0", "6.0.0"):
+        with pytest.raises(RuntimeError, match=r"checked with transformers >=5.24,<6"):
+            check_transformers(version)
