@@ -7,8 +7,9 @@ which removes prefill and per-request setup. Paths, on identical weights (separa
              (`grouped_mm` in transformers 5), a batch of B equal-length prompts;
   eager      the same with transformers' per-expert loop (`experts_implementation="eager"`), for scale;
   prism      the same `generate` after `attach(...)`: every MoE layer goes through the hook and the
-             `ClusterDispatcher` of `prism serve` (activation counting, routing table, frozen store),
-             with a one-server placement holding every expert (no peers);
+             `ClusterDispatcher` of `prism serve` (slot lookup and activation counting on the device, the
+             experts computed from the slot slabs by `--prism-path`: auto = the loop on CPU, grouped on a
+             GPU), with a one-server placement holding every expert (no peers);
   manager    transformers' ContinuousBatchingManager alone (add_request / get_result), B requests
              (skipped for latent-attention models such as deepseek_v2, which it cannot serve);
   engine     `Engine.submit` from asyncio on the prism-attached model: the serving loop of `prism serve`
@@ -19,6 +20,7 @@ drift); `ratio_engine_vs_manager` is the serving loop's own cost. Repetitions ar
 reported; only the ratios mean something across machines.
 
     python benchmarks/decode_overhead.py [--device cpu] [--arch mixtral] [--batch 1 8] [--tokens 48] [--reps 5]
+                                         [--prism-path auto|grouped|loop]
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ from prism_moe.runtime.dispatch import ClusterDispatcher
 from prism_moe.runtime.engine import Engine, caches_latents, resolve_device
 
 
-def attach_all_local(model: Any) -> ClusterDispatcher:
+def attach_all_local(model: Any, path: str = "auto") -> ClusterDispatcher:
     """Attach the hook with the dispatcher `prism serve` uses, for a one-server cluster holding every expert."""
     from prism_moe.model.spec import ModelSpec
 
     spec = ModelSpec.from_hf_config(model.config.to_dict())
     dispatcher = ClusterDispatcher.all_local(spec.num_moe_layers, spec.num_experts)
+    dispatcher.path = path
     attach(model, dispatcher, spec)
     return dispatcher
 
@@ -109,6 +112,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="concurrent requests")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    ap.add_argument("--prism-path", default="auto", choices=["auto", "grouped", "loop"],
+                    help="experts path of the prism and engine models")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,8 +129,8 @@ def main() -> None:
 
         gen_model, eager_model, prism_model, cb_model = load(), load(experts_implementation="eager"), load(), load()
         eng_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        attach_all_local(prism_model)
-        eng_dispatcher = attach_all_local(eng_model.to(device))
+        prism_dispatcher = attach_all_local(prism_model, args.prism_path)
+        eng_dispatcher = attach_all_local(eng_model.to(device), args.prism_path)
     vocab = gen_model.config.vocab_size
     max_b = max(args.batch)
     g = torch.Generator().manual_seed(0)
@@ -154,6 +159,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "device": str(device), "torch_threads": torch.get_num_threads(), "engine_batching": engine.batching,
         "default_experts_implementation": gen_model.config._experts_implementation,
+        "prism_experts_path": "grouped" if prism_dispatcher.grouped_on(device) else "loop",
         "model": {"arch": args.arch, "hidden": args.hidden, "layers": args.layers,
                   "params_m": round(sum(p.numel() for p in gen_model.parameters()) / 1e6, 2)},
         "prompt_len": args.prompt_len, "new_tokens": args.tokens, "reps": args.reps}

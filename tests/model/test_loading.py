@@ -14,7 +14,9 @@ from prism_moe.model.experts import (
     experts_modules,
     stores_of,
 )
+from prism_moe.model.grouped import compute_rows
 from prism_moe.model.loading import load_expert_weights, load_partial, resident_weight_bytes
+from prism_moe.model.slots import NoFreeSlotError
 from prism_moe.model.spec import ModelSpec
 from prism_moe.model.tiny import ARCHS, make_tiny_model
 
@@ -56,7 +58,7 @@ def test_two_partial_servers_generate_like_eager(arch, device, tiny_dir, eager_m
 
     def remote(layer, batches):
         sent.update((layer, e) for ids, _ in batches.values() for e in ids.tolist())
-        return {s: b_stores[layer].compute_batch(ids, x) for s, (ids, x) in batches.items()}
+        return {s: compute_rows(b_stores[layer], ids, x) for s, (ids, x) in batches.items()}
 
     ref = eager_model(arch).to(device)
     try:
@@ -98,19 +100,25 @@ def test_only_held_experts_are_loaded(tiny_dir, eager_model, prompt_ids):
     assert torch.equal(stores[0].get(6)[0], ref_mod.gate_up_proj[6])
     for _, m in experts_modules(model):  # the transformers modules hold no expert memory
         assert m.gate_up_proj.numel() == 0 and m.down_proj.numel() == 0
-    with pytest.raises(MissingExpertError, match=r"MoE layer 0: expert 3 is not held"):
-        stores[0].compute(3, torch.zeros(1, 64))
+    with pytest.raises(MissingExpertError, match=r"MoE layer 0: experts \[3\] are not held"):
+        compute_rows(stores[0], torch.tensor([3]), torch.zeros(1, 64))
     with pytest.raises(MissingExpertError, match="MoE layer 0: tokens routed to experts"):
         model(prompt_ids)
 
     attach(model, LocalDispatcher())  # swapping the dispatcher keeps the loaded stores
     assert {i: s.held for i, s in stores_of(model).items()} == {0: [1, 6], 1: [2]}
 
-    # live migration: fetch an expert from the checkpoint, add it, drop another
+    # live migration: fetch an expert from the checkpoint; the slots (by default exactly the held experts,
+    # shared by the layers) are full, so drop one first
     w = load_expert_weights(path, 1, 7)
+    with pytest.raises(NoFreeSlotError, match="all 3 slots"):
+        stores[1].add(7, w["gate_up_proj"], w["down_proj"])
+    stores[1].drop(2)
     stores[1].add(7, w["gate_up_proj"], w["down_proj"])
-    stores[1].remove(2)
     assert stores[1].held == [7]
+    _, more = load_partial(path, {0: [1]}, capacity=2)
+    more[1].add(7, w["gate_up_proj"], w["down_proj"])
+    assert more[0].held == [1] and more[1].held == [7]
     with pytest.raises(ValueError, match="out of range"):
         load_partial(path, {2: [0]})
     with pytest.raises(ValueError, match="out of range"):

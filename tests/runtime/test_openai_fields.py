@@ -96,6 +96,7 @@ def test_streamed_logprobs_equal_whole_answer(client: TestClient) -> None:
     chunks = sse(client, "/v1/completions", body)
     assert [t for c in chunks for t in c["choices"][0]["logprobs"]["token_logprobs"]] == full["token_logprobs"]
     assert [t for c in chunks for t in c["choices"][0]["logprobs"]["top_logprobs"]] == full["top_logprobs"]
+    assert [t for c in chunks for t in c["choices"][0]["logprobs"]["text_offset"]] == full["text_offset"]
 
 
 def test_chat_logprobs_and_top_logprobs(client: TestClient, engine: Engine, ref_model) -> None:

@@ -1,15 +1,25 @@
 """One experts implementation for every MoE family, plugged into transformers' `ExpertsInterface`.
 
-transformers 5 routes the routed experts of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3 (and more) through
-`ALL_EXPERTS_FUNCTIONS`: each `*Experts` module's forward becomes
+transformers 5 routes the routed experts of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS (and more)
+through `ALL_EXPERTS_FUNCTIONS`: each `*Experts` module's forward becomes
 `fn(module, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]` for the function
 named by `config._experts_implementation`. We register `prism_experts_forward` under `"prism"`; it looks up
-the MoE layer index, the dispatcher and the `ExpertStore` that `attach` tagged the module with, and hands the
-work to the dispatcher. Router, shared experts and everything dense stay in transformers' own code.
+the MoE layer index, the dispatcher and the layer's `ExpertSlots` (model/slots.py: slabs in a slot pool and
+a device map expert id -> slot) that `attach` tagged the module with, and hands the work to the dispatcher.
+Router, shared experts and everything dense stay in transformers' own code.
 
-The math matches transformers' eager path bit for bit on the same device and dtype: the same per-expert row
-order (slot-major, then token), the same `linear -> chunk(gate, up) -> act(gate) * up -> linear`, and the
-same accumulation order (`index_add_` in ascending expert id), so greedy decoding gives identical tokens.
+A dispatcher's forward, per MoE layer:
+1. routing on the device: `slot = slot_of[top_k_index]` (-1: not here), the activation count (a hook);
+2. local pairs computed by one of two paths (`path`):
+   * `grouped`: one fixed kernel sequence over the slabs (model/grouped.py), no host sync when every expert
+     of the layer is mapped here; otherwise one device-to-host copy (the routed ids and the hidden rows, into
+     pinned memory on CUDA) tells the host what to send, while the local kernels run. Replies are scattered
+     into the pair buffer, which one sum over the k choices combines (transformers' `grouped_mm` combine).
+   * `loop`: one expert at a time in transformers' eager order (the exact reference: bit-identical to the
+     eager path on the same device and dtype, locally and split across servers); faster on CPU for the small
+     batches of decoding. `auto` picks grouped on a GPU with a grouped GEMM, the loop elsewhere.
+3. experts not mapped here go to `remote(layer, {server: (expert_ids [m], x [m, H])})`, one batch per server
+   (rows of one expert contiguous, experts ascending), sent before the local compute waits for anything.
 """
 
 from __future__ import annotations
@@ -18,12 +28,19 @@ import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .grouped import expert_forward, grouped_mm_usable, grouped_pairs
+from .slots import ExpertSlots, MissingExpertError, SlotView, gate_of
 from .spec import ModelSpec
 
 IMPLEMENTATION = "prism"
+PATHS = ("auto", "grouped", "loop")
+
+__all__ = ["IMPLEMENTATION", "PATHS", "ExpertDispatcher", "ExpertSlots", "LocalDispatcher", "MissingExpertError",
+           "RemoteDispatcher", "attach", "combine", "detach", "experts_modules", "group_by_expert", "stores_of"]
 
 # (token rows [n], top-k slots [n]) of the tokens that chose one expert, in eager order.
 Group = tuple[Tensor, Tensor]
@@ -41,106 +58,6 @@ class PendingReply(Protocol):
 RemoteFn = Callable[[int, dict[Hashable, tuple[Tensor, Tensor]]], Mapping[Hashable, "PendingReply | Tensor"]]
 # locate(layer, expert_id) -> the server to send that expert's tokens to
 LocateFn = Callable[[int, int], Hashable]
-
-
-class MissingExpertError(LookupError):
-    """A token was routed to an expert this process neither holds nor knows where to find."""
-
-
-class ExpertStore:
-    """A subset of one MoE layer's routed experts: expert id -> (gate_up [2I, H], down [H, I]).
-
-    Only held experts take memory. Weights follow transformers' fused layout per expert: rows `[:I]` of
-    `gate_up` are the gate projection, rows `[I:]` the up projection (`chunk(2)` order of the eager path).
-    """
-
-    def __init__(self, layer: int, act_fn: Callable[[Tensor], Tensor] | str = "silu",
-                 weights: Mapping[int, tuple[Tensor, Tensor]] | None = None) -> None:
-        if isinstance(act_fn, str):
-            from transformers.activations import ACT2FN
-
-            act_fn = ACT2FN[act_fn]
-        self.layer = layer
-        self.act_fn = act_fn
-        self._w: dict[int, tuple[Tensor, Tensor]] = {}
-        for e, (gate_up, down) in (weights or {}).items():
-            self.add(e, gate_up, down)
-
-    @classmethod
-    def from_module(cls, module: nn.Module, layer: int, expert_ids: Sequence[int] | None = None) -> ExpertStore:
-        """Views (no copy) into a transformers experts module's fused `gate_up_proj`/`down_proj`."""
-        _check_layout(module)
-        ids = range(module.gate_up_proj.shape[0]) if expert_ids is None else expert_ids
-        return cls(layer, module.act_fn,
-                   {int(e): (module.gate_up_proj.data[e], module.down_proj.data[e]) for e in ids})
-
-    # --- contents -------------------------------------------------------------------------------------------
-    @property
-    def held(self) -> list[int]:
-        return sorted(self._w)
-
-    def __contains__(self, expert_id: object) -> bool:
-        return expert_id in self._w
-
-    def __len__(self) -> int:
-        return len(self._w)
-
-    def __repr__(self) -> str:
-        return f"ExpertStore(layer={self.layer}, held={self.held})"
-
-    def get(self, expert_id: int) -> tuple[Tensor, Tensor]:
-        """(gate_up [2I, H], down [H, I]) of a held expert."""
-        try:
-            return self._w[expert_id]
-        except KeyError:
-            raise MissingExpertError(f"MoE layer {self.layer}: expert {expert_id} is not held here "
-                                     f"(held: {self.held})") from None
-
-    def add(self, expert_id: int, gate_up: Tensor, down: Tensor) -> None:
-        """Hold one more expert (replaces it if already held). `gate_up` [2I, H], `down` [H, I]."""
-        if gate_up.dim() != 2 or down.dim() != 2 or gate_up.shape[0] != 2 * down.shape[1] \
-                or gate_up.shape[1] != down.shape[0]:
-            raise ValueError(f"expert {expert_id}: expected gate_up [2I, H] and down [H, I], "
-                             f"got {tuple(gate_up.shape)} and {tuple(down.shape)}")
-        if self._w:
-            g0, d0 = next(iter(self._w.values()))
-            if g0.shape != gate_up.shape or d0.shape != down.shape or g0.dtype != gate_up.dtype \
-                    or g0.device != gate_up.device:
-                raise ValueError(f"expert {expert_id}: shape/dtype/device differ from the experts already held")
-        self._w[int(expert_id)] = (gate_up, down)
-
-    def remove(self, expert_id: int) -> tuple[Tensor, Tensor]:
-        """Stop holding an expert; returns its weights (drop them to free the memory)."""
-        w = self.get(expert_id)
-        del self._w[expert_id]
-        return w
-
-    def nbytes(self) -> int:
-        """Bytes of the held weights (views of a larger tensor count only their own elements)."""
-        return sum(t.numel() * t.element_size() for w in self._w.values() for t in w)
-
-    def tensors(self) -> list[Tensor]:
-        return [t for w in self._w.values() for t in w]
-
-    # --- math -----------------------------------------------------------------------------------------------
-    def compute(self, expert_id: int, x: Tensor) -> Tensor:
-        """One expert on its tokens: x [n, H] -> [n, H], transformers' eager math, no routing weight."""
-        gate_up, down = self.get(expert_id)
-        gate, up = nn.functional.linear(x, gate_up).chunk(2, dim=-1)
-        return nn.functional.linear(self.act_fn(gate) * up, down)
-
-    def compute_batch(self, expert_ids: Tensor, x: Tensor) -> Tensor:
-        """Rows for several experts: expert_ids [m], x [m, H] -> [m, H] (what a peer runs for a request).
-
-        Each expert's rows are computed together in their given order, so results equal `compute` on the
-        same rows.
-        """
-        out = torch.empty_like(x)
-        ids = expert_ids.to(x.device)
-        for e in torch.unique(ids).tolist():
-            rows = (ids == e).nonzero().squeeze(1)
-            out[rows] = self.compute(e, x[rows]).to(out.dtype)
-        return out
 
 
 def group_by_expert(top_k_index: Tensor) -> dict[int, Group]:
@@ -182,53 +99,203 @@ def combine(like: Tensor, groups: Mapping[int, Group], outputs: Mapping[int, Ten
 @runtime_checkable
 class ExpertDispatcher(Protocol):
     def moe_forward(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-                    experts: ExpertStore) -> Tensor:
+                    experts: ExpertSlots) -> Tensor:
         """hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> routed-experts output [T, H]."""
         ...
 
 
-class LocalDispatcher:
-    """Every routed expert computed from the local store; a token routed elsewhere is an error.
+class _HostRouting:
+    """The routed ids [S] and hidden [T, H] on the host: on CUDA one asynchronous copy into pinned memory
+    (waited for once, in `wait`); on the CPU the tensors themselves."""
 
-    `observer(layer, top_k_index [T, k])`, if given, sees every routing decision (activation counts).
+    def __init__(self, flat: Tensor, hidden: Tensor) -> None:
+        self._event = None
+        if flat.device.type == "cuda":
+            self.ids = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True).copy_(flat, non_blocking=True)
+            self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True).copy_(
+                hidden.detach(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self.ids, self.hidden = flat, hidden.detach()
+
+    def wait(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()  # only the copies: kernels queued after them keep running
+        return self.ids.numpy()
+
+
+class LocalDispatcher:
+    """Every routed expert computed from the local slots; a token routed elsewhere is an error.
+
+    `observer(layer, top_k_index [T, k])`, if given, sees every routing decision. `path`: "auto", "grouped"
+    or "loop" (module docstring).
     """
 
-    def __init__(self, observer: Callable[[int, Tensor], None] | None = None) -> None:
+    def __init__(self, observer: Callable[[int, Tensor], None] | None = None, path: str = "auto") -> None:
+        if path not in PATHS:
+            raise ValueError(f"experts path {path!r}: use one of {', '.join(PATHS)}")
         self.observer = observer
+        self.path = path
 
-    def moe_forward(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-                    experts: ExpertStore) -> Tensor:
+    def grouped_on(self, device: torch.device) -> bool:
+        """Whether a forward on `device` takes the grouped path."""
+        if self.path != "auto":
+            return self.path == "grouped"
+        return device.type == "cuda" and grouped_mm_usable(device)
+
+    def count(self, layer: int, top_k_index: Tensor, idx: Tensor, view: SlotView) -> None:
+        """Sees each layer's routing: `idx` [S] = top_k_index.reshape(-1) % (E + 1) (padding -> E) on the
+        device, to index the view's tables (`view.route_code[idx]`: expert and local/remote)."""
         if self.observer is not None:
             self.observer(layer, top_k_index)
+
+    def plan(self, layer: int, expert_ids: Sequence[int], view: SlotView) -> dict[Hashable, list[int]]:
+        """{server: expert ids} for experts not mapped here (ascending); here: none may be."""
+        raise MissingExpertError(f"MoE layer {layer}: tokens routed to experts {list(expert_ids)} that this server "
+                                 f"does not hold (held: {np.flatnonzero(view.host >= 0).tolist()}); use a "
+                                 f"dispatcher that sends them to a peer")
+
+    def remote(self, layer: int, batches: dict[Hashable, tuple[Tensor, Tensor]]
+               ) -> Mapping[Hashable, PendingReply | Tensor]:
+        raise NotImplementedError("a LocalDispatcher sends nothing")
+
+    timeout: float | None = None
+
+    # --- the forward -------------------------------------------------------------------------------------------
+    def moe_forward(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                    experts: ExpertSlots) -> Tensor:
+        with experts.reading() as view:
+            flat = top_k_index.reshape(-1)
+            idx = flat.remainder(experts.num_experts + 1)  # padding (-1) and sentinels (E) -> the extra entry E
+            self.count(layer, top_k_index, idx, view)
+            if self.grouped_on(hidden.device):
+                return self._grouped(layer, hidden, top_k_index, top_k_weights, experts, view, flat, idx)
+            return self._loop(layer, hidden, top_k_index, top_k_weights, experts, view)
+
+    def _grouped(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                 experts: ExpertSlots, view: SlotView, flat: Tensor, idx: Tensor) -> Tensor:
+        k = top_k_index.shape[1]
+        weights = top_k_weights.reshape(-1)
+        key = view.sort_key[idx]  # slot, or C where the pair is not local
+        host = None if view.all_local else _HostRouting(flat, hidden)
+        pairs = None
+        if host is None or hidden.device.type != "cpu":  # queue the local kernels before waiting for the copy
+            pairs = grouped_pairs(experts.pool, experts.gate, key, hidden, weights, k)
+        if host is not None:
+            ids = host.wait()
+            is_remote = (ids >= 0) & (view.host[np.maximum(ids, 0)] < 0)
+            sent = self._send_pairs(layer, ids, is_remote, host.hidden, k, view) if is_remote.any() else None
+            try:
+                if pairs is None:  # CPU: compute while the peers do
+                    pairs = grouped_pairs(experts.pool, experts.gate, key, hidden, weights, k)
+                if sent is not None:
+                    positions, y = self._await_replies(layer, *sent)
+                    pos = torch.from_numpy(positions)
+                    if hidden.device.type == "cuda":  # a copy from pageable memory would wait for the stream
+                        pos = pos.pin_memory()
+                    pos = pos.to(hidden.device, non_blocking=True)
+                    y = y.to(hidden.device, non_blocking=True)
+                    pairs.index_copy_(0, pos, (y * weights[pos].unsqueeze(-1)).to(pairs.dtype))  # one scatter
+            except BaseException:
+                if sent is not None:
+                    _cancel(sent[1])
+                raise
+        assert pairs is not None
+        return pairs.view(hidden.shape[0], k, hidden.shape[1]).sum(dim=1).to(hidden.dtype)
+
+    def _send_pairs(self, layer: int, ids: np.ndarray, is_remote: np.ndarray, hidden_host: Tensor, k: int,
+              view: SlotView) -> tuple[dict[Hashable, np.ndarray], Mapping[Hashable, PendingReply | Tensor],
+                                       dict[Hashable, tuple[Tensor, Tensor]]]:
+        """Remote pairs -> one batch per server, sent. Returns ({server: pair positions}, pending, batches)."""
+        pos = np.flatnonzero(is_remote)
+        pos = pos[np.argsort(ids[pos], kind="stable")]  # by expert, then pair order
+        experts = ids[pos]
+        uniq, starts = np.unique(experts, return_index=True)
+        bounds = [*starts.tolist(), len(pos)]
+        plan = self.plan(layer, uniq.tolist(), view)
+        where = {e: pos[bounds[i]:bounds[i + 1]] for i, e in enumerate(uniq.tolist())}
+        positions: dict[Hashable, np.ndarray] = {}
+        batches: dict[Hashable, tuple[Tensor, Tensor]] = {}
+        for server, es in plan.items():
+            p = np.concatenate([where[e] for e in es])
+            positions[server] = p
+            batches[server] = (torch.from_numpy(ids[p]), hidden_host[torch.from_numpy(p // k)])
+        return positions, self.remote(layer, batches), batches
+
+    def _await_replies(self, layer: int, positions: dict[Hashable, np.ndarray],
+                 pending: Mapping[Hashable, PendingReply | Tensor],
+                 batches: dict[Hashable, tuple[Tensor, Tensor]]) -> tuple[np.ndarray, Tensor]:
+        """Wait for every server's reply: (pair positions [R], outputs [R, H] in a pinned buffer on CUDA)."""
+        ys = []
+        for server in positions:
+            reply = pending[server]
+            y = reply if isinstance(reply, Tensor) else reply.result(self.timeout)
+            if y.shape != batches[server][1].shape:
+                raise RuntimeError(f"MoE layer {layer}: server {server!r} answered {tuple(y.shape)} for a batch "
+                                   f"of {tuple(batches[server][1].shape)}")
+            ys.append(y)
+        x = next(iter(batches.values()))[1]
+        pinned = torch.cuda.is_available() and all(y.device.type == "cpu" for y in ys)
+        out = torch.empty((sum(len(y) for y in ys), x.shape[1]), dtype=ys[0].dtype, pin_memory=pinned)
+        torch.cat([y.to(out.device) for y in ys], out=out)
+        return np.concatenate(list(positions.values())), out
+
+    def _loop(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+              experts: ExpertSlots, view: SlotView) -> Tensor:
         groups = group_by_expert(top_k_index)
-        missing = [e for e in groups if e not in experts]
-        if missing:
-            raise MissingExpertError(f"MoE layer {layer}: tokens routed to experts {missing} that this server does "
-                                     f"not hold (held: {experts.held}); use a dispatcher that sends them to a peer")
-        outputs = {e: experts.compute(e, hidden[rows]) for e, (rows, _) in groups.items()}
+        local = [e for e in groups if view.host[e] >= 0]
+        missing = [e for e in groups if view.host[e] < 0]
+        plan = self.plan(layer, missing, view) if missing else {}
+        batches: dict[Hashable, tuple[Tensor, Tensor]] = {}
+        for server, ids in plan.items():
+            rows = [groups[e][0] for e in ids]
+            counts = torch.tensor([len(r) for r in rows], device=hidden.device)
+            expert_ids = torch.repeat_interleave(torch.tensor(ids, device=hidden.device), counts)
+            batches[server] = (expert_ids, hidden[torch.cat(rows)])
+        pending = self.remote(layer, batches) if batches else {}
+        try:
+            pool, gate = experts.pool, experts.gate  # local experts overlap the remote calls
+            outputs = {e: expert_forward(pool, gate, int(view.host[e]), hidden[groups[e][0]]) for e in local}
+            for server, ids in plan.items():
+                reply = pending[server]
+                y = reply if isinstance(reply, Tensor) else reply.result(self.timeout)
+                if y.shape != batches[server][1].shape:
+                    raise RuntimeError(f"MoE layer {layer}: server {server!r} answered {tuple(y.shape)} for a "
+                                       f"batch of {tuple(batches[server][1].shape)}")
+                for e, part in zip(ids, torch.split(y, [len(groups[e][0]) for e in ids]), strict=True):
+                    outputs[e] = part
+        except BaseException:
+            _cancel(pending)
+            raise
         return combine(hidden, groups, outputs, top_k_weights)
 
 
-class RemoteDispatcher(LocalDispatcher):
-    """Held experts computed locally, the others sent in one batch per target server, overlapped.
+def _cancel(pending: Mapping[Hashable, PendingReply | Tensor]) -> None:
+    """Let go of calls still out (e.g. after a failed local expert)."""
+    for reply in pending.values():
+        if not isinstance(reply, Tensor):
+            reply.cancel()
 
-    Per MoE layer: group tokens by expert; ask `locate(layer, e)` where each missing expert lives; call
-    `remote(layer, {server: (expert_ids [m], x [m, H])})` once with every server's batch (rows of one
-    expert are contiguous, experts ascending) and get futures back; compute the local experts while those
-    run; wait; split each reply [m, H] back per expert; combine. Pass `remote`/`locate` or override the
-    methods. `remote` must not block: return `concurrent.futures.Future`s, finished tensors, or any handle
-    with `result(timeout)` and `cancel()` (the cluster's `DirectCall`s, which wait on the calling thread).
+
+class RemoteDispatcher(LocalDispatcher):
+    """Mapped experts computed locally, the others sent in one batch per target server, overlapped.
+
+    Pass `remote`/`locate` or override the methods. `remote` must not block: return
+    `concurrent.futures.Future`s, finished tensors, or any handle with `result(timeout)` and `cancel()` (the
+    cluster's direct calls, which wait on the calling thread).
 
     Threading: `moe_forward` runs on whatever thread runs the model (under continuous batching, the
     manager's generation thread) and blocks in `result()`, so never run the model on an asyncio event
-    loop thread; from asyncio code hand coroutines over with `asyncio.run_coroutine_threadsafe`. Replies may
-    live on any device (moved in `combine`). Results are bit-identical to local compute when the peer uses
-    the same device type and dtype, since it sees the same rows per expert in the same order.
+    loop thread. Replies may live on any device. With the loop path, results are bit-identical to local
+    compute when the peer uses the same device type and dtype, since it sees the same rows per expert in the
+    same order.
     """
 
     def __init__(self, remote: RemoteFn | None = None, locate: LocateFn | None = None,
-                 timeout: float | None = None, observer: Callable[[int, Tensor], None] | None = None) -> None:
-        super().__init__(observer)
+                 timeout: float | None = None, observer: Callable[[int, Tensor], None] | None = None,
+                 path: str = "auto") -> None:
+        super().__init__(observer, path)
         self._remote = remote
         self._locate = locate
         self.timeout = timeout
@@ -239,47 +306,17 @@ class RemoteDispatcher(LocalDispatcher):
                                      f"function was given")
         return self._locate(layer, expert_id)
 
+    def plan(self, layer: int, expert_ids: Sequence[int], view: SlotView) -> dict[Hashable, list[int]]:
+        plan: dict[Hashable, list[int]] = {}
+        for e in expert_ids:
+            plan.setdefault(self.locate(layer, e), []).append(e)
+        return plan
+
     def remote(self, layer: int, batches: dict[Hashable, tuple[Tensor, Tensor]]
                ) -> Mapping[Hashable, PendingReply | Tensor]:
         if self._remote is None:
             raise NotImplementedError("give RemoteDispatcher a remote function or override remote()")
         return self._remote(layer, batches)
-
-    def moe_forward(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-                    experts: ExpertStore) -> Tensor:
-        if self.observer is not None:
-            self.observer(layer, top_k_index)
-        groups = group_by_expert(top_k_index)
-        local = [e for e in groups if e in experts]
-        plan: dict[Hashable, list[int]] = {}
-        for e in groups:
-            if e not in experts:
-                plan.setdefault(self.locate(layer, e), []).append(e)
-
-        batches: dict[Hashable, tuple[Tensor, Tensor]] = {}
-        for server, ids in plan.items():
-            rows = [groups[e][0] for e in ids]
-            counts = torch.tensor([len(r) for r in rows], device=hidden.device)
-            expert_ids = torch.repeat_interleave(torch.tensor(ids, device=hidden.device), counts)
-            batches[server] = (expert_ids, hidden[torch.cat(rows)])
-        pending = self.remote(layer, batches) if batches else {}
-        try:
-            outputs = {e: experts.compute(e, hidden[groups[e][0]]) for e in local}  # overlaps the remote calls
-
-            for server, ids in plan.items():
-                reply = pending[server]
-                y = reply if isinstance(reply, Tensor) else reply.result(self.timeout)
-                if y.shape != batches[server][1].shape:
-                    raise RuntimeError(f"MoE layer {layer}: server {server!r} answered {tuple(y.shape)} for a "
-                                       f"batch of {tuple(batches[server][1].shape)}")
-                for e, part in zip(ids, torch.split(y, [len(groups[e][0]) for e in ids]), strict=True):
-                    outputs[e] = part
-        except BaseException:
-            for reply in pending.values():  # let go of calls still out (e.g. after a failed local expert)
-                if not isinstance(reply, Tensor):
-                    reply.cancel()
-            raise
-        return combine(hidden, groups, outputs, top_k_weights)
 
 
 # --- transformers integration ---------------------------------------------------------------------------------
@@ -309,15 +346,8 @@ _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _check_layout(module: nn.Module) -> None:
-    from transformers.integrations.moe import _default_apply_gate
-
-    ok = (getattr(module, "has_gate", False) and not getattr(module, "has_bias", True)
-          and not getattr(module, "is_transposed", True) and getattr(module, "is_concatenated", False)
-          and not getattr(module, "has_post_expert_norm", False)
-          and getattr(type(module), "_apply_gate", _default_apply_gate) is _default_apply_gate)
-    if not ok:
-        raise NotImplementedError(f"{type(module).__name__}: only the concatenated, untransposed, bias-free "
-                                  f"gate_up_proj/down_proj layout with act(gate) * up is supported")
+    """NotImplementedError, naming the family, for experts the slots cannot compute (see `slots.gate_of`)."""
+    gate_of(module)
 
 
 def experts_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
@@ -345,13 +375,14 @@ def moe_layer_ids_of(model: nn.Module, spec: ModelSpec | Sequence[int] | None = 
 
 
 def attach(model: nn.Module, dispatcher: ExpertDispatcher, spec: ModelSpec | Sequence[int] | None = None,
-           stores: Mapping[int, ExpertStore] | None = None) -> dict[int, nn.Module]:
+           stores: Mapping[int, ExpertSlots] | None = None) -> dict[int, nn.Module]:
     """Tag each experts module with its MoE layer, `dispatcher` and store; select the prism implementation.
 
     `spec` (a `ModelSpec` or its `moe_layer_ids`) maps MoE layer i to decoder layer `moe_layer_ids[i]`; by
-    default it is derived from `model.config`. `stores[i]` is MoE layer i's `ExpertStore` (from
-    `load_partial`); a layer without one keeps the store it was attached with before, else gets a zero-copy
-    store of all the module's own experts (attach after moving the model to its device: those are views).
+    default it is derived from `model.config`. `stores[i]` is MoE layer i's `ExpertSlots` (from
+    `load_partial`); a layer without one keeps the slots it was attached with before, else gets slots over all
+    the module's own experts (`ExpertSlots.from_module`: views of its weights where the layout is already
+    canonical, a copy otherwise; attach after moving the model to its device).
     Calling it again swaps the dispatcher (and the stores given). Returns {MoE layer: experts module}.
     """
     ids = moe_layer_ids_of(model, spec)
@@ -362,12 +393,12 @@ def attach(model: nn.Module, dispatcher: ExpertDispatcher, spec: ModelSpec | Seq
                          f"layers are {list(ids)}")
     by_layer: dict[int, nn.Module] = {}
     for moe_layer, (_, module) in enumerate(mods):
-        _check_layout(module)
+        _check_layout(module)  # a family whose experts prism cannot compute fails here, by name
         store = stores.get(moe_layer) if stores is not None else None
         if store is None:
             store = getattr(module, "prism_store", None)  # re-attach keeps what load_partial loaded
         if store is None:
-            store = ExpertStore.from_module(module, moe_layer)
+            store = ExpertSlots.from_module(module, moe_layer)
         elif store.layer != moe_layer:
             raise ValueError(f"store for MoE layer {moe_layer} says it is layer {store.layer}")
         module.prism_layer = moe_layer
@@ -387,6 +418,6 @@ def detach(model: nn.Module, implementation: str = "eager") -> None:
     model.set_experts_implementation(implementation)
 
 
-def stores_of(model: nn.Module) -> dict[int, ExpertStore]:
-    """{MoE layer: ExpertStore} of an attached model (for live add/remove of experts)."""
+def stores_of(model: nn.Module) -> dict[int, ExpertSlots]:
+    """{MoE layer: ExpertSlots} of an attached model (for live writes and drops of experts)."""
     return {m.prism_layer: m.prism_store for _, m in experts_modules(model) if hasattr(m, "prism_store")}

@@ -2,7 +2,7 @@
 
 The model skeleton is built with every parameter on the meta device (buffers such as RoPE frequencies are
 computed for real), dense tensors are then read one by one from the safetensors files, and each MoE layer's
-held experts go into an `ExpertStore`. The fused expert parameters of the transformers modules are left as
+held experts go into `ExpertSlots` (one slot pool). The fused expert parameters of the transformers modules are left as
 zero-size tensors, so resident weight memory is dense + held experts only.
 
 Checkpoints may be in transformers' original per-expert layout (what the hub has and what `save_pretrained`
@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .experts import ExpertDispatcher, ExpertStore, LocalDispatcher, attach, experts_modules
+from .experts import ExpertDispatcher, LocalDispatcher, attach, experts_modules
+from .slots import ExpertSlots, layer_slots
 from .spec import ModelSpec
 
 # Per-expert tensor names of the original layouts -> which part of the fused expert they are.
@@ -233,12 +234,14 @@ def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
 
 def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = None, dispatcher: ExpertDispatcher | None = None,
-                 ) -> tuple[nn.Module, dict[int, ExpertStore]]:
+                 capacity: int | None = None) -> tuple[nn.Module, dict[int, ExpertSlots]]:
     """Load the dense part and only the `held` experts ({MoE layer: expert ids}) of a checkpoint.
 
     Returns the model, already attached (experts implementation "prism") to `dispatcher` (default: a
     `LocalDispatcher`, which raises on a token routed to an absent expert; call `attach` again with the
-    runtime's dispatcher), and {MoE layer: ExpertStore} for every MoE layer (empty where nothing is held).
+    runtime's dispatcher), and {MoE layer: ExpertSlots} for every MoE layer (empty where nothing is held), all
+    in one slot pool of `capacity` experts (default: exactly the held ones; a server passes its memory budget
+    in slots so that live migration can load more).
     `dtype` defaults to the checkpoint's dtype.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -293,12 +296,14 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
         if tied:
             model.tie_weights()
 
-        stores: dict[int, ExpertStore] = {}
-        for layer, (_, module) in enumerate(experts_modules(model)):
-            store = ExpertStore(layer, module.act_fn)
+        total = sum(len(set(ids)) for ids in held.values())
+        if capacity is not None and capacity < total:
+            raise ValueError(f"{total} experts to hold but only {capacity} expert slots")
+        stores = layer_slots([m for _, m in experts_modules(model)], spec.num_experts,
+                             total if capacity is None else capacity, device, dtype)
+        for layer, store in stores.items():
             for e in sorted(set(held.get(layer, ()))):
                 store.add(e, *ckpt.expert_weights(reader, layer, e, device=device, dtype=dtype))
-            stores[layer] = store
 
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
@@ -339,7 +344,7 @@ def _storage_bytes(tensors: Iterator[Tensor] | Sequence[Tensor]) -> int:
     return sum(seen.values())
 
 
-def resident_weight_bytes(model: nn.Module, stores: Mapping[int, ExpertStore] | None = None) -> int:
+def resident_weight_bytes(model: nn.Module, stores: Mapping[int, ExpertSlots] | None = None) -> int:
     """Bytes of real storage behind the model's parameters/buffers and the stores' experts (shared once)."""
     tensors: list[Tensor] = [*model.parameters(), *model.buffers()]
     for store in (stores or {}).values():

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .experts import ExpertDispatcher, ExpertStore
+from .experts import ExpertDispatcher
+from .slots import ExpertSlots
 
 
 def _copy_tensor(x: Any, dtype: torch.dtype) -> Tensor:
@@ -134,7 +135,7 @@ class ReplayDispatcher:
         self.routing = routing
 
     def moe_forward(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-                    experts: ExpertStore) -> Tensor:
+                    experts: ExpertSlots) -> Tensor:
         idx, w = self.routing.take(layer, hidden.shape[0])
         idx = idx.to(device=top_k_index.device)
         w = w.to(device=top_k_weights.device, dtype=top_k_weights.dtype)

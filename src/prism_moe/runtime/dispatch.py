@@ -2,8 +2,8 @@
 
 `ClusterDispatcher` is the model layer's `RemoteDispatcher` wired to this cluster: `locate` reads the
 routing table of the current `Placement` (swapped atomically by `set_placement`, so a step sees one
-version), `remote` hands each target server's batch to the ZeroMQ peer pool without blocking, and the
-observer counts every routing decision (local vs remote per layer) for metrics and for the scheduler.
+version), `remote` hands each target server's batch to the ZeroMQ peer pool without blocking, and `count`
+adds every routing decision (per expert, local vs remote) to a device counter for metrics and the scheduler.
 
 Live migration and failures (see docs/operations.md):
 * `set_placement(p, drain_timeout)` swaps the table, then waits until the calls issued under older
@@ -15,8 +15,10 @@ Live migration and failures (see docs/operations.md):
   (process stopped, sockets open) or sits behind a partition is found by the call deadlines exactly like
   a dead one. When no other copy exists, the call waits up to `repair_wait` seconds for a placement that
   re-hosts it. Failovers run on the model's thread, inside the batch's `result()`.
-* Each forward computes from a frozen copy of the expert store, so a concurrent drop cannot pull an
-  expert out between "is it held?" and "compute it".
+* Each forward reads one version of a layer's slot map (`ExpertSlots.reading`): a concurrent drop flips
+  the map for later forwards, and its slot is not reused until the forwards that may read it have finished.
+* Activations are counted on the device (`ActivationCounter`, int [layers, experts, local|remote]) and read
+  only when stats or metrics are polled, so counting adds no host sync to a forward.
 
 With `recorder` set (`prism serve --record-trace`, a `prism_moe.runtime.recording.ForwardRecorder`),
 `moe_forward` also hands each layer's top-k ids and gate weights to it, so the server keeps per-token traces.
@@ -24,7 +26,6 @@ With `recorder` set (`prism serve --record-trace`, a `prism_moe.runtime.recordin
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -36,7 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prism_moe.model.experts import ExpertStore, RemoteDispatcher
+from prism_moe.model.experts import RemoteDispatcher
+from prism_moe.model.grouped import compute_rows
+from prism_moe.model.slots import ExpertSlots, SlotView
 from prism_moe.placement.placement import Placement
 from prism_moe.runtime.metrics import ServerMetrics
 from prism_moe.runtime.transport import Call, PeerPool, PeerUnavailable, RemoteError, TransportError
@@ -46,45 +49,54 @@ log = logging.getLogger(__name__)
 NOT_HELD = "not_held"  # error code of a peer asked for an expert it does not hold (see server.py)
 
 
-def frozen_store(store: ExpertStore) -> ExpertStore:
-    """A shallow copy of `store` that keeps its experts even if the original drops one meanwhile.
-
-    One dict copy (atomic under the GIL, microseconds): cheaper than locking every forward against the
-    rare drop. The weights are shared, not copied.
-    """
-    snap = copy.copy(store)
-    snap._w = dict(store._w)  # noqa: SLF001 - the store's own mapping; ExpertStore has no snapshot API yet
-    return snap
-
-
-def _valid_ids(top_k_index: Tensor) -> np.ndarray:
-    """The routed expert ids of a layer as numpy int [n], padding (< 0) left out: numpy, since each op on
-    a decode step's few ids costs ~1 us there against ~5-10 us as a torch op."""
-    ids = top_k_index.reshape(-1).cpu().numpy()
-    return ids if ids.min(initial=0) >= 0 else ids[ids >= 0]
-
-
 class ActivationCounter:
-    """Expert activation counts of this server's own tokens: int [layers, experts], thread-safe."""
+    """Expert activations of this server's own tokens, split by where they were computed.
+
+    Counts live in an int64 tensor [layers, experts + 1, 2] (local, remote; the extra row takes padding) on
+    the model's device and are added to with one `index_add_` per MoE layer, no host sync; `split` and
+    `snapshot` copy them out (stats polls).
+    """
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
-        self._counts = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self.shape = (num_layers, num_experts + 1, 2)
+        self._counts: Tensor | None = None
+        self._one = torch.ones(1, dtype=torch.int64)
+        self._offset = np.zeros(self.shape, dtype=np.int64)  # what a reset subtracts (never written on device)
         self._lock = threading.Lock()
 
-    def add(self, layer: int, top_k_index: Tensor) -> None:
-        self.add_ids(layer, _valid_ids(top_k_index))
+    def _on(self, device: torch.device) -> Tensor:
+        c = self._counts
+        if c is None or c.device != device:
+            with self._lock:
+                c = self._counts = (torch.zeros(self.shape, dtype=torch.int64, device=device) if c is None
+                                    else c.to(device))
+        return c
 
-    def add_ids(self, layer: int, ids: np.ndarray) -> None:
-        """Count expert ids int [n] (all >= 0) of MoE layer `layer`."""
+    def add_codes(self, layer: int, codes: Tensor) -> None:
+        """Count route codes [S]: 2 * expert + (0 local | 1 remote); 2 * num_experts is padding."""
+        counts = self._on(codes.device)
+        one = self._one if self._one.device == codes.device else torch.ones(1, dtype=torch.int64,
+                                                                             device=codes.device)
+        self._one = one
+        counts[layer].view(-1).index_add_(0, codes, one.expand(codes.shape[0]))
+
+    def add(self, layer: int, top_k_index: Tensor) -> None:
+        """Count top_k_index [T, k] (< 0: padding, skipped) as computed locally."""
+        self.add_codes(layer, 2 * top_k_index.reshape(-1).remainder(self.shape[1]))
+
+    def split(self, reset: bool = False) -> np.ndarray:
+        """int [layers, experts, 2]: (local, remote) activations since start (or the last reset)."""
         with self._lock:
-            np.add.at(self._counts[layer], ids, 1)
+            raw = (self._counts.to("cpu", copy=True).numpy() if self._counts is not None
+                   else np.zeros(self.shape, np.int64))
+            out = raw - self._offset
+            if reset:
+                self._offset = raw
+        return out[:, :-1]
 
     def snapshot(self, reset: bool = False) -> np.ndarray:
-        with self._lock:
-            out = self._counts.copy()
-            if reset:
-                self._counts[:] = 0
-        return out
+        """int [layers, experts]: activations since start (or the last reset)."""
+        return self.split(reset).sum(axis=2)
 
 
 class _Tag:
@@ -179,8 +191,8 @@ class ClusterDispatcher(RemoteDispatcher):
     def __init__(self, me: str, placement: Placement, pool: PeerPool | None,
                  metrics: ServerMetrics | None = None, timeout: float | None = 30.0,
                  suspect_ttl: float = 30.0, repair_wait: float = 10.0, probe_interval: float = 0.5,
-                 stores: Mapping[int, ExpertStore] | None = None) -> None:
-        super().__init__(timeout=timeout, observer=self._observe)
+                 stores: Mapping[int, ExpertSlots] | None = None, path: str = "auto") -> None:
+        super().__init__(timeout=timeout, path=path)
         self.me = me
         self.pool = pool
         self.metrics = metrics
@@ -192,15 +204,16 @@ class ClusterDispatcher(RemoteDispatcher):
         self.probe_interval = probe_interval
         self._prober: threading.Thread | None = None  # pings suspected peers while there are any
         self._closed = threading.Event()
-        self.stores: Mapping[int, ExpertStore] = stores or {}  # this server's stores (local fallback)
+        self.stores: Mapping[int, ExpertSlots] = stores or {}  # this server's slots (local fallback)
         self._down: frozenset[str] = frozenset()  # servers the coordinator declared down
         self._suspect: dict[str, float] = {}  # server -> monotonic time until which we avoid it
         self._inflight: Counter[int] = Counter()  # remote calls in flight, by placement version
         self._tracked: set[_Tag] = set()  # the calls behind `_inflight`
         self._cv = threading.Condition()
         self.failovers = 0  # batches (or parts) re-sent to another holder
-        self.local_invocations = 0  # routed (token, expert) pairs, cumulative
-        self.remote_invocations = 0
+        self._reported = np.zeros((placement.num_layers, 2), dtype=np.int64)  # (local, remote) given to metrics
+        if metrics is not None:
+            metrics.refreshers.append(self.flush_metrics)  # device-side counts reach Prometheus when it reads
         # optional per-token trace recorder (`prism serve --record-trace`): sees every forward's routing,
         # layer by layer on the generation thread (`prism_moe.runtime.recording.ForwardRecorder`)
         self.recorder: Any = None
@@ -319,11 +332,33 @@ class ClusterDispatcher(RemoteDispatcher):
 
     # --- routing ---------------------------------------------------------------------------------------------
     def moe_forward(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-                    experts: ExpertStore) -> Tensor:
+                    experts: ExpertSlots) -> Tensor:
         rec = self.recorder
         if rec is not None:
             rec.observe(layer, top_k_index, top_k_weights)
-        return super().moe_forward(layer, hidden, top_k_index, top_k_weights, frozen_store(experts))
+        return super().moe_forward(layer, hidden, top_k_index, top_k_weights, experts)
+
+    def count(self, layer: int, top_k_index: Tensor, idx: Tensor, view: SlotView) -> None:
+        self.counter.add_codes(layer, view.route_code[idx])
+
+    @property
+    def local_invocations(self) -> int:
+        """Routed (token, expert) pairs computed here, cumulative (reads the device counter)."""
+        return int(self.counter.split()[..., 0].sum())
+
+    @property
+    def remote_invocations(self) -> int:
+        return int(self.counter.split()[..., 1].sum())
+
+    def flush_metrics(self) -> None:
+        """Add the pairs counted since the last flush to the Prometheus counters (when metrics are read)."""
+        if self.metrics is None:
+            return
+        by_layer = self.counter.split().sum(axis=1)  # [layers, 2]
+        with self._cv:
+            new, self._reported = by_layer - self._reported, by_layer
+        for layer, (local, remote) in enumerate(new.tolist()):
+            self.metrics.count_experts(layer, max(local, 0), max(remote, 0))
 
     def locate(self, layer: int, expert_id: int) -> Hashable:
         p = self._placement
@@ -443,7 +478,7 @@ class ClusterDispatcher(RemoteDispatcher):
         return self.pool.start_call(server, layer, ids, x)
 
     def _regroup(self, p: Placement, layer: int, ids: Tensor, tried: tuple[str, ...]) -> dict[str, list[int]] | None:
-        """{holder: expert ids} for the batch's experts on holders not tried (this server when its store has
+        """{holder: expert ids} for the batch's experts on holders not tried (this server when its slots map
         the expert now); None when some expert has no such holder."""
         store = self.stores.get(layer)
         targets: dict[str, list[int]] = {}
@@ -466,15 +501,5 @@ class ClusterDispatcher(RemoteDispatcher):
                 if not can_fail_over(err):
                     raise
                 return self._failover(layer, server, ids, x, err, tried, None)
-        store = frozen_store(self.stores[layer])  # loaded here meanwhile (e.g. by a repair)
-        ref = store.get(int(ids[0]))[0]
-        return store.compute_batch(ids.to(ref.device), x.to(ref.device, ref.dtype)).to("cpu", x.dtype)
-
-    def _observe(self, layer: int, top_k_index: Tensor) -> None:
-        ids = _valid_ids(top_k_index)
-        self.counter.add_ids(layer, ids)
-        local = int(np.count_nonzero(self._placement.hosts[self._me, layer][ids]))
-        self.local_invocations += local
-        self.remote_invocations += len(ids) - local
-        if self.metrics is not None:
-            self.metrics.count_experts(layer, local, len(ids) - local)
+        grouped = self.grouped_on(self.stores[layer].pool.device)  # loaded here meanwhile (e.g. by a repair)
+        return compute_rows(self.stores[layer], ids, x, grouped)

@@ -590,6 +590,7 @@ class _Format:
         self.prompt_text = engine.decode(prompt_ids) if echo else ""
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self._offsets: dict[int, int] = {}  # streamed completions: text offset reached per choice
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -667,7 +668,10 @@ class _Format:
                                       "finish_reason": reason}
             out = self._head("chat.completion.chunk")
         else:
-            choice = {"index": index, "text": text, "logprobs": self._lp_json(lps or []), "finish_reason": reason}
+            lp_json = self._lp_json(lps or [], self._offsets.get(index, 0))
+            if lp_json is not None and lp_json["tokens"]:  # text_offset counts on from the last chunk's tokens
+                self._offsets[index] = lp_json["text_offset"][-1] + len(lp_json["tokens"][-1])
+            choice = {"index": index, "text": text, "logprobs": lp_json, "finish_reason": reason}
             out = self._head("text_completion")
         if self.token_ids:
             choice["token_ids"] = ids

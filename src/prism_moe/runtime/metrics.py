@@ -2,13 +2,15 @@
 
 Each `ServerMetrics` owns a `CollectorRegistry` (not prometheus-client's global one), so several servers can
 live in one test process and `/metrics` shows only its own server. The HTTP layer records requests, the engine
-reports per-request timings through `observe_generation`, and the experts hook / transport call the small
-`count_experts` / `observe_remote_call` methods from their own threads (prometheus-client metrics are
+reports per-request timings through `observe_generation`, the dispatcher adds its device-side expert counts
+through `count_experts` when metrics are rendered (`refreshers`), and the transport calls `observe_remote_call`
+from its own threads (prometheus-client metrics are
 thread-safe).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -80,8 +82,10 @@ class ServerMetrics:
                                        registry=r)
         self.trace_replay = Gauge(f"{p}_trace_replay", "1 when routing is replayed from a benchmark trace",
                                   registry=r)
-        # Label children looked up once: `count_experts` runs once per MoE layer per forward.
+        # Label children looked up once: `count_experts` runs once per MoE layer per flush.
         self._expert_children: dict[tuple[int, str], Counter] = {}
+        # called before each render: counts kept elsewhere (the dispatcher's device counter) are added then
+        self.refreshers: list[Callable[[], None]] = []
 
     # --- called by the HTTP layer ----------------------------------------------------------------------------
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
@@ -131,6 +135,8 @@ class ServerMetrics:
     # --- exposition -------------------------------------------------------------------------------------------
     def render(self) -> bytes:
         """The registry in Prometheus text format (`content_type` is its media type)."""
+        for refresh in self.refreshers:
+            refresh()
         return generate_latest(self.registry)
 
     def _expert_child(self, layer: int, kind: str) -> Counter:

@@ -40,6 +40,10 @@ from prism_moe.runtime.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 
+# tensors of one expert on the wire (`load_expert`), in `ExpertSlots.get` order
+_WIRE_PARTS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+
 @dataclass
 class ServeOptions:
     """What `prism serve` takes besides the cluster file and the server name."""
@@ -177,15 +181,18 @@ class EdgeServer:
         device = resolve_device(self.options.device)
         log.info("%s: loading %s on %s with %d experts", self.name, ckpt, device, int(p.experts_used()[
             p.server_names.index(self.name)]))
-        model, self.stores = load_partial(ckpt, p.held(self.name), device=str(device))
+        # the expert slots are preallocated for the whole memory budget: live loads never allocate
+        self.capacity = int(self.cluster.expert_slots(spec)[self.cluster.server_names.index(self.name)])
+        held = int(p.experts_used()[p.server_names.index(self.name)])
+        if held > self.capacity:
+            raise ConfigError(f"server {self.name}: the placement gives it {held} experts, but memory_gib="
+                              f"{self.spec_server.memory_gib} leaves room for {self.capacity} after the dense part; "
+                              f"give it more memory or use a placement computed for this cluster file")
+        model, self.stores = load_partial(ckpt, p.held(self.name), device=str(device), capacity=self.capacity)
         self.model = model
         self._ckpt = Checkpoint.open(ckpt)  # the expert index, kept for live loads
         self.checkpoint_experts = all(layer in self._ckpt.fused or (layer, e) in self._ckpt.experts
                                       for layer in range(p.num_layers) for e in range(p.num_experts))
-        self.capacity = int(self.cluster.expert_slots(spec)[self.cluster.server_names.index(self.name)])
-        if self.held_count() > self.capacity:
-            log.warning("%s: the placement gives %d experts, more than the %d slots of memory_gib=%s", self.name,
-                        self.held_count(), self.capacity, self.spec_server.memory_gib)
         self.resident_bytes = resident_weight_bytes(model, self.stores)
         self.metrics.set_resident_weight_bytes(self.resident_bytes)
         self.metrics.set_placement_version(p.version)
@@ -305,18 +312,19 @@ class EdgeServer:
 
     # --- expert service and metrics hooks -------------------------------------------------------------------
     def _serve_experts(self, layer: int, expert_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """A peer's batch: expert_ids [n], hidden [n, H] (CPU, from the wire) -> [n, H] on CPU."""
-        from prism_moe.runtime.dispatch import frozen_store
+        """A peer's batch: expert_ids [n], hidden [n, H] (CPU, from the wire) -> [n, H] on CPU. Held and
+        staged experts are served (a copy being loaded for a migration serves peers before this server's own
+        placement switch); a concurrent drop cannot pull an expert mid-compute (`ExpertSlots.reading`)."""
+        from prism_moe.model.grouped import compute_rows
+        from prism_moe.model.slots import MissingExpertError
 
-        store = frozen_store(self.stores[layer])  # a concurrent drop cannot pull an expert mid-compute
-        missing = sorted(set(expert_ids.unique().tolist()) - set(store.held))
-        if missing:  # a distinct code, so a caller can re-route (e.g. mid-migration)
+        store = self.stores[layer]
+        try:
+            return compute_rows(store, expert_ids, hidden, self.dispatcher.grouped_on(store.pool.device))
+        except MissingExpertError as err:  # a distinct code, so a caller can re-route (e.g. mid-migration)
             from prism_moe.runtime.service import ServiceError
 
-            raise ServiceError("not_held", f"server {self.name} does not hold layer {layer} experts {missing}")
-        ref = store.get(store.held[0])[0]
-        out = store.compute_batch(expert_ids.to(ref.device), hidden.to(ref.device, ref.dtype))
-        return out.to("cpu", hidden.dtype)
+            raise ServiceError("not_held", f"server {self.name}: {err}") from None
 
     def _on_call(self, ev: Any) -> None:
         if ev.outcome == "ok":
@@ -331,7 +339,8 @@ class EdgeServer:
         `routed_local`/`routed_remote` count (token, expert) pairs as they were actually routed.
         """
         d = self.dispatcher
-        counts = d.counter.snapshot()
+        split = d.counter.split()  # one copy of the device counter: [layers, experts, local|remote]
+        counts = split.sum(axis=2)
         me = self.placement.server_names.index(self.name)
         hosts = d.placement.hosts[me]
         total = int(counts.sum())
@@ -340,14 +349,15 @@ class EdgeServer:
         return {"server": self.name, "placement_version": d.placement.version,
                 "counts": counts.tolist(), "invocations": total, "local_invocations": local,
                 "remote_fraction": (total - local) / total if total else 0.0,
-                "routed_local": d.local_invocations, "routed_remote": d.remote_invocations,
+                "routed_local": int(split[..., 0].sum()), "routed_remote": int(split[..., 1].sum()),
                 "failovers": d.failovers, "down": d.down(),
                 "remote_call_p50_s": _median([q for ps in peers.values()
                                               if (q := ps.latency_quantile(0.5)) is not None]),
                 "peer_bytes_sent": sum(ps.bytes_sent for ps in peers.values()),
                 "peer_bytes_received": sum(ps.bytes_received for ps in peers.values()),
                 "held": {str(k): v for k, v in self.held().items() if v}, "experts_held": self.held_count(),
-                "capacity": self.capacity, "started_at": self._started_at,
+                "capacity": self.capacity, "slots_used": self.slots_used(),
+                "staged": {str(k): v for k, v in self.staged().items() if v}, "started_at": self._started_at,
                 "checkpoint_experts": self.checkpoint_experts,
                 "resident_weight_bytes": self.resident_bytes, "trace_replay": bool(self.options.replay),
                 "replay": self.options.replay, "trace_recording": self._recording_stats()}
@@ -359,12 +369,24 @@ class EdgeServer:
         return {"path": str(self.record_path), "tokens": r.num_tokens, "forwards": r.num_sequences,
                 "max_tokens": r.max_tokens, "stopped": r.stopped, "dropped_forwards": r.dropped_forwards}
 
-    # --- live migration: load, send, switch, drop ------------------------------------------------------------
+    # --- live migration: write a free slot, send, switch (publish), drop ------------------------------------
     def held(self) -> dict[int, list[int]]:
         return {layer: store.held for layer, store in self.stores.items()}
 
+    def staged(self) -> dict[int, list[int]]:
+        """Experts written into slots but not yet mapped for this server's own tokens (awaiting a switch)."""
+        return {layer: store.staged for layer, store in self.stores.items()}
+
     def held_count(self) -> int:
         return sum(len(store) for store in self.stores.values())
+
+    def slots_used(self) -> int:
+        """Slots taken (held, staged, or dropped and not yet reusable): what memory is accounted in."""
+        pool = next(iter(self.stores.values())).pool if self.stores else None
+        return 0 if pool is None else pool.capacity - pool.free_slots()
+
+    def _free_slots(self) -> int:
+        return self.capacity - self.slots_used()
 
     def _check_ids(self, experts: list[tuple[int, int]]) -> list[tuple[int, int]]:
         p = self.placement
@@ -373,65 +395,73 @@ class EdgeServer:
             raise ControlError(400, f"experts {bad[:5]} out of range ({p.num_layers} layers x {p.num_experts})")
         return [(int(l), int(e)) for l, e in experts]
 
-    def _weights_like(self) -> tuple[Any, Any]:
-        """(device, dtype) new experts must have: those of the model's own weights."""
-        ref = next(self.model.parameters())
-        return ref.device, ref.dtype
-
-    def _add_experts(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-        """Hold these experts (already held ones are skipped); refuse if they would not fit the slots."""
-        from prism_moe.model.loading import resident_weight_bytes
+    def _add_experts(self, weights: dict[tuple[int, int], tuple[torch.Tensor | None, ...]]) -> dict[str, Any]:
+        """Write these experts into free slots, staged until the next placement switch maps them (those already
+        held or staged are skipped); refuse, writing nothing, if they would not fit the free slots.
+        `weights[(layer, e)]` = (gate_up [2I, H], down [H, I], gate_up_bias [2I] | None, down_bias [H] | None)."""
+        from prism_moe.model.slots import NoFreeSlotError
 
         with self._control_lock:
-            new = {k: w for k, w in weights.items() if k[1] not in self.stores[k[0]]}
-            if self.held_count() + len(new) > self.capacity:
-                raise ControlError(409, f"server {self.name}: loading {len(new)} experts would hold "
-                                        f"{self.held_count() + len(new)}, over its {self.capacity} slots")
-            for (l, e), (gate_up, down) in new.items():
-                self.stores[l].add(e, gate_up, down)
-            self.resident_bytes = resident_weight_bytes(self.model, self.stores)
-            self.metrics.set_resident_weight_bytes(self.resident_bytes)
-            return {"server": self.name, "loaded": len(new), "experts_held": self.held_count()}
+            new = {k: w for k, w in weights.items() if not self.stores[k[0]].has_weights(k[1])}
+            if len(new) > self._free_slots():
+                raise ControlError(409, f"server {self.name}: loading {len(new)} experts needs {len(new)} free "
+                                        f"slots, it has {self._free_slots()} of {self.capacity} "
+                                        f"({self.held_count()} held): drop some after a placement switch first")
+            try:
+                for (l, e), w in new.items():
+                    self.stores[l].write(e, *w)
+            except NoFreeSlotError as err:  # dropped slots still read by a stuck forward
+                raise ControlError(409, f"server {self.name}: {err}") from err
+            except ValueError as err:
+                raise ControlError(400, f"server {self.name}: {err}") from err
+            return {"server": self.name, "loaded": len(new), "experts_held": self.held_count(),
+                    "staged": sum(len(v) for v in self.staged().values()), "slots_used": self.slots_used()}
 
     def load_experts(self, experts: list[tuple[int, int]]) -> dict[str, Any]:
-        """Load experts from this server's own checkpoint (read only their bytes)."""
+        """Load experts from this server's own checkpoint (read only their bytes) into free slots (staged)."""
         experts = self._check_ids(experts)
         if not self.checkpoint_experts:
             raise ControlError(409, f"the checkpoint of {self.name} lacks some experts: send them from a peer")
-        missing = [k for k in experts if k[1] not in self.stores[k[0]]]
-        if self.held_count() + len(missing) > self.capacity:  # before reading anything
+        missing = [k for k in experts if not self.stores[k[0]].has_weights(k[1])]
+        if len(missing) > self._free_slots():  # before reading anything
             raise ControlError(409, f"server {self.name}: {len(missing)} more experts do not fit its "
-                                    f"{self.capacity} slots ({self.held_count()} held)")
-        # the index opened at start serves every load (load_expert_weights re-opens it per expert)
-        device, dtype = self._weights_like()
+                                    f"{self._free_slots()} free slots ({self.held_count()} held of {self.capacity})")
+        pool = next(iter(self.stores.values())).pool
         t0 = time.perf_counter()
+        # the index opened at start serves every load (load_expert_weights re-opens it per expert)
         with self._ckpt.reader() as reader:
-            weights = {(l, e): self._ckpt.expert_weights(reader, l, e, device=device, dtype=dtype)
-                       for l, e in missing}
-        out = self._add_experts(weights)
+            read = {(l, e): self._ckpt.expert_weights(reader, l, e, device=pool.device, dtype=pool.dtype)
+                    for l, e in missing}
+        out = self._add_experts({k: (*w, None, None) for k, w in read.items()})  # (gate_up, down), no biases
         return {**out, "source": "checkpoint", "seconds": time.perf_counter() - t0}
 
     def send_experts(self, experts: list[tuple[int, int]], to: str) -> dict[str, Any]:
         """Send held experts to peer `to` (`load_expert` messages with the weights); returns when it holds them."""
-        from prism_moe.runtime.dispatch import frozen_store
+        from prism_moe.model.slots import MissingExpertError
         from prism_moe.runtime.transport import TransportError
+        from prism_moe.runtime.wire import DEFAULT_LIMITS
 
         experts = self._check_ids(experts)
         if self.pool is None or to not in self.pool:
             raise ControlError(400, f"{to!r} is not a peer of {self.name}")
-        chunks: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]] = [[]]
+        chunks: list[list[tuple[int, int, dict[str, torch.Tensor]]]] = [[]]
         size = 0
         for l, e in experts:
-            store = frozen_store(self.stores[l])
-            if e not in store:
-                raise ControlError(409, f"server {self.name} does not hold layer {l} expert {e}")
-            gate_up, down = store.get(e)
-            nbytes = (gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size())
-            # a message holds at most 8 experts (16 tensors) and push_chunk_bytes
-            if chunks[-1] and (len(chunks[-1]) == 8 or size + nbytes > self.options.push_chunk_bytes):
+            store = self.stores[l]
+            with store.reading():  # a copy taken before a concurrent drop may free the slot
+                try:
+                    parts = store.get(e)
+                except MissingExpertError:
+                    raise ControlError(409, f"server {self.name} does not hold layer {l} expert {e}") from None
+                tensors = {name: t.cpu().clone() for name, t in zip(_WIRE_PARTS, parts, strict=True) if t is not None}
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            # a message holds at most 8 experts, the wire's tensor count (biases: 4 tensors an expert) and
+            # push_chunk_bytes
+            per_message = min(8, DEFAULT_LIMITS.max_tensors // len(tensors))
+            if chunks[-1] and (len(chunks[-1]) == per_message or size + nbytes > self.options.push_chunk_bytes):
                 chunks.append([])
                 size = 0
-            chunks[-1].append((l, e, gate_up.cpu(), down.cpu()))
+            chunks[-1].append((l, e, tensors))
             size += nbytes
         t0 = time.perf_counter()
         try:
@@ -441,17 +471,15 @@ class EdgeServer:
         return {"server": self.name, "to": to, "sent": len(experts), "bytes": sent,
                 "seconds": time.perf_counter() - t0}
 
-    def _push(self, to: str, chunks: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]]) -> int:
+    def _push(self, to: str, chunks: list[list[tuple[int, int, dict[str, torch.Tensor]]]]) -> int:
         from prism_moe.runtime.transport import Call
         from prism_moe.runtime.wire import LOAD_EXPERT
 
         channel = self.pool[to]
 
-        def one(chunk: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> tuple[Call, int]:
-            tensors: dict[str, torch.Tensor] = {}
-            for i, (_, _, gate_up, down) in enumerate(chunk):
-                tensors[f"gate_up_proj.{i}"], tensors[f"down_proj.{i}"] = gate_up, down
-            call = channel.start_request(LOAD_EXPERT, {"experts": [[l, e] for l, e, _, _ in chunk]}, tensors,
+        def one(chunk: list[tuple[int, int, dict[str, torch.Tensor]]]) -> tuple[Call, int]:
+            tensors = {f"{name}.{i}": t for i, (_, _, parts) in enumerate(chunk) for name, t in parts.items()}
+            call = channel.start_request(LOAD_EXPERT, {"experts": [[l, e] for l, e, _ in chunk]}, tensors,
                                          timeout=max(self.options.call_timeout, 30.0), retries=0)
             return call, sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -466,14 +494,14 @@ class EdgeServer:
 
     def _on_load_message(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """`load_expert` from a peer: fields experts [[l, e], ...], tensors gate_up_proj.i / down_proj.i."""
+        """`load_expert` from a peer: fields experts [[l, e], ...], tensors gate_up_proj.i / down_proj.i (+
+        gate_up_proj_bias.i / down_proj_bias.i for biased families), canonical layout; written into free slots."""
         from prism_moe.runtime.service import ServiceError
 
         try:
             experts = self._check_ids([tuple(x) for x in header.get("experts", [])])
-            device, dtype = self._weights_like()
-            weights = {k: (tensors[f"gate_up_proj.{i}"].to(device, dtype, copy=True),
-                           tensors[f"down_proj.{i}"].to(device, dtype, copy=True))  # own the memory
+            weights = {k: (tensors[f"gate_up_proj.{i}"], tensors[f"down_proj.{i}"],
+                           tensors.get(f"gate_up_proj_bias.{i}"), tensors.get(f"down_proj_bias.{i}"))
                        for i, k in enumerate(experts)}
             return self._add_experts(weights), {}
         except ControlError as err:
@@ -482,9 +510,8 @@ class EdgeServer:
             raise ServiceError("bad_request", f"load_expert: {err}") from None
 
     def drop_experts(self, experts: list[tuple[int, int]]) -> dict[str, Any]:
-        """Stop holding experts the current placement no longer routes to this server."""
-        from prism_moe.model.loading import resident_weight_bytes
-
+        """Stop holding (or staging) experts the current placement no longer routes to this server: their map
+        entries flip back to -1 and their slots are freed."""
         experts = self._check_ids(experts)
         me = self.placement.server_names.index(self.name)
         with self._control_lock:
@@ -494,12 +521,11 @@ class EdgeServer:
                                         f"{self.name} holding {routed[:5]}: switch placement before dropping")
             dropped = 0
             for l, e in experts:
-                if e in self.stores[l]:
-                    self.stores[l].remove(e)
+                if self.stores[l].has_weights(e):
+                    self.stores[l].drop(e)
                     dropped += 1
-            self.resident_bytes = resident_weight_bytes(self.model, self.stores)
-            self.metrics.set_resident_weight_bytes(self.resident_bytes)
-        return {"server": self.name, "dropped": dropped, "experts_held": self.held_count()}
+        return {"server": self.name, "dropped": dropped, "experts_held": self.held_count(),
+                "slots_used": self.slots_used()}
 
     def _on_drop_message(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -551,12 +577,14 @@ class EdgeServer:
                     return {"server": self.name, "placement_version": current, "drained": True, "drain_ms": 0.0}
                 raise ControlError(409, f"placement version {placement.version} is not newer than {current}")
             lacking = [(int(l), int(e)) for l, e in np.argwhere(placement.hosts[me])
-                       if int(e) not in self.stores[int(l)]]
+                       if not self.stores[int(l)].has_weights(int(e))]
             if lacking:
                 raise ControlError(409, f"placement version {placement.version} has {self.name} holding "
                                         f"{len(lacking)} experts it has not loaded, e.g. {lacking[:5]}")
             if down is not None:
                 self.set_down(down)
+            for layer, store in self.stores.items():  # flip the maps of the staged copies it now routes here
+                store.publish([e for e in store.staged if placement.hosts[me, layer, e]])
             self.placement = placement
             self.metrics.set_placement_version(placement.version)
             t0 = time.perf_counter()
