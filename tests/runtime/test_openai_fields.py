@@ -230,3 +230,16 @@ def test_full_queue_is_503_with_retry_after(client: TestClient, engine: Engine) 
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert "needs 3 places (limit 2)" in r.json()["error"]["message"]
     assert engine.num_waiting == engine.num_running == 0
+
+
+def test_top_k_one_is_greedy_and_top_k_limits_sampling(client: TestClient, engine: Engine, ref_model) -> None:
+    ids = engine.encode(PROMPT)
+    body = {"prompt": ids, "max_tokens": 10, "temperature": 1.5, "seed": 11, "return_token_ids": True,
+            "ignore_eos": True, "logprobs": 3}
+    greedy = post(client, "/v1/completions", {**body, "temperature": 0})["choices"][0]["token_ids"]
+    assert post(client, "/v1/completions", {**body, "top_k": 1})["choices"][0]["token_ids"] == greedy
+    sampled = post(client, "/v1/completions", {**body, "top_k": 3, "n": 4})["choices"]
+    for choice in sampled:  # every pick is among the 3 most likely tokens of the raw distribution
+        ref = ref_logprobs(ref_model, ids + choice["token_ids"])[len(ids) - 1:-1]
+        for i, tok in enumerate(choice["token_ids"]):
+            assert tok in ref[i].topk(3).indices.tolist()
