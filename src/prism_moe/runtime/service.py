@@ -167,6 +167,7 @@ class ExpertService:
         self._worker: threading.Thread | None = None
         self._control_pool: ThreadPoolExecutor | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._ready: list[_Job] = []  # expert calls read in this round of the I/O thread, not yet handed over
         self._busy_since = 0.0  # monotonic time the worker started its current batch (0: idle)
         # jobs handed off (I/O thread) less those answered through the outbox (I/O thread) and those the
         # worker answered itself (`_sent_by_worker`, worker): `_out()` is what is in flight
@@ -286,7 +287,7 @@ class ExpertService:
         poller = select.poll()
         poller.register(sock.get(zmq.FD), select.POLLIN)
         poller.register(wake.fileno(), select.POLLIN)
-        held, outbox = self._held, self._outbox
+        held, outbox, ready, jobs = self._held, self._outbox, self._ready, self._jobs
         try:
             while not self._closing:
                 while outbox:
@@ -304,6 +305,12 @@ class ExpertService:
                         self._release(heapq.heappop(held))
                     if held:
                         timeout = max(1, math.ceil((held[0][0] - now) * 1000))
+                if ready:
+                    # handed over last, right before this thread lets go of the GIL in poll(): the worker
+                    # woken by the first put does not then wait for the GIL as well
+                    for job in ready:
+                        jobs.put(job)
+                    ready.clear()
                 if outbox or self._closing:
                     continue
                 for fd, _ in poller.poll(timeout):  # (GIL released)
@@ -368,7 +375,7 @@ class ExpertService:
                     reply = encode_expert_result(rid, layer, hidden, self.limits)
                 else:
                     self._inflight += 1
-                    self._jobs.put(_Job(route, rid, layer, ids, hidden))
+                    self._ready.append(_Job(route, rid, layer, ids, hidden))  # for the worker (`_serve`)
                     return
             elif header["type"] == PING:
                 busy = self._busy_since

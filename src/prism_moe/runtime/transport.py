@@ -65,7 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_WAIT_MS = 100  # a waiting call's longest blocking receive before it looks at `fail_inflight` again
-FIRST_CONNECT_MS = 200  # how long the first request on a new socket waits for its connection when sent
+FIRST_CONNECT_MS = 50  # how long the first request on a new socket waits for its connection when sent
 
 
 class TransportError(Exception):
