@@ -189,6 +189,14 @@ def test_place_and_simulate_commands_run_plan_algorithms(tmp_path, capsys):
     assert cli.main(["simulate", "--cluster", str(f), "--placement", str(tmp_path / "p.json"), "--requests", "6",
                      "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mean_latency_s"] == sim["mean_latency_s"]
+    # b dies at once; a (16 GiB) cannot hold b's 16 layers beside its own 10: nothing can be served
+    assert cli.main(["simulate", "--cluster", str(f), "--algorithm", "pipeline", "--requests", "6", "--json",
+                     "--fail", "b@0"]) == 0
+    dead = json.loads(capsys.readouterr().out)
+    assert dead["failed_requests"] == 6 and dead["failures"][0]["switched_at"] is None
+    assert dead["failures"][0]["stopped_homes"] == ["b", "a"]
+    assert cli.main(["simulate", "--cluster", str(f), "--algorithm", "pipeline", "--fail", "c@1"]) != 0
+    assert "SERVER@SECONDS" in capsys.readouterr().err
 
 
 def test_backup_owners_fill_the_roomiest_other_server_block_by_block():
@@ -260,8 +268,12 @@ def test_replan_uses_the_backup_then_a_holder_then_loads_where_memory_allows():
     r = replan_without(plan, np.array([False, True, False]), _sizes(), np.full(3, 10.0), np.ones((3, 3)))
     assert r.plan.executor[0].tolist() == [0, 0, 2] and r.plan.executor[2].tolist() == [0, 0, 2]
     assert r.loaded_bytes.tolist() == [3.0, 0.0, 0.0] and r.moved_layers == 2
-    # ... unless memory is short: server 0 (budget 4, uses 3) cannot take it; server 2 (6, uses 6) neither
+    # with 1 byte free on server 0: the dense part goes there, its experts replace c's spare copy of layer 0
     r = replan_without(plan, np.array([False, True, False]), _sizes(), np.array([4.0, 10.0, 6.0]), np.ones((3, 3)))
+    assert r.loaded_bytes.tolist() == [1.0, 0.0, 2.0] and not r.plan.placement.hosts[2, 0].any()
+    assert r.plan.backup is not None and (r.plan.backup == -1).all()  # c no longer holds the whole layer 0
+    # ... and with no room for the dense part anywhere, no plan
+    r = replan_without(plan, np.array([False, True, False]), _sizes(), np.array([3.5, 10.0, 6.0]), np.ones((3, 3)))
     assert r.plan is None and "layer 1" in r.reason
 
 
@@ -275,3 +287,39 @@ def test_replan_of_a_placement_only_reloads_orphaned_experts():
     assert r.loaded_bytes.sum() == 0 and r.moved_layers == 0  # b's expert has a live copy on c
     r = replan_without(plan, np.array([True, False, False]), _sizes(), np.full(3, 5.0), np.ones((3, 3)))
     assert r.loaded_bytes.sum() == 1.0 and r.plan.placement.hosts[1:, 0, 0].sum() == 1
+
+
+def test_replan_evicts_a_spare_replica_when_no_memory_is_free():
+    from prism_moe.placement.failover import replan_without
+
+    # every server full (2 experts of 1 byte, budget 2 + 1 dense byte); expert 0 only on a, expert 1 on b and c
+    hosts = np.zeros((3, 1, 2), dtype=bool)
+    hosts[0, 0, :] = True
+    hosts[1, 0, 1] = hosts[2, 0, 1] = True
+    hosts[1, 0, 0] = False
+    plan = ExecutionPlan.from_placement(Placement.from_hosts(["a", "b", "c"], hosts, np.ones((3, 3))))
+    budget = np.array([3.0, 2.0, 2.0])  # b and c: dense 1 + one expert
+    r = replan_without(plan, np.array([True, False, False]), _sizes(), budget, np.ones((3, 3)))
+    assert r.plan is not None and r.loaded_bytes.sum() == 1.0
+    assert r.plan.placement.hosts[1:, 0].sum(axis=0).tolist() == [1, 1]  # one copy of 1 gave way to expert 0
+
+
+def test_plan_migration_counts_dense_blocks_and_experts_from_the_fastest_holder():
+    from prism_moe.placement.cost import plan_fetched_bytes, plan_migration_seconds
+
+    def pipe(owner):
+        hosts = np.zeros((3, 2, 2), dtype=bool)
+        hosts[owner, np.arange(2)] = True
+        dense = np.zeros((3, 2), dtype=bool)
+        dense[owner, np.arange(2)] = True
+        return ExecutionPlan(Placement.from_hosts(["a", "b", "c"], hosts, np.ones((3, 3))), np.tile(owner, (3, 1)),
+                             dense)
+
+    sizes = PlanSizes(base=0.0, dense_layer=100.0, expert=10.0, kv_token_layer=0.0, num_experts=2)
+    old, new = pipe([0, 1]), pipe([2, 1])  # layer 0 moves a -> c: its dense part and both experts
+    assert plan_fetched_bytes(old, new, sizes).tolist() == [0.0, 0.0, 120.0]
+    bw = np.full((3, 3), 8.0)  # 1 byte/s
+    bw[0, 2] = 80.0  # a -> c: 10 bytes/s
+    assert plan_migration_seconds(old, new, bw, sizes) == pytest.approx(12.0)
+    assert plan_migration_seconds(old, old, bw, sizes) == 0.0
+

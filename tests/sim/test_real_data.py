@@ -53,3 +53,13 @@ def test_experiment_command_writes_table_plot_and_numbers(esft, tmp_path, capsys
 
     rows = json.loads((tmp_path / "heterogeneity.json").read_text())["rows"]
     assert {r["algorithm"] for r in rows} == {"uniform", "latency"} and len(rows) == 4
+
+
+def test_failures_experiment_reports_lost_requests_and_backups(esft):
+    from prism_moe.sim.experiments import failures
+
+    exp = failures(requests=6, jobs=1, algorithms=["pipeline-opt-rep"])
+    by = {r["scenario"]: r for r in exp.rows}
+    assert len(by) == 3 and all(r["requests"] == 6 and 0 <= r["failed"] <= 6 for r in exp.rows)
+    assert by["60%, edge-3 dies"]["from_backup"] > 0 and by["60%, edge-3 dies"]["loaded_gb"] == 0.0
+    assert by["60%, edge-3 dies"]["replanned"] == "+1.0 s"  # detection only: the backups hold the blocks

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-NAMES = ["paper-table", "migration", "scale", "heterogeneity", "crossover"]
+NAMES = ["paper-table", "migration", "scale", "heterogeneity", "crossover", "failures"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("experiment", help="run a simulator experiment (paper-table, migration, scale, heterogeneity, crossover)",
+    p = sub.add_parser("experiment", help="run a simulator experiment (paper-table, migration, scale, heterogeneity, crossover, "
+                                             "failures)",
                        description="Run a paper-scale experiment in the cluster simulator; prints a table and "
                                    "writes NAME.png, NAME.csv and NAME.json into --out.")
     p.add_argument("name", choices=NAMES)

@@ -16,6 +16,7 @@ import numpy as np
 from prism_moe.config import ClusterSpec
 from prism_moe.model.spec import ModelSpec
 from prism_moe.placement.placement import Placement
+from prism_moe.placement.plan import ExecutionPlan, PlanSizes
 from prism_moe.placement.problem import Problem
 
 
@@ -67,4 +68,32 @@ def migration_seconds(old: Placement, new: Placement, problem_or_cluster: Proble
         sources = old.hosts[:, moved[r]]  # [S, M]: old holders of each expert r fetches
         best_bw = np.where(sources, bw[:, r][:, None], 0.0).max(axis=0)  # [M]
         worst = max(worst, float((bits / best_bw).sum()))
+    return worst
+
+
+def plan_fetched_bytes(old: ExecutionPlan, new: ExecutionPlan, sizes: PlanSizes) -> np.ndarray:
+    """Bytes each server fetches to go from plan `old` to `new`: the experts it gains and the dense part of
+    each layer it gains (a plan's blocks move with their attention, norms, router and shared experts):
+    float [S]."""
+    _same_layout(old.placement, new.placement)
+    experts = new.placement.moved_from(old.placement).sum(axis=(1, 2))
+    dense = (new.dense & ~old.dense).sum(axis=1)
+    return experts * sizes.expert + dense * sizes.dense_layer
+
+
+def plan_migration_seconds(old: ExecutionPlan, new: ExecutionPlan, bandwidth_bps: np.ndarray, sizes: PlanSizes) -> float:
+    """Seconds until every receiver holds what `new` adds: the same model as `migration_seconds` (one item
+    after another per receiver, each from the old holder with the fastest link), dense blocks included.
+    bandwidth_bps: float [S, S] (`ClusterSpec.link_matrices()[0]`)."""
+    _same_layout(old.placement, new.placement)
+    bw = np.asarray(bandwidth_bps, dtype=np.float64)
+    worst = 0.0
+    moved = new.placement.moved_from(old.placement)  # [S, L, E]
+    dense_new = new.dense & ~old.dense  # [S, L]
+    for r in np.flatnonzero(moved.any(axis=(1, 2)) | dense_new.any(axis=1)).tolist():
+        src = old.placement.hosts[:, moved[r]]  # [S, M]
+        secs = float((8.0 * sizes.expert / np.where(src, bw[:, r][:, None], 0.0).max(axis=0)).sum())
+        dsrc = old.dense[:, dense_new[r]]  # [S, D]
+        secs += float((8.0 * sizes.dense_layer / np.where(dsrc, bw[:, r][:, None], 0.0).max(axis=0)).sum())
+        worst = max(worst, secs)
     return worst

@@ -9,7 +9,9 @@ what the failure broke (fewest loads, no solver):
    layer's dense part is loaded on the previous layer's executor, the home, or the survivor with most
    free memory, in that order among those where it fits (with the layer's lost experts if possible).
 2. Every expert left without a live copy is loaded on a survivor that executes its layer (then any
-   survivor) with free memory, most free first.
+   survivor) with free memory, most free first; with none free, a spare replica (an expert with another
+   live copy) is evicted for it, on a server that does not execute that replica's layer first (as the
+   scheduler's `repair_hosts` does for placements).
 
 Loads come from each survivor's own checkpoint (the weights are on its disk, as `prism serve` loads
 them): `loaded_bytes [S]`. When the survivors' memory (`weight_budget`, bytes [S]) cannot hold what is
@@ -88,10 +90,16 @@ def replan_without(plan: ExecutionPlan, dead: np.ndarray, sizes: PlanSizes, weig
         runs[ex[h], np.arange(layers)] = True
     for l, e in np.argwhere(~hosts.any(axis=0)).tolist():
         cand = [p for p in np.argsort(-free).tolist() if live[p] and free[p] >= sizes.expert]
-        if not cand:
-            return Repair(None, loaded, moved, from_backup,
-                          f"the survivors' memory cannot hold a copy of expert {e} of layer {l}: "
-                          f"{format_bytes(float(np.where(live, free, 0).sum()))} free in all")
+        if not cand:  # evict a spare replica (its expert keeps another live copy), one its server does not run first
+            spare = np.argwhere(hosts & (hosts.sum(axis=0, keepdims=True) >= 2))
+            if not len(spare):
+                return Repair(None, loaded, moved, from_backup,
+                              f"the survivors' memory cannot hold a copy of expert {e} of layer {l}: "
+                              f"{format_bytes(float(np.where(live, free, 0).sum()))} free and no spare replica")
+            q, lq, eq = spare[np.argmin(runs[spare[:, 0], spare[:, 1]])]
+            hosts[q, lq, eq] = False
+            free[q] += sizes.expert
+            cand = [int(q)]
         p = next((q for q in cand if runs[q, l]), cand[0])
         hosts[p, l, e] = True
         free[p] -= sizes.expert

@@ -335,3 +335,24 @@ def _search_blocks(est: PlanEstimate, n: np.ndarray, cluster: ClusterSpec, model
     for h in range(s_n):
         used[plan.executor[h], np.arange(layers)] = True
     return _block_plan(used, plan.executor, cluster, model)
+
+
+def plan_decision(current: ExecutionPlan, candidate: ExecutionPlan, stats: ClusterStats, cluster: ClusterSpec,
+                  model: ModelSpec, period_s: float, *, prompt_tokens: float = 512, output_tokens: float = 128,
+                  margin: float = 0.0) -> dict:
+    """Move to `candidate` only when C(candidate) + T_mig < C(current) x (1 - margin), the scheduler's rule
+    for placements applied to plans: C(P) = period x sum_h rate_h x estimated request latency_h under
+    `stats` (request-seconds spent over the period), T_mig = `plan_migration_seconds` (experts and dense
+    blocks over the links)."""
+    from prism_moe.placement.cost import plan_fetched_bytes, plan_migration_seconds
+
+    est = PlanEstimate.build(stats, cluster, model, prompt_tokens, output_tokens)
+    sizes = PlanSizes.of(model)
+
+    def cost(plan: ExecutionPlan) -> float:
+        return float(period_s * (est.rate @ est.total(plan)[1]))
+
+    c_cur, c_new = cost(current), cost(candidate)
+    t_mig = plan_migration_seconds(current, candidate, cluster.link_matrices()[0], sizes)
+    return {"migrate": bool(c_new + t_mig < c_cur * (1 - margin)), "cost_current": c_cur, "cost_candidate": c_new,
+            "migration_seconds": t_mig, "migration_bytes": float(plan_fetched_bytes(current, candidate, sizes).sum())}

@@ -569,8 +569,10 @@ class Engine:
 
     def _start_migration(self, ch: PlacementChange, t: float, link_free, mig_left, push, st: EngineStats) -> None:
         old = self.placement
-        new = ch.placement.placement if isinstance(ch.placement, ExecutionPlan) else ch.placement
-        rec = {"start": t, "end": t, "bytes": 0.0, "experts": 0, "placement": ch.placement, "links_left": 0}
+        new_plan = ch.placement if isinstance(ch.placement, ExecutionPlan) else ExecutionPlan.from_placement(ch.placement)
+        new = new_plan.placement
+        rec = {"start": t, "end": t, "bytes": 0.0, "experts": 0, "dense_layers": 0, "placement": ch.placement,
+               "links_left": 0}
         st.migrations.append(rec)
         if not ch.migrate:
             push(t, SWITCH, rec)
@@ -578,10 +580,17 @@ class Engine:
         added = new.hosts & ~old.hosts  # [S, L, E]
         bw = self.cost.bandwidth_bps
         per_link: dict[tuple[int, int], float] = {}
-        for d, l, e in np.argwhere(added):
-            holders = np.flatnonzero(old.hosts[:, l, e])
+
+        def fetch(holders: np.ndarray, d: int, nbytes: float) -> None:
             src = int(holders[np.argmax(bw[holders, d])])  # the fastest link into d
-            per_link[(src, int(d))] = per_link.get((src, int(d)), 0.0) + self.cost.expert_bytes
+            per_link[(src, d)] = per_link.get((src, d), 0.0) + nbytes
+
+        for d, l, e in np.argwhere(added):
+            fetch(np.flatnonzero(old.hosts[:, l, e]), int(d), self.cost.expert_bytes)
+        dense_added = new_plan.dense & ~self.plan.dense  # [S, L]: a plan's dense blocks move too
+        for d, l in np.argwhere(dense_added):
+            fetch(np.flatnonzero(self.plan.dense[:, l]), int(d), self.cost.dense_layer_bytes)
+        rec["dense_layers"] = int(dense_added.sum())
         rec["experts"] = int(added.sum())
         rec["bytes"] = float(sum(per_link.values()))
         rec["links_left"] = len(per_link)

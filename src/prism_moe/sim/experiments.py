@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from prism_moe.placement.plan import ExecutionPlan
 from prism_moe.sim import scenarios as sc
-from prism_moe.sim.engine import PlacementChange
-from prism_moe.sim.run import Scenario, build_scenario, make_placement, simulate
+from prism_moe.sim.engine import PlacementChange, ServerFailure
+from prism_moe.sim.run import Scenario, build_scenario, make_placement, mean_lengths, simulate
 
 PAPER_ALGORITHMS = ["uniform", "redundance", "eplb", "smartmoe", "prism", "optimal", "latency",
                     "pipeline", "pipeline-opt", "hybrid"]
@@ -42,6 +43,11 @@ class Task:
     seed: int
     variant: str = ""  # migration: static / replace / replace-free
     switch_s: float = 0.0
+    failures: tuple[ServerFailure, ...] = ()
+
+
+def _as_plan(p) -> ExecutionPlan:
+    return p if isinstance(p, ExecutionPlan) else ExecutionPlan.from_placement(p)
 
 
 _SCEN: dict[str, Scenario] = {}  # set before forking; workers read it
@@ -53,15 +59,27 @@ def _run(task: Task) -> dict:
     placement = make_placement(scen, task.algorithm)
     place_s = time.perf_counter() - t0
     changes = None
+    decision = None
     if task.variant in ("replace", "replace-free"):
         new = make_placement(scen, task.algorithm, phase=1, current=placement)
-        changes = [PlacementChange(task.switch_s, new, migrate=task.variant == "replace")]
-    res = simulate(scen, placement, n_requests=task.requests, seed=task.seed, changes=changes)
+        if isinstance(new, ExecutionPlan):  # a plan moves only when C(new) + T_mig < C(current)
+            from prism_moe.placement.hybrid import plan_decision
+
+            prompt, output = mean_lengths(scen, phase=1)
+            decision = plan_decision(_as_plan(placement), new, scen.stats(1), scen.cluster, scen.model,
+                                     task.switch_s, prompt_tokens=prompt, output_tokens=output)
+        if decision is None or decision["migrate"]:
+            changes = [PlacementChange(task.switch_s, new, migrate=task.variant == "replace")]
+    res = simulate(scen, placement, n_requests=task.requests, seed=task.seed, changes=changes,
+                   failures=task.failures or None)
     row = res.summary()
-    row.update(scenario=task.scenario, algorithm=task.algorithm, variant=task.variant, place_s=place_s)
+    if decision is not None:
+        row["decision"] = decision
+    row.update(scenario=task.scenario, algorithm=task.algorithm, variant=task.variant, place_s=place_s,
+               switch_s=task.switch_s)
     if task.switch_s:
-        after = res.window(task.switch_s)
-        before = res.window(0.0, task.switch_s)
+        after = res.window(task.switch_s) & res.done  # requests lost to a failure have no latency
+        before = res.window(0.0, task.switch_s) & res.done
         row["mean_latency_after_s"] = float(res.latency[after].mean()) if after.any() else 0.0
         row["mean_latency_before_s"] = float(res.latency[before].mean()) if before.any() else 0.0
         row["series"] = {"arrival": res.requests.arrival.tolist(), "latency": res.latency.tolist()}
@@ -137,7 +155,7 @@ def migration(data_dir=None, requests: int = 240, seed: int = 0, jobs: int | Non
     (copies over the links, serving continues on the old placement until they land), or switched for
     free (an unreachable bound)."""
     t0 = time.perf_counter()
-    algorithms = algorithms or ["prism", "latency"]
+    algorithms = algorithms or ["prism", "latency", "hybrid"]
     cluster = sc.paper_cluster("deepseek-v2-lite")
     switch_s = requests / 2 / sum(s.request_rate for s in cluster.servers)
     phases = [[(0.0, s.workload), (switch_s, SWITCH[s.workload])] for s in cluster.servers]
@@ -157,6 +175,11 @@ def migration(data_dir=None, requests: int = 240, seed: int = 0, jobs: int | Non
                          f"{by['replace']['mean_latency_after_s']:.2f} s with re-placement "
                          f"({by['replace']['migration_gb']:.2f} GB moved in {by['replace']['migration_s']:.1f} s) "
                          f"(paper, prism: 7.48 s -> 6.73 s)")
+        dec = by.get("replace", {}).get("decision")
+        if dec:
+            lines.append(f"{a}: re-plan decision C(new) {dec['cost_candidate']:.0f} + T_mig {dec['migration_seconds']:.1f}"
+                         f" {'<' if dec['migrate'] else '>='} C(current) {dec['cost_current']:.0f} request-seconds: "
+                         f"{'migrate' if dec['migrate'] else 'keep the current plan'}")
     cols = [("algorithm", "algorithm", "{}"), ("variant", "variant", "{}"),
             ("mean_latency_before_s", "before s", "{:.2f}"), ("mean_latency_after_s", "after s", "{:.2f}"),
             ("mean_latency_s", "all s", "{:.2f}"), ("p95_latency_s", "p95 s", "{:.2f}"),
@@ -165,13 +188,36 @@ def migration(data_dir=None, requests: int = 240, seed: int = 0, jobs: int | Non
     return Experiment("migration", rows, cols, lines, time.perf_counter() - t0, {"switch_s": switch_s})
 
 
+# Plan algorithms in `scale` up to this many servers: `pipeline-opt`'s DP and `hybrid`'s block search grow
+# with servers x layers x servers (hybrid: 5 s at 16 servers) and a 64-256-stage pipeline is not a
+# configuration anyone would run.
+PLAN_SCALE_MAX_SERVERS = 16
+PLAN_ONLY = ("pipeline", "pipeline-opt", "hybrid", "pipeline-rep", "pipeline-opt-rep")
+
+
+def _plan_lines(key: str, by: dict) -> list[str]:
+    """Findings for a scenario's plan algorithms: hybrid against the best pipeline and the best placement."""
+    out = []
+    pipes = {a: by[a]["mean_latency_s"] for a in ("pipeline", "pipeline-opt") if a in by}
+    places = {a: by[a]["mean_latency_s"] for a in by if a not in PLAN_ONLY}
+    if "hybrid" in by and pipes:
+        best = min(pipes, key=pipes.get)
+        out.append(f"{key}: hybrid {by['hybrid']['mean_latency_s']:.2f} s vs best pipeline ({best}) "
+                   f"{pipes[best]:.2f} s: {1 - by['hybrid']['mean_latency_s'] / pipes[best]:+.1%}")
+    if "hybrid" in by and places:
+        best = min(places, key=places.get)
+        out.append(f"{key}: hybrid vs best placement ({best}) {places[best]:.2f} s: "
+                   f"{places[best] / by['hybrid']['mean_latency_s']:.1f}x lower")
+    return out
+
+
 def scale(data_dir=None, requests: int = 120, seed: int = 0, jobs: int | None = None,
           algorithms: list[str] | None = None, gpus: list[int] | None = None,
           bandwidths: list[float] | None = None) -> Experiment:
     """1-GPU A100 servers, ESFT domains round-robin, 0.05 requests/s each: GPUs 4..256 at 500 Mbps, and
     100..1000 Mbps at 16 GPUs (a cross, not the full grid: the 256-GPU runs dominate the run time)."""
     t0 = time.perf_counter()
-    algorithms = algorithms or ["eplb", "prism", "latency"]
+    algorithms = algorithms or ["eplb", "prism", "latency", "pipeline", "pipeline-opt", "hybrid"]
     gpus = gpus or [4, 16, 64, 256]
     bandwidths = bandwidths or [100.0, 200.0, 500.0, 1000.0]
     points = [(g, 500.0) for g in gpus] + [(16, bw) for bw in bandwidths if (16, bw) not in [(g, 500.0) for g in gpus]]
@@ -179,7 +225,8 @@ def scale(data_dir=None, requests: int = 120, seed: int = 0, jobs: int | None = 
     for g, bw in points:
         key = f"{g}gpu-{bw:g}mbps"
         scen[key] = build_scenario(sc.scale_cluster(g, bw), data_dir=data_dir, seed=seed)
-        tasks += [Task(key, a, requests, seed) for a in algorithms]
+        tasks += [Task(key, a, requests, seed) for a in algorithms
+                  if a not in PLAN_ONLY or g <= PLAN_SCALE_MAX_SERVERS]
     rows = [_slim(r) for r in run_tasks(scen, tasks, jobs)]
     for r in rows:
         g, bw = r["scenario"].split("-")
@@ -189,6 +236,7 @@ def scale(data_dir=None, requests: int = 120, seed: int = 0, jobs: int | None = 
         by = {r["algorithm"]: r for r in rows if r["scenario"] == key}
         if "latency" in by and "prism" in by:
             lines.append(f"{key}: latency vs prism {1 - by['latency']['mean_latency_s'] / by['prism']['mean_latency_s']:+.1%}")
+        lines += _plan_lines(key, by)
     cols = [("gpus", "GPUs", "{}"), ("bandwidth_mbps", "Mbps", "{:g}"), ("algorithm", "algorithm", "{}"),
             ("mean_latency_s", "mean s", "{:.2f}"), ("p95_latency_s", "p95 s", "{:.2f}"),
             ("mean_ttft_s", "TTFT s", "{:.2f}"), ("mean_tpot_s", "TPOT ms", "ms"),
@@ -217,6 +265,7 @@ def heterogeneity(data_dir=None, requests: int = 150, seed: int = 0, jobs: int |
             lines.append(f"{k}: latency vs prism {by['latency']['vs_prism']:+.1%}"
                          + (f", vs optimal {1 - by['latency']['mean_latency_s'] / by['optimal']['mean_latency_s']:+.1%}"
                             if "optimal" in by else ""))
+        lines += _plan_lines(k, by)
     rows = [_slim(r) for r in rows]
     cols = [("scenario", "heterogeneous", "{}"), ("algorithm", "algorithm", "{}"),
             ("mean_latency_s", "mean s", "{:.2f}"), ("p95_latency_s", "p95 s", "{:.2f}"),
@@ -224,6 +273,49 @@ def heterogeneity(data_dir=None, requests: int = 150, seed: int = 0, jobs: int |
             ("remote_fraction", "remote", "{:.1%}"), ("backlog", "backlog", "{:.0%}"),
             ("vs_prism", "vs prism", "{:+.1%}"), ("place_s", "place s", "{:.2f}")]
     return Experiment("heterogeneity", rows, cols, lines, time.perf_counter() - t0)
+
+
+FAILURE_ALGORITHMS = ["prism", "pipeline", "pipeline-rep", "pipeline-opt", "pipeline-opt-rep", "hybrid"]
+# (name, memory share of each GPU, server that dies): the paper's 30% leaves no room for a second copy
+# of the blocks; 60% holds two copies of the model (and one on the two survivors of either loss)
+FAILURE_CASES = [("30%, edge-1 dies", 0.30, 0), ("60%, edge-1 dies", 0.60, 0), ("60%, edge-3 dies", 0.60, 2)]
+
+
+def failures(data_dir=None, requests: int = 120, seed: int = 0, jobs: int | None = None,
+             algorithms: list[str] | None = None) -> Experiment:
+    """The paper's DeepSeek cluster; one server dies halfway through the arrivals. Expert placements keep
+    each request's KV cache at home (only the dead home's requests are lost); a pipeline loses every
+    request in flight that had a block there, then runs the dead stage's blocks on their backups
+    (replicated plans) or on survivors that load them from their checkpoints, if memory allows."""
+    t0 = time.perf_counter()
+    algorithms = algorithms or FAILURE_ALGORITHMS
+    scen, tasks = {}, []
+    for name, share, dead in FAILURE_CASES:
+        cluster = sc.paper_cluster("deepseek-v2-lite", memory_share=share)
+        t_fail = requests / 2 / sum(s.request_rate for s in cluster.servers)
+        scen[name] = build_scenario(cluster, data_dir=data_dir, seed=seed)
+        tasks += [Task(name, a, requests, seed, "", t_fail, (ServerFailure(t_fail, dead),)) for a in algorithms]
+    rows = run_tasks(scen, tasks, jobs)
+    lines = []
+    for r in rows:
+        f = (r.get("failures") or [{}])[0]
+        r["failed"] = r.get("failed_requests", 0)
+        r["replanned"] = "no room" if f.get("switched_at") is None else f"+{f['switched_at'] - f['time']:.1f} s"
+        r["loaded_gb"] = f.get("loaded_bytes", 0.0) / 1e9
+        r["from_backup"] = f.get("from_backup", 0)
+    for name, _, _ in FAILURE_CASES:
+        by = {r["algorithm"]: r for r in rows if r["scenario"] == name}
+        for a in ("pipeline", "pipeline-opt"):
+            if a in by and f"{a}-rep" in by:
+                lines.append(f"{name}: {a} {by[a]['failed']} failed, re-planned {by[a]['replanned']}; with replicated "
+                             f"blocks {by[a + '-rep']['failed']} failed, re-planned {by[a + '-rep']['replanned']} "
+                             f"({by[a + '-rep']['from_backup']} layer runs taken over by backups)")
+    cols = [("scenario", "case", "{}"), ("algorithm", "algorithm", "{}"),
+            ("mean_latency_before_s", "before s", "{:.2f}"), ("mean_latency_after_s", "after s", "{:.2f}"),
+            ("failed", "failed", "{}"), ("requests", "requests", "{}"), ("replanned", "re-planned", "{}"),
+            ("loaded_gb", "loaded GB", "{:.2f}"), ("from_backup", "from backup", "{}")]
+    return Experiment("failures", rows, cols, lines, time.perf_counter() - t0,
+                      {"cases": [{"case": n, "memory_share": m, "dies": d} for n, m, d in FAILURE_CASES]})
 
 
 PLAN_RIVALS = ["prism", "latency", "pipeline", "pipeline-opt"]
@@ -294,6 +386,7 @@ EXPERIMENTS: dict[str, Callable[..., Experiment]] = {
     "scale": scale,
     "heterogeneity": heterogeneity,
     "crossover": crossover,
+    "failures": failures,
 }
 
 

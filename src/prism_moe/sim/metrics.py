@@ -46,7 +46,7 @@ class SimResult:
 
     @property
     def makespan_s(self) -> float:
-        return float(np.nanmax(self.finish)) if len(self.finish) else 0.0
+        return float(np.nanmax(self.finish)) if self.done.any() else 0.0
 
     def utilisation(self) -> np.ndarray:
         """GPU busy share per server over the run: float [S]."""
@@ -116,6 +116,6 @@ class SimResult:
                                     stopped_homes=[self.server_names[h] for h in f["stopped_homes"]])
                                for f in st.failures]
         if st.migrations:
-            out["migrations"] = [{k: v for k, v in m.items() if k in ("start", "end", "bytes", "experts")}
+            out["migrations"] = [{k: v for k, v in m.items() if k in ("start", "end", "bytes", "experts", "dense_layers")}
                                  for m in st.migrations]
         return out

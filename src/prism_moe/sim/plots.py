@@ -97,6 +97,24 @@ def plot(exp: Experiment, path: Path) -> None:
             ax.set_ylabel("one-way latency (ms)")
             ax.set_title(f"{loc}, {rate:g} req/s per server: hybrid vs best rival")
         fig.colorbar(im, ax=axes[0].tolist(), label="latency reduction (%)")
+    elif exp.name == "failures":
+        cases = list(dict.fromkeys(r["scenario"] for r in rows))
+        fig, axes = plt.subplots(1, len(cases), figsize=(5.2 * len(cases), 4.2), squeeze=False)
+        for ax, case in zip(axes[0], cases, strict=True):
+            for i, r in enumerate(r for r in rows if r["scenario"] == case):
+                x, y = np.array(r["series"]["arrival"]), np.array(r["series"]["latency"])
+                ok = np.isfinite(y)  # failed requests have no latency
+                x, y = rolling(x[ok], y[ok], 10)
+                ax.plot(x, y, lw=1.2, color=f"C{i}", label=f"{r['algorithm']} ({r['failed']} failed)")
+            t_fail = next(r.get("switch_s") for r in rows if r["scenario"] == case)
+            if t_fail:
+                ax.axvline(t_fail, color="k", ls="--", lw=1)
+            ax.set_yscale("log")
+            ax.set_xlabel("request arrival time (s)")
+            ax.set_ylabel("latency, mean of last 10 completed (s)")
+            ax.set_title(case)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     else:
         raise ValueError(f"no plot for {exp.name}")
     fig.tight_layout()

@@ -33,10 +33,11 @@ def server(name: str, gpu: str, gpus: int, share: float, workload: str | None, r
 
 
 def paper_cluster(model: str, bandwidth_mbps: float = 500.0, rate: float = RATE, latency_ms: float = LATENCY_MS,
-                  locality: bool = True) -> ClusterSpec:
-    """3 servers with 1, 1 and 2 A100-40GB, the paper's memory share for the model, one workload each
-    (locality=False: no workload, every server's tokens routed uniformly: no own-domain locality)."""
-    share = MEMORY_SHARE[model]
+                  locality: bool = True, memory_share: float | None = None) -> ClusterSpec:
+    """3 servers with 1, 1 and 2 A100-40GB, the paper's memory share for the model (or `memory_share`),
+    one workload each (locality=False: no workload, every server's tokens routed uniformly: no own-domain
+    locality)."""
+    share = memory_share or MEMORY_SHARE[model]
     wl = WORKLOADS[model] if locality else [None] * 3
     return cluster_from_dict({
         "model": model,
