@@ -5,6 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from prism_moe.model.spec import PRESETS, ModelSpec, load_model_spec
+from prism_moe.model.tiny import ARCHS, tiny_config
 
 TINY = {
     "mixtral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -30,9 +31,7 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("model_type", sorted(TINY))
-def test_param_counts_match_transformers(model_type):
-    cfg = AutoConfig.for_model(model_type, **TINY[model_type])
+def _check_counts(cfg) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and "shared" not in n)
@@ -43,6 +42,17 @@ def test_param_counts_match_transformers(model_type):
     assert list(spec.moe_layer_ids) == moe_layers
     assert spec.total_experts * spec.expert_params == expert_params
     assert spec.dense_params == total - expert_params
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_param_counts_match_transformers(model_type):
+    _check_counts(AutoConfig.for_model(model_type, **TINY[model_type]))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_param_counts_of_every_tiny_family(arch):
+    """Each family's own field names (ERNIE's moe_num_experts / moe_k / moe_layer_*), biases, norms, sinks."""
+    _check_counts(tiny_config(arch))
 
 
 # Published totals (model cards / papers), in billions of parameters.

@@ -13,7 +13,11 @@ from prism_moe.model.tiny import ARCHS, make_tiny_model
 
 MODEL_CLASS = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-               "deepseek_v2": "DeepseekV2ForCausalLM"}
+               "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+               "gpt_oss": "GptOssForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+               "glm4_moe": "Glm4MoeForCausalLM", "phimoe": "PhimoeForCausalLM", "dots1": "Dots1ForCausalLM",
+               "minimax_m2": "MiniMaxM2ForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
+               "sarvam_moe": "Glm4MoeForCausalLM"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -58,6 +62,22 @@ def test_deterministic_for_a_seed(tmp_path):
     assert _digest(a)["model.safetensors"] != _digest(c)["model.safetensors"]
     assert _digest(a)["tokenizer.json"] == _digest(c)["tokenizer.json"]
     assert AutoModelForCausalLM.from_pretrained(a).config.num_experts == 4
+
+
+def test_cli_offers_every_arch():
+    from prism_moe.commands.tiny import ARCH_CHOICES
+
+    assert tuple(ARCH_CHOICES) == ARCHS and sorted(MODEL_CLASS) == sorted(ARCHS)
+
+
+def test_deepseek_v3_ships_an_mtp_layer(tiny_dir):
+    """Like the hub checkpoint: `model.layers.<num_hidden_layers>.*`, which transformers does not build."""
+    from safetensors import safe_open
+
+    path = tiny_dir("deepseek_v3")
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert {"model.layers.3.eh_proj.weight", "model.layers.3.mlp.experts.7.down_proj.weight"} <= keys
 
 
 def test_unknown_arch(tmp_path):

@@ -227,3 +227,17 @@ def test_declaring_a_server_down_fails_its_calls_in_flight_at_once(setup):
     finally:
         hang.set()
         c.service.handler = plain
+
+
+def test_a_holder_only_suspected_is_tried_before_waiting_for_a_repair(setup):
+    """A suspicion may be stale (a server resumed from SIGSTOP finds every deadline of its calls passed): when
+    no unsuspected holder is left, a failover tries the suspected ones before waiting for a repair."""
+    d, b, c, _ = setup
+    d._suspect["b"] = time.monotonic() + 60  # b answers, but this server still suspects it
+    assert d.locate(0, 1) == "c"
+    c.held.clear()  # c dropped its copies: it answers not_held
+    ids = torch.tensor([1, 2])
+    t0 = time.monotonic()
+    out = d.remote(0, {"c": (ids, _x(2))})["c"].result(10)
+    assert torch.equal(out, _x(2) * (ids[:, None] + 1))
+    assert time.monotonic() - t0 < 2.0 and b.calls == 1  # no repair wait (5 s here)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-ARCH_CHOICES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
+# The architectures model/tiny.py builds (kept literal so `prism --help` does not import torch).
+ARCH_CHOICES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "ernie4_5_moe",
+                "glm4_moe", "phimoe", "dots1", "minimax_m2", "flex_olmo", "sarvam_moe"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,14 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from prism_moe.model.spec import ModelSpec
-    from prism_moe.model.tiny import make_tiny_model
+    from prism_moe.model.tiny import EXPERTS_FIELD, make_tiny_model
 
     overrides = {}
     if args.layers is not None:
         overrides["num_hidden_layers"] = args.layers
     if args.experts is not None:
-        key = {"mixtral": "num_local_experts", "deepseek_v2": "n_routed_experts"}.get(args.arch, "num_experts")
-        overrides[key] = args.experts
+        overrides[EXPERTS_FIELD.get(args.arch, "num_experts")] = args.experts
     path = make_tiny_model(args.arch, args.out, seed=args.seed, **overrides)
     print(f"wrote {path}: {ModelSpec.from_pretrained(path).summary()}")
     return 0

@@ -2,23 +2,30 @@
 
 The model skeleton is built with every parameter on the meta device (buffers such as RoPE frequencies are
 computed for real), dense tensors are then read one by one from the safetensors files, and each MoE layer's
-held experts go into `ExpertSlots` (one slot pool). The fused expert parameters of the transformers modules are left as
+held experts go into `ExpertSlots` (one slot pool). The expert parameters of the transformers modules are left as
 zero-size tensors, so resident weight memory is dense + held experts only.
 
-Checkpoints may be in transformers' original per-expert layout (what the hub has and what `save_pretrained`
-writes: `...experts.<e>.{gate_proj,up_proj,down_proj}.weight`, Mixtral's `w1/w3/w2` under
-`block_sparse_moe`) or in the fused in-memory layout (`...experts.gate_up_proj` [E, 2I, H],
-`...experts.down_proj` [E, H, I]); single file or sharded with `model.safetensors.index.json`. Only the bytes
-of the needed tensors are read (`safe_open` + `get_slice`).
+Checkpoint keys are mapped to model parameters with transformers' own conversion mapping for the model
+(`get_model_conversion_mapping`: its renamings, then at most one `WeightConverter`, exactly as
+`from_pretrained` does), so every layout transformers loads is read the same way: the original per-expert
+layout of the hub (`...experts.<e>.gate_proj.weight`, Mixtral's `w1/w3/w2`), fused on-disk experts
+(`...experts.gate_up_proj` [E, ...]) and whatever the family's converters build (e.g. split or fused dense
+projections). An expert converter runs on one expert's tensors at a time (its merge then makes [1, ...]), so
+only the bytes of held experts are read (`safe_open` + `get_slice`). Quantized checkpoints are dequantized with
+the format's rules (`quant.py`) before the converters run; other quantizations are refused, and a tensor
+holding quantized codes is never loaded as if it were values. Keys transformers drops on load (its
+`_keys_to_ignore_on_load_unexpected`, multi-token-prediction layers past `num_hidden_layers`) are ignored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import logging
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from .experts import ExpertDispatcher, LocalDispatcher, attach, experts_modules
+from .families import ExpertsLayout, UnsupportedModelError, check_servable
+from .quant import Fp8Blocks, Mxfp4, QuantFormat, QuantizationError, is_quantized_dtype, quant_format
 from .slots import ExpertSlots, layer_slots
 from .spec import ModelSpec
 
-# Per-expert tensor names of the original layouts -> which part of the fused expert they are.
-_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-_PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<name>w1|w2|w3|gate_proj|up_proj|down_proj)"
-                            r"\.weight$")
-_FUSED_RE = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<name>gate_up_proj|down_proj)$")
+log = logging.getLogger(__name__)
+
+# Parameter names of a transformers experts module (fixed by its ExpertsInterface), per expert after slicing.
+EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias", "up_proj", "up_proj_bias")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -46,54 +54,172 @@ def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return getattr(torch, str(dtype).removeprefix("torch."))
 
 
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One routed expert in the store's canonical layout.
+
+    `gate_up` [2I, H] (rows `[:I]` gate, `[I:]` up, whatever the module's layout), `down` [H, I], and the
+    biases `gate_up_bias` [2I], `down_bias` [H] of families that have them.
+    """
+
+    gate_up: Tensor
+    down: Tensor
+    gate_up_bias: Tensor | None = None
+    down_bias: Tensor | None = None
+
+
+@dataclass
+class _Source:
+    """Where one model tensor (dense) or one expert parameter comes from.
+
+    `converter`: transformers' `WeightConverter` to run (None: a plain rename). `keys[pattern]` lists the
+    checkpoint keys per source pattern; for per-expert sources `by_expert[pattern][e]` gives expert e's key;
+    `fused` marks checkpoint tensors that hold every expert ([E, ...], sliced per expert).
+    """
+
+    target: str
+    converter: Any = None
+    keys: dict[str, list[str]] = field(default_factory=dict)
+    by_expert: dict[str, dict[int, str]] = field(default_factory=dict)
+    fused: bool = False
+
+    def add(self, pattern: str, key: str, expert: int | None = None) -> None:
+        self.keys.setdefault(pattern, []).append(key)
+        if expert is not None:
+            self.by_expert.setdefault(pattern, {})[expert] = key
+
+
 @dataclass
 class Checkpoint:
-    """Index of a safetensors checkpoint folder: which file holds each tensor, and where the experts are.
+    """Index of a safetensors checkpoint folder: which file holds each tensor and which model tensor it feeds.
 
-    `dense[model_key] = checkpoint_key` (keys renamed the way transformers renames them on load);
-    `experts[(moe_layer, expert_id)][part] = checkpoint_key` with part in gate/up/down (per-expert layout);
-    `fused[moe_layer][part] = checkpoint_key` with part in gate_up/down (fused layout).
+    `dense[model_name]` says how to build one dense model tensor; `expert_params[moe_layer][param]` how to
+    build one expert's `param` (gate_up_proj, down_proj and the biases). `layouts[moe_layer]` is the experts
+    module's layout. `quant` is the checkpoint's quantization format (None: unquantized).
     """
 
     path: Path
     config: dict[str, Any]
     spec: ModelSpec
     file_of: dict[str, str]
-    dense: dict[str, str] = field(default_factory=dict)
-    experts: dict[tuple[int, int], dict[str, str]] = field(default_factory=dict)
-    fused: dict[int, dict[str, str]] = field(default_factory=dict)
+    quant: QuantFormat | None = None
+    dense: dict[str, _Source] = field(default_factory=dict)
+    expert_params: dict[int, dict[str, _Source]] = field(default_factory=dict)
+    layouts: dict[int, ExpertsLayout] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    dequant_dtype: torch.dtype = torch.bfloat16
 
     @classmethod
-    def open(cls, checkpoint_dir: str | Path) -> Checkpoint:
+    def open(cls, checkpoint_dir: str | Path, model: nn.Module | None = None) -> Checkpoint:
+        """Index `checkpoint_dir`; `model` is the (meta) skeleton to map keys onto (built on meta if not given)."""
         path = Path(checkpoint_dir)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint folder")
         config = json.loads(cfg_file.read_text())
         spec = ModelSpec.from_pretrained(path)
-        ckpt = cls(path, config, spec, _file_map(path))
-        ckpt._index_keys()
+        family = str(config.get("model_type", "model"))
+        ckpt = cls(path, config, spec, _file_map(path), quant=quant_format(config, family))
+        ckpt.dequant_dtype = _torch_dtype(config.get("dtype") or config.get("torch_dtype")) or torch.bfloat16
+        if model is None:
+            model = _meta_model(path)
+        ckpt._index(model)
         return ckpt
 
-    def _index_keys(self) -> None:
-        renamings = _renamings(str(self.config.get("model_type", "")))
-        moe_of_decoder = {d: i for i, d in enumerate(self.spec.moe_layer_ids)}
-        for key in self.file_of:
-            name = _apply(key, renamings)
-            m = _PER_EXPERT_RE.match(name) or _FUSED_RE.match(name)
-            if m is None:
-                self.dense[name] = key
-                continue
-            layer = _LAYER_RE.search(m["prefix"])
-            if layer is None or int(layer.group(1)) not in moe_of_decoder:
-                raise ValueError(f"{self.path}: expert tensor {key!r} is not in a MoE layer "
-                                 f"(MoE decoder layers: {list(self.spec.moe_layer_ids)})")
-            moe = moe_of_decoder[int(layer.group(1))]
-            if "e" in m.groupdict():
-                self.experts.setdefault((moe, int(m["e"])), {})[_PART[m["name"]]] = key
-            else:
-                self.fused.setdefault(moe, {})["gate_up" if m["name"] == "gate_up_proj" else "down"] = key
+    @property
+    def family(self) -> str:
+        return str(self.config.get("model_type", "model"))
 
+    # --- indexing ---------------------------------------------------------------------------------------------
+    def _logical_keys(self) -> dict[str, str]:
+        """Checkpoint key of each weight -> its storage kind ("plain", "fp8", "mxfp4"); scales are folded in."""
+        keys = set(self.file_of)
+        out: dict[str, str] = {}
+        aux = set()
+        if isinstance(self.quant, Mxfp4):
+            for k in keys:
+                if k.endswith("_blocks") and k.removesuffix("_blocks") + "_scales" in keys:
+                    out[k.removesuffix("_blocks")] = "mxfp4"
+                    aux.update((k, k.removesuffix("_blocks") + "_scales"))
+        for k in keys:
+            if k.endswith("_scale_inv") and k.removesuffix("_scale_inv") in keys:
+                if not isinstance(self.quant, Fp8Blocks):
+                    raise QuantizationError(
+                        f"{self.path}: tensor {k!r} is an FP8 scale but config.json declares "
+                        f"{'no quantization_config' if self.quant is None else self.quant.method}; refusing to "
+                        f"load quantized weights as plain values (add the checkpoint's quantization_config)")
+                out[k.removesuffix("_scale_inv")] = "fp8"
+                aux.add(k)
+        if self.quant is None and any(k.endswith("_blocks") for k in keys):
+            bad = sorted(k for k in keys if k.endswith("_blocks"))[:3]
+            raise QuantizationError(f"{self.path}: tensors {bad} look MXFP4-packed but config.json has no "
+                                    f"quantization_config; refusing to load them as plain values")
+        for k in keys - aux:
+            out.setdefault(k, "plain")
+        return out
+
+    def _index(self, model: nn.Module) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self._model = model
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        names = dict(model.state_dict(keep_vars=True))
+        modules = experts_modules(model)
+        moe_of_decoder = {d: i for i, (d, _) in enumerate(modules)}
+        experts_prefix = {name: i for i, (name, _) in enumerate(_experts_module_names(model))}
+        self.layouts = {i: ExpertsLayout.of(m, self.family) for i, (_, m) in enumerate(modules)}
+        ignore = _ignore_regex(model)
+        num_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+
+        for key, kind in sorted(self._logical_keys().items()):
+            self._kind[key] = kind
+            name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+            layer = _LAYER_RE.search(name)
+            if (ignore is not None and (ignore.search(key) or ignore.search(name))) \
+                    or (layer is not None and num_layers and int(layer.group(1)) >= num_layers):
+                self.ignored.append(key)  # what transformers drops too (e.g. DeepSeek-V3's MTP layer)
+                continue
+            module_name, _, param = name.rpartition(".")
+            if module_name in experts_prefix and param in EXPERT_PARAMS:
+                moe = experts_prefix[module_name]
+                src = self.expert_params.setdefault(moe, {}).setdefault(param, _Source(name))
+                if pattern is None:  # the checkpoint holds this parameter for every expert: [E, ...]
+                    src.fused = True
+                    src.add(key, key)
+                else:
+                    src.converter = by_pattern[pattern]
+                    m = re.search(pattern.replace("*", r"(\d+)"), _renamed_only(key, renamings))
+                    if m is None or not m.groups():
+                        src.fused = True
+                        src.add(pattern, key)
+                    else:
+                        src.add(pattern, key, int(m.group(1)))
+                continue
+            if name in names:
+                src = self.dense.get(name)
+                if src is None:
+                    src = _Source(name, by_pattern[pattern] if pattern is not None else None)
+                    self.dense[name] = src
+                    if src.converter is not None:  # a one-to-many converter feeds several model tensors
+                        for t in src.converter.target_patterns[1:]:
+                            self.dense.setdefault(name.replace(src.converter.target_patterns[0], t), src)
+                src.add(pattern or key, key)
+                continue
+            if layer is not None and int(layer.group(1)) not in moe_of_decoder and ".experts." in name:
+                raise ValueError(f"{self.path}: expert tensor {key!r} is not in a MoE layer "
+                                 f"(MoE decoder layers: {sorted(moe_of_decoder)})")
+            self.unexpected.append(key)
+        if self.unexpected:
+            log.warning("%s: %d checkpoint tensors are not used by %s (as transformers would drop them): %s%s",
+                        self.path, len(self.unexpected), type(model).__name__, self.unexpected[:5],
+                        " ..." if len(self.unexpected) > 5 else "")
+
+    # --- reading ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def reader(self) -> Iterator[_Reader]:
         """Open safetensors files lazily for a batch of reads; closes them on exit."""
@@ -103,32 +229,119 @@ class Checkpoint:
         finally:
             r.close()
 
+    def _value(self, reader: _Reader, key: str, index: int | None, dtype: torch.dtype | None) -> Tensor:
+        """The values of checkpoint weight `key` (row `index` of a fused tensor), dequantized if quantized."""
+        kind = self._kind.get(key, "plain")
+        target = dtype or self.dequant_dtype
+        if kind == "fp8":
+            assert isinstance(self.quant, Fp8Blocks)
+            scale_key = Fp8Blocks.scale_key(key)
+            w, s = reader.read(key, index), reader.read(scale_key, index)
+            return self.quant.dequantize(w, s, target, name=key)
+        if kind == "mxfp4":
+            blocks, scales = Mxfp4.parts(key)
+            values = Mxfp4.dequantize(reader.read(blocks, index), reader.read(scales, index), target, name=key)
+            # packed rows are the module's last dim (GPT-OSS's [E, H, 2I]), as convert_moe_packed_tensors has it
+            return values.transpose(-1, -2)
+        t = reader.read(key, index)
+        if is_quantized_dtype(t.dtype):
+            raise QuantizationError(f"{self.path}: tensor {key!r} holds {t.dtype} codes without a scale the "
+                                    f"checkpoint's quantization ({self.quant.method if self.quant else 'none'}) "
+                                    f"explains; refusing to load it as values")
+        return t if dtype is None else t.to(dtype)
+
+    def _convert(self, src: _Source, tensors: dict[str, list[Callable[[], Tensor]]],
+                 model: nn.Module | None) -> dict[str, Tensor]:
+        """Run `src`'s transformers converter on the given source tensors -> {model name: tensor}.
+
+        `model` is the skeleton whose parameter shapes some operations read (e.g. `Split` sizes its pieces).
+        """
+        conv = copy.deepcopy(src.converter)
+        for pattern, loaders in tensors.items():
+            for load in loaders:
+                conv.add_tensor(src.target, "", pattern, load)
+        try:
+            out = conv.convert(src.target, model=model, config=getattr(model, "config", None))
+        except Exception as e:
+            raise UnsupportedModelError(f"{self.path}: transformers' converter {conv!r} for {src.target!r} could "
+                                        f"not run outside a full model load ({type(e).__name__}: {e})") from e
+        return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
+
+    def dense_tensor(self, reader: _Reader, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """Model tensor `name` (dense part), renamed/converted/dequantized as transformers loads it."""
+        src = self.dense[name]
+        if src.converter is None:
+            (key,) = next(iter(src.keys.values()))
+            return self._value(reader, key, None, dtype)
+        cached = reader.converted.get(id(src))
+        if cached is None:
+            cached = self._convert(src, {p: [lambda k=k: self._value(reader, k, None, dtype) for k in keys]
+                                         for p, keys in src.keys.items()}, self._model)
+            reader.converted[id(src)] = cached
+        if name not in cached:
+            raise KeyError(f"{self.path}: converter for {src.target!r} produced {sorted(cached)}, not {name!r}")
+        return cached[name]
+
+    def has_expert(self, layer: int, expert_id: int) -> bool:
+        params = self.expert_params.get(layer, {})
+        if "down_proj" not in params:
+            return False
+        return all(src.fused or all(expert_id in ids for ids in src.by_expert.values()) for src in params.values())
+
+    def holds_all_experts(self) -> bool:
+        return all(self.has_expert(layer, e) for layer in range(self.spec.num_moe_layers)
+                   for e in range(self.spec.num_experts))
+
     def expert_weights(self, reader: _Reader, layer: int, expert_id: int, device: torch.device | str = "cpu",
-                       dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """(gate_up [2I, H], down [H, I]) of one expert of MoE layer `layer`, reading only its bytes."""
+                       dtype: torch.dtype | None = None) -> ExpertWeights:
+        """One expert of MoE layer `layer` in the store's canonical layout, reading only its bytes."""
         if not 0 <= layer < self.spec.num_moe_layers:
             raise ValueError(f"MoE layer {layer} out of range 0..{self.spec.num_moe_layers - 1}")
         if not 0 <= expert_id < self.spec.num_experts:
             raise ValueError(f"expert {expert_id} out of range 0..{self.spec.num_experts - 1}")
-        if layer in self.fused:
-            keys = self.fused[layer]
-            gate_up = reader.slice(keys["gate_up"], expert_id)
-            down = reader.slice(keys["down"], expert_id)
-        elif (layer, expert_id) in self.experts:
-            keys = self.experts[(layer, expert_id)]
-            missing = {"gate", "up", "down"} - keys.keys()
-            if missing:
-                raise KeyError(f"{self.path}: MoE layer {layer} expert {expert_id} lacks its {sorted(missing)} tensors")
-            gate_up = torch.cat([reader.tensor(keys["gate"]), reader.tensor(keys["up"])], dim=0)
-            down = reader.tensor(keys["down"])
-        else:
-            raise KeyError(f"{self.path}: no weights for MoE layer {layer} expert {expert_id}")
-        return gate_up.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype)
+        params = self.expert_params.get(layer, {})
+        missing = [p for p in ("gate_up_proj", "down_proj") if p not in params]
+        if missing:
+            raise KeyError(f"{self.path}: no {missing} weights for MoE layer {layer}")
+        layout = self.layouts[layer]
+        out: dict[str, Tensor] = {}
+        for pname, src in params.items():
+            t = self._expert_param(reader, src, expert_id, dtype)
+            out[pname] = layout.canonical(pname, t).to(device=device)
+        if layout.has_bias and ("gate_up_proj_bias" not in out or "down_proj_bias" not in out):
+            raise KeyError(f"{self.path}: MoE layer {layer} lacks the expert biases its {layout.module} needs")
+        return ExpertWeights(out["gate_up_proj"], out["down_proj"], out.get("gate_up_proj_bias"),
+                             out.get("down_proj_bias"))
+
+    def _expert_param(self, reader: _Reader, src: _Source, e: int, dtype: torch.dtype | None) -> Tensor:
+        if src.converter is None:  # fused on disk under the model's own name: row e
+            (key,) = next(iter(src.keys.values()))
+            return self._value(reader, key, e, dtype)
+        loaders: dict[str, list[Callable[[], Tensor]]] = {}
+        for pattern, keys in src.keys.items():
+            if pattern in src.by_expert:
+                key = src.by_expert[pattern].get(e)
+                if key is None:
+                    raise KeyError(f"{self.path}: no {pattern!r} tensor for expert {e} of {src.target!r}")
+                loaders[pattern] = [lambda k=key: self._value(reader, k, None, dtype)]
+            else:  # fused source tensors behind a converter: expert e as a batch of one
+                loaders[pattern] = [lambda k=k: self._value(reader, k, e, dtype).unsqueeze(0) for k in keys]
+        out = self._convert(src, loaders, None)  # the module's expert parameters are zero-size stand-ins
+        (t,) = out.values()
+        if t.dim() < 2 or t.shape[0] != 1:
+            raise UnsupportedModelError(f"{self.path}: converter for {src.target!r} gave {tuple(t.shape)} for one "
+                                        f"expert, expected [1, ...]")
+        return t[0]
+
+    def __post_init__(self) -> None:
+        self._kind: dict[str, str] = {}
+        self._model: nn.Module | None = None  # the skeleton the keys were mapped onto (for converters' shapes)
 
 
 class _Reader:
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
+        self.converted: dict[int, dict[str, Tensor]] = {}  # one run per multi-target dense converter
         self._open: dict[str, Any] = {}
         self._stack = contextlib.ExitStack()
 
@@ -140,16 +353,16 @@ class _Reader:
             self._open[fname] = self._stack.enter_context(safe_open(str(self.ckpt.path / fname), framework="pt"))
         return self._open[fname]
 
-    def tensor(self, key: str) -> Tensor:
-        return self._file(key).get_tensor(key)
-
-    def slice(self, key: str, index: int) -> Tensor:
-        # get_slice reads only the bytes of row `index` of the fused [E, ...] tensor.
+    def read(self, key: str, index: int | None = None) -> Tensor:
+        """Tensor `key`, or only the bytes of its row `index` (a fused [E, ...] tensor)."""
+        if index is None:
+            return self._file(key).get_tensor(key)
         return self._file(key).get_slice(key)[index]
 
     def close(self) -> None:
         self._stack.close()
         self._open.clear()
+        self.converted.clear()
 
 
 def _file_map(path: Path) -> dict[str, str]:
@@ -169,20 +382,41 @@ def _file_map(path: Path) -> dict[str, str]:
     return out
 
 
-def _renamings(model_type: str) -> list[Any]:
-    """transformers' own key renamings for this model type (e.g. Mixtral's `block_sparse_moe` -> `mlp`)."""
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:  # pragma: no cover - older/newer transformers without the conversion API
-        return []
-    return [t for t in (get_checkpoint_conversion_mapping(model_type) or []) if isinstance(t, WeightRenaming)]
+def _renamed_only(key: str, renamings: Sequence[Any]) -> str:
+    from transformers.core_model_loading import apply_renamings
+
+    return apply_renamings(key, list(renamings))
 
 
-def _apply(key: str, renamings: Sequence[Any]) -> str:
-    for r in renamings:
-        key, _ = r.rename_source_key(key)
-    return key
+def _experts_module_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of the experts modules, in the order of `experts_modules` (MoE layer order)."""
+    ids = {id(m): i for i, (_, m) in enumerate(experts_modules(model))}
+    named = [(n, m) for n, m in model.named_modules() if id(m) in ids]
+    return sorted(named, key=lambda t: ids[id(t[1])])
+
+
+def _ignore_regex(model: nn.Module) -> re.Pattern[str] | None:
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    if any(n.endswith("rotary_emb.inv_freq") for n, _ in model.named_buffers()):
+        patterns.add(r"rotary_emb\.inv_freq")
+    return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+
+
+def _hf_config(path: Path) -> Any:
+    """transformers' config of the checkpoint, without its quantization (prism dequantizes on load itself)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    return config
+
+
+def _meta_model(path: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(_hf_config(path))
 
 
 _META = threading.local()  # per-thread nesting depth of _parameters_on_meta
@@ -232,6 +466,17 @@ def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
         raise KeyError(f"model has no parameter or buffer {name!r}")
 
 
+def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        raise KeyError(f"model has no parameter or buffer {name!r}")
+
+
 def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = None, dispatcher: ExpertDispatcher | None = None,
                  capacity: int | None = None) -> tuple[nn.Module, dict[int, ExpertSlots]]:
@@ -242,13 +487,14 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
     runtime's dispatcher), and {MoE layer: ExpertSlots} for every MoE layer (empty where nothing is held), all
     in one slot pool of `capacity` experts (default: exactly the held ones; a server passes its memory budget
     in slots so that live migration can load more).
-    `dtype` defaults to the checkpoint's dtype.
+    `dtype` defaults to the checkpoint's dtype. A family the expert store cannot compute is refused with
+    `UnsupportedModelError` before any weight is read.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    ckpt = Checkpoint.open(checkpoint_dir)
-    spec = ckpt.spec
+    path = Path(checkpoint_dir)
+    spec = ModelSpec.from_pretrained(path)
     for layer, ids in held.items():
         if not 0 <= layer < spec.num_moe_layers:
             raise ValueError(f"held MoE layer {layer} out of range 0..{spec.num_moe_layers - 1}")
@@ -256,12 +502,14 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
         if bad:
             raise ValueError(f"MoE layer {layer}: expert ids {bad} out of range 0..{spec.num_experts - 1}")
     device = torch.device(device)
-    config = AutoConfig.from_pretrained(ckpt.path)
+    config = _hf_config(path)
     dtype = _torch_dtype(dtype) or _torch_dtype(getattr(config, "dtype", None)) or torch.float32
 
     with _parameters_on_meta(), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
+    layouts = check_servable(model, str(config.model_type))
+    ckpt = Checkpoint.open(path, model)
     if device.type != "cpu":
         for module in model.modules():  # parameters are still on meta: move only the real buffers
             for bname, buf in module._buffers.items():
@@ -270,10 +518,12 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
 
     expert_params = set()
     for _, module in experts_modules(model):
-        for pname in ("gate_up_proj", "down_proj"):
+        for pname in EXPERT_PARAMS:
+            param = module._parameters.get(pname)
+            if param is None:
+                continue
             # zero-size stand-ins: the module keeps its attributes but holds no expert memory
-            shape = (0, *getattr(module, pname).shape[1:])
-            module._parameters[pname] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype),
+            module._parameters[pname] = nn.Parameter(torch.empty((0, *param.shape[1:]), device=device, dtype=dtype),
                                                      requires_grad=False)
             expert_params.add(id(module._parameters[pname]))
 
@@ -283,13 +533,16 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
         for name, tensor in model.state_dict(keep_vars=True).items():
             if id(tensor) in expert_params:
                 continue
-            key = ckpt.dense.get(name)
-            if key is None:
+            if name not in ckpt.dense:
                 if name in tied or tensor.device.type != "meta":
                     continue  # tied to another weight, or a buffer computed at init
                 missing.append(name)
                 continue
-            _set_tensor(model, name, reader.tensor(key).to(device=device, dtype=tensor.dtype))
+            value = ckpt.dense_tensor(reader, name, dtype=tensor.dtype)
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise ValueError(f"{ckpt.path}: {name} has shape {tuple(value.shape)} in the checkpoint, the model "
+                                 f"expects {tuple(tensor.shape)}")
+            _set_tensor(model, name, value.to(device=device))
         if missing:
             raise KeyError(f"{ckpt.path}: checkpoint lacks dense tensors {missing[:8]}"
                            f"{' ...' if len(missing) > 8 else ''}")
@@ -303,7 +556,11 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
                              total if capacity is None else capacity, device, dtype)
         for layer, store in stores.items():
             for e in sorted(set(held.get(layer, ()))):
-                store.add(e, *ckpt.expert_weights(reader, layer, e, device=device, dtype=dtype))
+                w = ckpt.expert_weights(reader, layer, e, device=device, dtype=dtype)
+                if layouts[layer].has_bias:  # check_servable let it through: the store takes biases
+                    store.add(e, w.gate_up, w.down, w.gate_up_bias, w.down_bias)
+                else:
+                    store.add(e, w.gate_up, w.down)
 
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
@@ -324,14 +581,20 @@ def _tied_keys(model: nn.Module) -> set[str]:
 
 def load_expert_weights(checkpoint_dir: str | Path, layer: int, expert_id: int, device: torch.device | str = "cpu",
                         dtype: torch.dtype | str | None = None) -> dict[str, Tensor]:
-    """One expert's weights from the checkpoint: {"gate_up_proj": [2I, H], "down_proj": [H, I]}.
+    """One expert's weights from the checkpoint: {"gate_up_proj": [2I, H], "down_proj": [H, I]} (+ the
+    "gate_up_proj_bias" [2I] and "down_proj_bias" [H] of biased families), dequantized if quantized.
 
     `layer` is the MoE layer index. For live migration: `store.add(e, w["gate_up_proj"], w["down_proj"])`.
     """
     ckpt = Checkpoint.open(checkpoint_dir)
     with ckpt.reader() as reader:
-        gate_up, down = ckpt.expert_weights(reader, layer, expert_id, device=device, dtype=_torch_dtype(dtype))
-    return {"gate_up_proj": gate_up, "down_proj": down}
+        w = ckpt.expert_weights(reader, layer, expert_id, device=device, dtype=_torch_dtype(dtype))
+    out = {"gate_up_proj": w.gate_up, "down_proj": w.down}
+    if w.gate_up_bias is not None:
+        out["gate_up_proj_bias"] = w.gate_up_bias
+    if w.down_bias is not None:
+        out["down_proj_bias"] = w.down_bias
+    return out
 
 
 def _storage_bytes(tensors: Iterator[Tensor] | Sequence[Tensor]) -> int:

@@ -1,7 +1,8 @@
 """What a MoE model is, for placement and cost: layer/expert counts and byte sizes.
 
-`ModelSpec` is derived from a Hugging Face `config.json` (any MoE family transformers knows: Mixtral,
-Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, DeepSeek-MoE) or from a preset holding the real published config of
+`ModelSpec` is derived from a Hugging Face `config.json` (the MoE families transformers knows: Mixtral,
+Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, DeepSeek-MoE, GPT-OSS, ERNIE-4.5-MoE, GLM-4-MoE, PhiMoE, dots1, MiniMax-M2,
+FlexOlmo, ...) or from a preset holding the real published config of
 a well-known model. Parameter counts are computed from the config, not copied from model cards, so a
 custom config gets the same treatment as a preset.
 
@@ -154,6 +155,12 @@ def _moe_layer_ids(config: dict[str, Any], num_layers: int) -> list[int]:
         first = int(config.get("first_k_dense_replace") or 0)
         freq = int(config.get("moe_layer_freq") or 1)
         return [i for i in range(num_layers) if i >= first and i % freq == 0]
+    if "moe_layer_start_index" in config:  # ERNIE-4.5
+        start = int(config.get("moe_layer_start_index") or 0)
+        end = config.get("moe_layer_end_index")
+        end = num_layers - 1 if end is None or int(end) < 0 else int(end)
+        every = int(config.get("moe_layer_interval") or 1)
+        return [i for i in range(num_layers) if (i + 1) % every == 0 and start <= i <= end]
     if mt in ("qwen2_moe", "qwen3_moe") or "decoder_sparse_step" in config:
         step = int(config.get("decoder_sparse_step") or 1)
         mlp_only = set(config.get("mlp_only_layers") or [])
@@ -180,10 +187,13 @@ def _attention_params(config: dict[str, Any], hidden: int) -> int:
     params = hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + heads * head_dim * hidden
     if config.get("qkv_bias") or config.get("attention_bias") or config.get("model_type") == "qwen2_moe":
         params += heads * head_dim + 2 * kv_heads * head_dim
-    if config.get("model_type") == "olmoe":  # q/k RMSNorm over the projected width
+    mt = config.get("model_type")
+    if mt in ("olmoe", "minimax_m2", "flex_olmo"):  # q/k RMSNorm over the projected width
         params += heads * head_dim + kv_heads * head_dim
-    elif config.get("model_type") == "qwen3_moe":  # q/k RMSNorm per head
+    elif mt in ("qwen3_moe", "dots1") or (mt in ("glm4_moe", "sarvam_moe") and config.get("use_qk_norm")):  # per head
         params += 2 * head_dim
+    elif mt == "gpt_oss":  # o_proj bias and one attention sink per head
+        params += hidden + heads
     return params
 
 
@@ -194,12 +204,12 @@ def _spec_from_config(config: dict[str, Any], name: str | None, dtype: str | Non
         config = config["text_config"]
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
                if k not in config]
-    num_experts = _get(config, "n_routed_experts", "num_local_experts", "num_experts")
-    top_k = _get(config, "num_experts_per_tok", "num_experts_per_token", "moe_topk")
+    num_experts = _get(config, "n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
+    top_k = _get(config, "num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k")
     if num_experts is None:
-        missing.append("num_local_experts / n_routed_experts / num_experts")
+        missing.append("num_local_experts / n_routed_experts / num_experts / moe_num_experts")
     if top_k is None:
-        missing.append("num_experts_per_tok")
+        missing.append("num_experts_per_tok / moe_k")
     if missing:
         raise ValueError(f"model config is not a MoE config transformers understands: missing {missing}")
     hidden = int(config["hidden_size"])
@@ -215,7 +225,9 @@ def _spec_from_config(config: dict[str, Any], name: str | None, dtype: str | Non
     num_experts, top_k = int(num_experts), int(top_k)
 
     expert_params = 3 * hidden * expert_inter  # gate, up, down
-    n_shared = int(_get(config, "n_shared_experts", "num_shared_experts", default=0) or 0)
+    if config.get("model_type") == "gpt_oss":  # biased experts: gate_up [2I] and down [H]
+        expert_params += 2 * expert_inter + hidden
+    n_shared = int(_get(config, "n_shared_experts", "num_shared_experts", "moe_num_shared_experts", default=0) or 0)
     shared_inter = config.get("shared_expert_intermediate_size")  # Qwen-MoE: one wide shared expert
     if shared_inter:
         shared_params = 3 * hidden * int(shared_inter) + hidden  # + its sigmoid gate
@@ -223,16 +235,17 @@ def _spec_from_config(config: dict[str, Any], name: str | None, dtype: str | Non
     else:
         shared_params = n_shared * expert_params
     router = hidden * num_experts
-    if config.get("topk_method") == "noaux_tc":  # DeepSeek-V3's expert bias
-        router += num_experts
+    if config.get("topk_method") == "noaux_tc" or config.get("model_type") in ("gpt_oss", "ernie4_5_moe"):
+        router += num_experts  # DeepSeek-V3's expert bias, GPT-OSS's router bias, ERNIE's moe_statics
+    norm = 2 * hidden if config.get("model_type") == "phimoe" else hidden  # PhiMoE's LayerNorms have biases
 
-    per_layer = _attention_params(config, hidden) + 2 * hidden  # attention + two norms
+    per_layer = _attention_params(config, hidden) + 2 * norm  # attention + two norms
     dense = 0
     for i in range(num_layers):
         dense += per_layer
         dense += router + shared_params if i in moe_ids else 3 * hidden * dense_inter
     embed = vocab * hidden
-    dense += embed + hidden  # embeddings + final norm
+    dense += embed + norm  # embeddings + final norm
     if not config.get("tie_word_embeddings", False):
         dense += embed
     resolved_dtype = dtype or {"float32": "float32", "float16": "float16"}.get(

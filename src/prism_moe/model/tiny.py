@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                          "ernie4_5_moe", "glm4_moe", "phimoe", "dots1", "minimax_m2", "flex_olmo", "sarvam_moe")
+
+# The config field that holds the number of routed experts per MoE layer, per architecture.
+EXPERTS_FIELD = {"mixtral": "num_local_experts", "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts",
+                 "gpt_oss": "num_local_experts", "ernie4_5_moe": "moe_num_experts", "glm4_moe": "n_routed_experts",
+                 "phimoe": "num_local_experts", "dots1": "n_routed_experts", "minimax_m2": "num_local_experts",
+                 "sarvam_moe": "n_routed_experts"}
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -58,6 +65,31 @@ _ARCH: dict[str, dict[str, Any]] = {
                         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
                         num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
                         qk_rope_head_dim=8, v_head_dim=16, topk_method="greedy", routed_scaling_factor=1.0),
+    # DeepSeek-V3: grouped routing with the expert bias, q LoRA; the hub checkpoint also ships one MTP layer
+    # (`model.layers.<num_hidden_layers>.*`) that transformers ignores on load; `make_tiny_model` writes one too.
+    "deepseek_v3": dict(num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, num_key_value_heads=4,
+                        q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                        n_group=2, topk_group=1, routed_scaling_factor=1.0, num_nextn_predict_layers=1),
+    # GPT-OSS: biased experts with its clamped SwiGLU and interleaved gate/up, attention sinks, sliding layers.
+    "gpt_oss": dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=16,
+                    rope_parameters=dict(rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                         original_max_position_embeddings=128, rope_theta=150000.0)),
+    # ERNIE-4.5: its own field names (moe_num_experts, moe_k); decoder layer 0 dense.
+    "ernie4_5_moe": dict(num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, moe_num_experts=8,
+                         moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2,
+                         moe_layer_interval=1, head_dim=16),
+    "glm4_moe": dict(num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                     num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, head_dim=16, n_group=1,
+                     topk_group=1, use_qk_norm=True, num_nextn_predict_layers=0),
+    "phimoe": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "dots1": dict(num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, head_dim=16),
+    "minimax_m2": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16),
+    "flex_olmo": dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2),
+    # Sarvam-MoE: its checkpoints fuse q/k/v into `query_key_value`, which transformers' converter splits on load.
+    "sarvam_moe": dict(num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                       num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, head_dim=16),
 }
 
 
@@ -120,4 +152,34 @@ def make_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, dtype: str = 
         do_sample=False)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if arch in MTP_ARCHS and getattr(config, "num_nextn_predict_layers", 0):
+        _append_mtp_layers(out, config, int(config.num_nextn_predict_layers), seed)
     return out
+
+
+# Architectures whose hub checkpoints carry multi-token-prediction layers that transformers does not build.
+MTP_ARCHS = ("deepseek_v3",)
+
+
+def _append_mtp_layers(out: Path, config: Any, count: int, seed: int) -> None:
+    """Add DeepSeek-V3-style MTP layers `model.layers.<L + i>.*` (random values) to the saved checkpoint.
+
+    Each is a decoder layer like the last one plus the MTP extras (`enorm`, `hnorm`, `eh_proj`, `shared_head`,
+    `embed_tokens`), as the hub checkpoint ships them; transformers skips them on load.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = out / "model.safetensors"
+    tensors = load_file(str(path))
+    last = f"model.layers.{config.num_hidden_layers - 1}."
+    gen = torch.Generator().manual_seed(seed + 1)
+    h, v = config.hidden_size, config.vocab_size
+    for i in range(count):
+        prefix = f"model.layers.{config.num_hidden_layers + i}."
+        shapes = {prefix + k[len(last):]: t.shape for k, t in tensors.items() if k.startswith(last)}
+        shapes.update({prefix + "enorm.weight": (h,), prefix + "hnorm.weight": (h,), prefix + "eh_proj.weight": (h, 2 * h),
+                       prefix + "shared_head.norm.weight": (h,), prefix + "shared_head.head.weight": (v, h),
+                       prefix + "embed_tokens.weight": (v, h)})
+        for key, shape in sorted(shapes.items()):
+            tensors[key] = (torch.randn(shape, generator=gen) * 0.02).to(next(iter(tensors.values())).dtype)
+    save_file(tensors, str(path), metadata={"format": "pt"})

@@ -321,11 +321,13 @@ class ClusterDispatcher(RemoteDispatcher):
         """Stop probing peers (the pool is the server's to close)."""
         self._closed.set()
 
-    def _alternative(self, p: Placement, layer: int, expert_id: int, exclude: Iterable[str]) -> str | None:
-        """Another live holder of (layer, expert) in `p`, spread deterministically; None when none is left."""
+    def _alternative(self, p: Placement, layer: int, expert_id: int, exclude: Iterable[str],
+                     suspects: bool = False) -> str | None:
+        """Another live holder of (layer, expert) in `p`, spread deterministically; None when none is left.
+        `suspects`: holders only suspected here (not declared down by the coordinator) count too."""
         skip = set(exclude) | {self.me}
-        holders = [p.server_names[i] for i in np.flatnonzero(p.hosts[:, layer, expert_id])
-                   if p.server_names[i] not in skip and not self.is_down(p.server_names[i])]
+        holders = [n for n in (p.server_names[i] for i in np.flatnonzero(p.hosts[:, layer, expert_id]))
+                   if n not in skip and not (n in self._down if suspects else self.is_down(n))]
         if not holders:
             return None
         return holders[(layer * p.num_experts + expert_id + self._me) % len(holders)]
@@ -483,7 +485,10 @@ class ClusterDispatcher(RemoteDispatcher):
         store = self.stores.get(layer)
         targets: dict[str, list[int]] = {}
         for e in ids.unique().tolist():
-            alt = self.me if store is not None and e in store else self._alternative(p, layer, e, tried)
+            # a holder only suspected here is tried before waiting for a repair: a suspicion may be stale (a
+            # process that was stopped sees every deadline of its own calls pass at once when it resumes)
+            alt = self.me if store is not None and e in store else (
+                self._alternative(p, layer, e, tried) or self._alternative(p, layer, e, tried, suspects=True))
             if alt is None:
                 return None
             targets.setdefault(alt, []).append(e)

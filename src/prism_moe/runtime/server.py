@@ -191,8 +191,7 @@ class EdgeServer:
         model, self.stores = load_partial(ckpt, p.held(self.name), device=str(device), capacity=self.capacity)
         self.model = model
         self._ckpt = Checkpoint.open(ckpt)  # the expert index, kept for live loads
-        self.checkpoint_experts = all(layer in self._ckpt.fused or (layer, e) in self._ckpt.experts
-                                      for layer in range(p.num_layers) for e in range(p.num_experts))
+        self.checkpoint_experts = self._ckpt.holds_all_experts()
         self.resident_bytes = resident_weight_bytes(model, self.stores)
         self.metrics.set_resident_weight_bytes(self.resident_bytes)
         self.metrics.set_placement_version(p.version)
@@ -432,7 +431,7 @@ class EdgeServer:
         with self._ckpt.reader() as reader:
             read = {(l, e): self._ckpt.expert_weights(reader, l, e, device=pool.device, dtype=pool.dtype)
                     for l, e in missing}
-        out = self._add_experts({k: (*w, None, None) for k, w in read.items()})  # (gate_up, down), no biases
+        out = self._add_experts({k: (w.gate_up, w.down, w.gate_up_bias, w.down_bias) for k, w in read.items()})
         return {**out, "source": "checkpoint", "seconds": time.perf_counter() - t0}
 
     def send_experts(self, experts: list[tuple[int, int]], to: str) -> dict[str, Any]:
