@@ -137,6 +137,7 @@ class LocalDispatcher:
             raise ValueError(f"experts path {path!r}: use one of {', '.join(PATHS)}")
         self.observer = observer
         self.path = path
+        self.timeout: float | None = None  # seconds to wait for a remote reply (RemoteDispatcher)
 
     def grouped_on(self, device: torch.device) -> bool:
         """Whether a forward on `device` takes the grouped path."""
@@ -159,8 +160,6 @@ class LocalDispatcher:
     def remote(self, layer: int, batches: dict[Hashable, tuple[Tensor, Tensor]]
                ) -> Mapping[Hashable, PendingReply | Tensor]:
         raise NotImplementedError("a LocalDispatcher sends nothing")
-
-    timeout: float | None = None
 
     # --- the forward -------------------------------------------------------------------------------------------
     def moe_forward(self, layer: int, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
