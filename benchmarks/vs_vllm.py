@@ -18,11 +18,13 @@ client. What this does, in one run:
      engines take turns level by level, `--reps` times, so the machine's load drifts hit both alike.
 
 Prints JSON: per engine and level the median (and range over repetitions) of output tokens/s (all streams'
-tokens over the level's wall time), TTFT and TPOT (medians over requests), and prism / vLLM ratios (each
-repetition's ratio, measured back to back). It measures; it never passes or fails on time.
+tokens over the level's wall time), CPU ms per token (user + system time of the server's processes: less exposed
+than wall time to a machine shared with other work; vLLM's engine core polls, so its figure includes some idle
+spinning), TTFT and TPOT (medians over requests), and prism / vLLM ratios (each repetition's ratio, measured back
+to back). It measures; it never passes or fails on time.
 
     python benchmarks/vs_vllm.py [--install-vllm] [--vllm-venv .bench/vllm-venv] [--streams 1 16 64]
-        [--tokens 32] [--rounds 2] [--reps 3] [--threads 2] [--engines prism vllm] [--vllm-bind auto]
+        [--tokens 32] [--rounds 2] [--reps 3] [--threads N] [--engines prism vllm] [--vllm-bind auto]
 """
 
 from __future__ import annotations
@@ -84,6 +86,18 @@ class Server:
     proc: subprocess.Popen
     port: int
     log: Path
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of every process in the server's group so far (vLLM runs three)."""
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            if int(fields[2]) == self.proc.pid:  # pgrp: the server was started in its own session
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -247,16 +261,19 @@ async def stream_completion(port: int, prompt: list[int], tokens: int) -> Timing
     return Timing(n, t_first - t0, (t_last - t_first) / (n - 1) if n > 1 else None)
 
 
-async def run_level(port: int, prompts: list[list[int]], streams: int, rounds: int, tokens: int) -> dict[str, Any]:
+async def run_level(server: Server, prompts: list[list[int]], streams: int, rounds: int,
+                    tokens: int) -> dict[str, Any]:
     """`streams` concurrent clients, each sending `rounds` requests one after another."""
     async def client(i: int) -> list[Timing]:
-        return [await stream_completion(port, prompts[(i + r) % len(prompts)], tokens) for r in range(rounds)]
+        return [await stream_completion(server.port, prompts[(i + r) % len(prompts)], tokens)
+                for r in range(rounds)]
 
-    t0 = time.perf_counter()
+    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
     timings = [t for ts in await asyncio.gather(*[client(i) for i in range(streams)]) for t in ts]
     wall = time.perf_counter() - t0
+    n = sum(t.tokens for t in timings)
     tpots = [t.tpot for t in timings if t.tpot is not None]
-    return {"tokens_per_s": sum(t.tokens for t in timings) / wall,
+    return {"tokens_per_s": n / wall, "cpu_ms_per_token": 1e3 * (server.cpu_seconds() - cpu0) / n,
             "ttft_ms": 1e3 * statistics.median(t.ttft for t in timings),
             "tpot_ms": 1e3 * statistics.median(tpots) if tpots else None}
 
@@ -311,13 +328,13 @@ async def bench(args: argparse.Namespace, servers: dict[str, Server], prompts: l
     result: dict[str, Any] = {}
     if len(servers) == 2:
         result["check"] = await check_same(ports, prompts, args.tokens, args.logprob_tol)
-    for port in ports.values():  # warm up: first requests pay one-time costs
-        await run_level(port, prompts, min(4, max(args.streams)), 1, args.tokens)
+    for s in servers.values():  # warm up: first requests pay one-time costs
+        await run_level(s, prompts, min(4, max(args.streams)), 1, args.tokens)
     raw: dict[str, dict[int, list[dict[str, Any]]]] = {n: {c: [] for c in args.streams} for n in ports}
     for _rep in range(args.reps):
         for c in args.streams:
-            for name, port in ports.items():
-                raw[name][c].append(await run_level(port, prompts, c, args.rounds, args.tokens))
+            for name, s in servers.items():
+                raw[name][c].append(await run_level(s, prompts, c, args.rounds, args.tokens))
     engines: dict[str, Any] = {}
     for name in ports:
         engines[name] = {}
@@ -325,6 +342,7 @@ async def bench(args: argparse.Namespace, servers: dict[str, Server], prompts: l
             runs = raw[name][c]
             engines[name][str(c)] = {
                 "tokens_per_s": _summary([r["tokens_per_s"] for r in runs]),
+                "cpu_ms_per_token": _summary([r["cpu_ms_per_token"] for r in runs], 2),
                 "ttft_ms": _summary([r["ttft_ms"] for r in runs]),
                 "tpot_ms": _summary([r["tpot_ms"] for r in runs if r["tpot_ms"] is not None])}
     result["engines"] = engines
@@ -356,7 +374,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream and level")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each engine")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="torch threads of prism (and of vLLM's worker with --vllm-bind nobind); default: the cores "
+                         "less one, what vLLM's 'auto' binding gives its worker (it keeps a core for its scheduler)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=8)

@@ -361,8 +361,9 @@ def create_app(engine: Engine, metrics: ServerMetrics, model_name: str, api_key:
         log.exception("unhandled error in %s", request.url.path)
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
 
-    def check_auth(credentials: BearerCredentials) -> None:
-        """Runs before the body is validated, so a caller without the key learns nothing about bodies."""
+    async def check_auth(credentials: BearerCredentials) -> None:
+        """Runs before the body is validated, so a caller without the key learns nothing about bodies. Async: a
+        sync dependency would cost every request a hop to a worker thread and back."""
         if api_key is None:
             return
         if credentials is None or not secrets.compare_digest(credentials.credentials.strip().encode(),
