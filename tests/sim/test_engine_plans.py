@@ -121,6 +121,7 @@ def test_a_dead_stage_fails_its_requests_and_the_survivor_loads_the_layer_then_s
     rec = stats.failures[0]
     assert rec["switched_at"] == pytest.approx(0.113) and rec["loaded_bytes"] == 3e6
     assert rec["failed_requests"] == 2 and rec["paused_homes"] == [0] and rec["moved_layers"] == 1
+    assert rec["failed_own"] == 1 and rec["failed_in_flight"] == 1  # s1's own; s0's with its KV cache on s1
     res = SimResult(("s0", "s1"), reqs, first, finish, stats, wall, "pipeline", None, eng.failed)
     summ = res.summary()
     assert summ["failed_requests"] == 2 and summ["requests"] == 3
@@ -158,4 +159,5 @@ def test_with_a_placement_only_the_dead_home_loses_requests_the_others_pause_the
     assert eng.failed.tolist() == [False, True]
     assert finish[0] > 0.060 and stats.failures[0]["loaded_bytes"] == 0.0
     assert stats.failures[0]["failed_requests"] == 1 and stats.failures[0]["moved_layers"] == 0
+    assert stats.failures[0]["failed_in_flight"] == 0  # a placement keeps every KV cache at home
     assert (eng.plan.placement.route[0, 0] == [0, 2]).all()

@@ -480,10 +480,12 @@ class Engine:
             uses = [bool((old.executor[h] == d).any()
                          or (old.placement.route[old.executor[h], layers_] == d).any()) for h in range(S)]
             lost: list[int] = unfinished(d, admitted_only=False)
+            own = len(lost)
             stopped[d] = True
             for h in range(S):  # in-flight requests whose KV cache was on d
                 if h != d and not dead[h] and (old.executor[h] == d).any():
                     lost += unfinished(h, admitted_only=True)
+            in_flight = len(lost) - own
             rep = self.repair(old, np.array(dead))
             rec = {"time": t, "server": d, "detect_s": ev.detect_s, "loaded_bytes": float(rep.loaded_bytes.sum()),
                    "moved_layers": rep.moved_layers, "from_backup": rep.from_backup, "reason": rep.reason,
@@ -502,7 +504,9 @@ class Engine:
                 push(t_switch, SWITCH, {"placement": rep.plan})
             for r in set(lost):
                 failed[r] = True
+            # the dead home's own (unfinished and later ones), other homes' in flight with KV on d, the rest
             rec["failed_requests"] = len(set(lost))
+            rec["failed_own"], rec["failed_in_flight"] = own, in_flight
             st.failures.append(rec)
 
         changes = list(self.changes)

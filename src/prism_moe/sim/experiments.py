@@ -300,6 +300,7 @@ def failures(data_dir=None, requests: int = 120, seed: int = 0, jobs: int | None
     for r in rows:
         f = (r.get("failures") or [{}])[0]
         r["failed"] = r.get("failed_requests", 0)
+        r["failed_in_flight"] = f.get("failed_in_flight", 0)
         r["replanned"] = "no room" if f.get("switched_at") is None else f"+{f['switched_at'] - f['time']:.1f} s"
         r["loaded_gb"] = f.get("loaded_bytes", 0.0) / 1e9
         r["from_backup"] = f.get("from_backup", 0)
@@ -312,7 +313,8 @@ def failures(data_dir=None, requests: int = 120, seed: int = 0, jobs: int | None
                              f"({by[a + '-rep']['from_backup']} layer runs taken over by backups)")
     cols = [("scenario", "case", "{}"), ("algorithm", "algorithm", "{}"),
             ("mean_latency_before_s", "before s", "{:.2f}"), ("mean_latency_after_s", "after s", "{:.2f}"),
-            ("failed", "failed", "{}"), ("requests", "requests", "{}"), ("replanned", "re-planned", "{}"),
+            ("failed", "failed", "{}"), ("failed_in_flight", "in flight elsewhere", "{}"),
+            ("requests", "requests", "{}"), ("replanned", "re-planned", "{}"),
             ("loaded_gb", "loaded GB", "{:.2f}"), ("from_backup", "from backup", "{}")]
     return Experiment("failures", rows, cols, lines, time.perf_counter() - t0,
                       {"cases": [{"case": n, "memory_share": m, "dies": d} for n, m, d in FAILURE_CASES]})
