@@ -69,8 +69,10 @@ def _snapshot(urls: dict[str, str]) -> dict[str, tuple]:
     return out
 
 
-def _held(url: str) -> dict[int, list[int]]:
-    return {int(k): sorted(v) for k, v in httpx.get(f"{url}/prism/stats", timeout=10).json()["held"].items()}
+def _held(url: str, kind: str = "held") -> dict[int, list[int]]:
+    """What a server holds (routes its own tokens to), or has `staged` (loaded, not yet switched to)."""
+    stats = httpx.get(f"{url}/prism/stats", timeout=10).json()
+    return {int(k): sorted(v) for k, v in (stats.get(kind) or {}).items()}
 
 
 def _serves_correctly(lc, ref) -> None:
@@ -112,7 +114,7 @@ def test_every_control_route_refuses_without_the_admin_key(cluster_run):
     client = ServerClient(lc.cluster, admin, holder="operator")
     try:
         assert client.load("edge-a", [(0, 1)])["loaded"] == 1
-        assert 1 in _held(url)[0]
+        assert 1 in _held(url, "staged")[0]  # loaded, staged until a placement routes to it
         assert client.drop("edge-a", [(0, 1)])["dropped"] == 1
     finally:
         client.close()
@@ -143,6 +145,7 @@ def _consistent(lc, spec) -> tuple[int, np.ndarray]:
         held = _held(u)
         assert {l: np.flatnonzero(p.hosts[i, l]).tolist() for l in range(spec.num_moe_layers)} == \
             {l: held.get(l, []) for l in range(spec.num_moe_layers)}
+        assert not any(_held(u, "staged").values())  # no copy left loaded but unused
     assert p.hosts.any(axis=0).all()
     return p.version, p.hosts
 

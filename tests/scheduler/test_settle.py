@@ -45,6 +45,7 @@ def _bare_coordinator(monkeypatch, polls, settle=2.0):
     c.config = CoordinatorConfig(period=1e9, settle=settle)
     c.pending_shifts = PendingShifts(c.config.settle, c.config.settle_max)
     c._replan_now = threading.Event()
+    c._stop = threading.Event()
     c._last_plan = 0.0
     clock = {"t": 0.0}
     monkeypatch.setattr(coordinator_mod.time, "monotonic", lambda: clock["t"])
@@ -52,6 +53,8 @@ def _bare_coordinator(monkeypatch, polls, settle=2.0):
     c.poll = lambda: ([], [], next(it))
     c.replans = []
     c.replan = lambda reason="requested", dry_run=False: c.replans.append((clock["t"], reason))
+    c.holds_control = lambda: True  # the control lease and the rebuilt state are test_control_plane's
+    c.reconciled = True
     return c, clock
 
 

@@ -217,6 +217,8 @@ class Coordinator:
         """One poll of every server, then whatever it calls for: repair, rejoin, re-placement. Nothing but the
         poll while another coordinator holds a lease."""
         went_down, came_back, shifted = self.poll()
+        if self._stop.is_set():  # stop() wakes the loop through _replan_now: that is no re-plan request
+            return
         if not self.holds_control():
             self.renew_leases()  # e.g. a server that just came back has no lease yet
         if not self.holds_control():
@@ -409,7 +411,9 @@ class Coordinator:
             with self._lock:
                 live = self.live_mask()
                 live_names = [n for n in self.names if self.servers[n].live]
-                held_lists = {n: self.servers[n].stats.get("held") or {} for n in live_names}
+                # staged copies (loaded for a migration, not yet switched to) take slots just like held ones
+                held_lists = {n: [self.servers[n].stats.get(k) or {} for k in ("held", "staged")]
+                              for n in live_names}
             if not live_names:
                 return False
             try:
@@ -425,8 +429,9 @@ class Coordinator:
                 self.version = max(self.version, newest.version)
             held = np.zeros_like(newest.hosts)
             for n in live_names:
-                for layer, ids in held_lists[n].items():
-                    held[self.names.index(n), int(layer), ids] = True
+                for lists in held_lists[n]:
+                    for layer, ids in lists.items():
+                        held[self.names.index(n), int(layer), ids] = True
             hosts = newest.hosts.copy()
             hosts[live] &= held[live]  # a live server routes only to copies it really holds
             hosts |= held & ~hosts.any(axis=0)[None]  # an expert listed nowhere keeps any copy that exists
