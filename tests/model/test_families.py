@@ -72,3 +72,29 @@ def test_unservable_family_is_refused_by_name():
     with pytest.raises(UnsupportedModelError, match=r"model family 'nemotron_h' \(NemotronHExperts\) cannot be "
                                                     r"served yet: .*experts without a gate projection"):
         check_servable(model, "nemotron_h")
+
+
+# More text MoE families transformers has (no tiny builder: a generic tiny config, every alias of the expert
+# fields set alike); each must load through its own conversion mapping and match eager transformers.
+MORE_FAMILIES = ("granitemoe", "granitemoeshared", "hunyuan_v1_moe", "exaone_moe", "solar_open", "mellum",
+                 "cohere2_moe", "minimax", "afmoe", "laguna", "mimo_v2_flash", "minicpm5_moe", "hy_v3")
+_GENERIC = dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                intermediate_size=96, moe_intermediate_size=32, head_dim=16, num_local_experts=8, num_experts=8,
+                n_routed_experts=8, num_experts_per_tok=2, moe_topk=2, n_shared_experts=1, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_families_load_like_transformers(family, tmp_path):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **_GENERIC)).save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager").eval()
+    ckpt = Checkpoint.open(tmp_path)
+    assert ckpt.holds_all_experts() and not ckpt.unexpected
+    model, _ = load_partial(tmp_path, {i: range(8) for i in range(ckpt.spec.num_moe_layers)})
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False),
+                       ref.generate(ids, max_new_tokens=5, do_sample=False))

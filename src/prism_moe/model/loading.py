@@ -244,7 +244,7 @@ class Checkpoint:
             # packed rows are the module's last dim (GPT-OSS's [E, H, 2I]), as convert_moe_packed_tensors has it
             return values.transpose(-1, -2)
         t = reader.read(key, index)
-        if is_quantized_dtype(t.dtype):
+        if is_quantized_dtype(t.dtype) and (dtype is None or dtype.is_floating_point):  # int buffers stay ints
             raise QuantizationError(f"{self.path}: tensor {key!r} holds {t.dtype} codes without a scale the "
                                     f"checkpoint's quantization ({self.quant.method if self.quant else 'none'}) "
                                     f"explains; refusing to load it as values")
@@ -509,6 +509,11 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     layouts = check_servable(model, str(config.model_type))
+    built = [d for d, _ in experts_modules(model)]
+    if tuple(built) != tuple(spec.moe_layer_ids):
+        raise UnsupportedModelError(f"model family {config.model_type!r}: transformers builds experts in decoder layers "
+                                    f"{built} but prism-moe reads MoE layers {list(spec.moe_layer_ids)} from its config "
+                                    f"(its MoE layer fields are not known to model/spec.py yet)")
     ckpt = Checkpoint.open(path, model)
     if device.type != "cpu":
         for module in model.modules():  # parameters are still on meta: move only the real buffers

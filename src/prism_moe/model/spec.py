@@ -155,6 +155,11 @@ def _moe_layer_ids(config: dict[str, Any], num_layers: int) -> list[int]:
         first = int(config.get("first_k_dense_replace") or 0)
         freq = int(config.get("moe_layer_freq") or 1)
         return [i for i in range(num_layers) if i >= first and i % freq == 0]
+    kinds = config.get("mlp_layer_types")
+    if isinstance(kinds, list) and len(kinds) == num_layers:  # Laguna, MiMo-V2-Flash, MiniCPM5-MoE, HY-V3
+        return [i for i, kind in enumerate(kinds) if kind != "dense"]
+    if "num_dense_layers" in config:  # AFMoE: the first layers are dense
+        return list(range(int(config.get("num_dense_layers") or 0), num_layers))
     if "moe_layer_start_index" in config:  # ERNIE-4.5
         start = int(config.get("moe_layer_start_index") or 0)
         end = config.get("moe_layer_end_index")
@@ -211,7 +216,8 @@ def _spec_from_config(config: dict[str, Any], name: str | None, dtype: str | Non
     if top_k is None:
         missing.append("num_experts_per_tok / moe_k")
     if missing:
-        raise ValueError(f"model config is not a MoE config transformers understands: missing {missing}")
+        raise ValueError(f"{config.get('model_type', 'model')}: model config is not a MoE config prism-moe "
+                         f"understands: missing {missing}")
     hidden = int(config["hidden_size"])
     num_layers = int(config["num_hidden_layers"])
     vocab = int(config["vocab_size"])
