@@ -140,6 +140,13 @@ def test_mxfp4_gpt_oss_experts_match_transformers_dequantized(tmp_path):
             assert torch.equal(ckpt.dense_tensor(reader, name), ref.state_dict()[name])
     # the quantization is lossy: the values really went through the format
     assert not torch.equal(ref.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj)
+    # and the served model (dequantized experts in the store, GPT-OSS's expert math) runs like transformers
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
+    served, _ = load_partial(mx, {0: range(8), 1: range(8)})
+    with torch.no_grad():
+        assert torch.allclose(served(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(served.generate(ids, max_new_tokens=6, do_sample=False),
+                       ref.generate(ids, max_new_tokens=6, do_sample=False))
 
 
 def test_other_quantizations_are_refused(tmp_path):
