@@ -1,4 +1,4 @@
-"""`prism serve`, `prism cluster up|down|status`, `prism keys`: run edge servers."""
+"""`prism serve`, `prism cluster up|down|status` (local processes or Ray actors), `prism keys`: run edge servers."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_server_args(p)
     p.set_defaults(func=run_serve)
 
-    c = sub.add_parser("cluster", help="start or stop every server of a cluster file on this machine")
+    c = sub.add_parser("cluster", help="start or stop every server of a cluster file on this machine (or on Ray)")
     csub = c.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
     up = csub.add_parser("up", help="start all servers as local processes and wait until healthy")
     up.add_argument("--cluster", required=True, help="cluster YAML file")
@@ -65,13 +65,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--health-timeout", type=float, default=300.0, help="seconds to wait for all servers")
     up.add_argument("--coordinator", nargs="?", type=int, const=0, default=None, metavar="PORT",
                     help="also start `prism coordinator` (on PORT, default a free one); `cluster down` stops it")
+    up.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                    help="run each server (and the coordinator) as a Ray actor on its own node of the Ray cluster "
+                         "at ADDRESS (default: RAY_ADDRESS or the local `ray start` cluster) instead of local "
+                         "processes; needs `pip install 'prism-moe[ray]'` (docs/operations.md)")
+    up.add_argument("--ray-gpus", type=float, default=0, metavar="N",
+                    help="with --ray: GPUs Ray reserves for each server actor (default 0: it sees its node's GPUs)")
     _add_placement_args(up)
     _add_server_args(up)
     up.set_defaults(func=run_cluster_up)
     down = csub.add_parser("down", help="stop the servers started by `prism cluster up`")
     down.add_argument("--cluster", required=True, help="the cluster YAML file given to `up`")
     down.add_argument("--run-dir", default=None)
+    down.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                      help="stop the Ray actors started by `cluster up --ray` (their processes first)")
     down.set_defaults(func=run_cluster_down)
+    st = csub.add_parser("status", help="health (and log tails) of the servers started by `cluster up --ray`")
+    st.add_argument("--cluster", required=True, help="the cluster YAML file given to `up`")
+    st.add_argument("--run-dir", default=None)
+    st.add_argument("--ray", nargs="?", const="auto", default="auto", metavar="ADDRESS",
+                    help="the Ray cluster's address (default: RAY_ADDRESS or the local one)")
+    st.add_argument("--logs", type=int, default=0, metavar="N", help="also print the last N lines of each log")
+    st.set_defaults(func=run_cluster_status)
 
     k = sub.add_parser("keys", help="make a CurveZMQ key set and the admin key for a cluster",
                        description="Write one keypair per server (private/<name>.key_secret), the public keys "
@@ -171,7 +186,7 @@ def run_cluster_up(args: argparse.Namespace) -> int:
     if args.record_trace and len(cluster.servers) > 1 and "{server}" not in args.record_trace:
         raise ValueError("--record-trace: with several servers put '{server}' in the path (e.g. "
                          "traces/{server}.safetensors), else they would all write the same file")
-    if args.threads is None:
+    if args.threads is None and args.ray is None:  # on Ray each server has its own node's cores
         args.threads = max(1, (os.cpu_count() or 1) // len(cluster.servers))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.cluster)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -179,6 +194,8 @@ def run_cluster_up(args: argparse.Namespace) -> int:
     placement_path = run_dir / "placement.json"
     placement.save(placement_path)
     print(f"placement: {placement.algorithm or 'given'}, saved to {placement_path}")
+    if args.ray is not None:
+        return _cluster_up_ray(args, cluster, run_dir, placement_path)
     lc = start_local_cluster(cluster, run_dir, ["--placement", str(placement_path.resolve()),
                                                 *forwarded_server_args(args)],
                              health_timeout=args.health_timeout)
@@ -186,12 +203,9 @@ def run_cluster_up(args: argparse.Namespace) -> int:
     if args.coordinator is not None:
         from prism_moe.runtime.launcher import start_coordinator
 
-        key = ["--insecure"] if args.insecure else []  # the users' --api-key never reaches control
-        for flag, value in (("--admin-key-file", args.admin_key_file), ("--keys", args.keys)):
-            if value:
-                key += [flag, os.path.abspath(os.path.expanduser(value))]
         out["coordinator"] = start_coordinator(lc, args.coordinator or None,
-                                               ["--placement", str(placement_path.resolve()), *key])
+                                               ["--placement", str(placement_path.resolve()),
+                                                *coordinator_key_args(args)])
         out["coordinator_log"] = str(run_dir / "coordinator.log")
     print(json.dumps(out, indent=2))
     print(f"stop with: prism cluster down --cluster {args.cluster}"
@@ -199,10 +213,76 @@ def run_cluster_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def coordinator_key_args(args: argparse.Namespace) -> list[str]:
+    """The credential flags `cluster up` passes to the coordinator (the users' --api-key never reaches control)."""
+    key = ["--insecure"] if args.insecure else []
+    for flag, value in (("--admin-key-file", args.admin_key_file), ("--keys", args.keys)):
+        if value:
+            key += [flag, os.path.abspath(os.path.expanduser(value))]
+    return key
+
+
+def _cluster_up_ray(args: argparse.Namespace, cluster: Any, run_dir: Path, placement_path: Path) -> int:
+    from prism_moe.runtime import ray_deploy
+
+    ray = ray_deploy.connect(args.ray, ray_deploy.namespace_for(args.cluster))
+    dep = ray_deploy.deploy(
+        ray, cluster, ray_deploy.namespace_for(args.cluster), run_dir, placement_path.read_text(),
+        forwarded_server_args(args),
+        coordinator_key_args(args) if args.coordinator is not None else None, args.coordinator or 0,
+        num_gpus=args.ray_gpus, health_timeout=args.health_timeout)
+    health = dep.health()
+    out = {"run_dir": str(run_dir), "ray_namespace": dep.namespace,
+           "endpoints": {n: u for n, u in dep.urls.items() if n != "coordinator"},
+           "pids": {n: h.get("pid") for n, h in health.items()},
+           "logs": {n: f"{h.get('node_ip')}:{h.get('log')}" for n, h in health.items()}}
+    if "coordinator" in dep.urls:
+        out["coordinator"] = dep.urls["coordinator"]
+    print(json.dumps(out, indent=2))
+    print(f"status: prism cluster status --cluster {args.cluster} --ray {args.ray} --logs 20\n"
+          f"stop with: prism cluster down --cluster {args.cluster} --ray {args.ray}"
+          + (f" --run-dir {args.run_dir}" if args.run_dir else ""))
+    return 0
+
+
+def _attach_ray(args: argparse.Namespace) -> tuple[Any, Path]:
+    from prism_moe.config import load_cluster
+    from prism_moe.runtime import ray_deploy
+
+    namespace = ray_deploy.namespace_for(args.cluster)
+    ray = ray_deploy.connect(args.ray, namespace)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.cluster)
+    return ray_deploy.attach(ray, namespace, load_cluster(args.cluster), run_dir), run_dir
+
+
+def run_cluster_status(args: argparse.Namespace) -> int:
+    dep, _ = _attach_ray(args)
+    if not dep.actors:
+        print(f"nothing of {args.cluster} runs on this Ray cluster (namespace {dep.namespace})")
+        return 1
+    health = dep.health()
+    print(json.dumps(health, indent=2, default=str))
+    if args.logs > 0:
+        for n in dep.actors:
+            print(f"--- {n}: last {args.logs} lines\n{dep.log_tail(n, args.logs)}")
+    return 0 if all(h.get("healthy") for h in health.values()) else 1
+
+
 def run_cluster_down(args: argparse.Namespace) -> int:
     from prism_moe.runtime.launcher import stop_cluster
 
+    if args.ray is not None:
+        from prism_moe.runtime.ray_deploy import RAY_STATE_FILE
+
+        dep, run_dir = _attach_ray(args)
+        stopped = dep.stop()
+        (run_dir / RAY_STATE_FILE).unlink(missing_ok=True)
+        print(f"stopped {', '.join(stopped) or 'nothing (already gone)'}")
+        return 0
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.cluster)
+    if (run_dir / "ray.json").is_file() and not (run_dir / "state.json").is_file():
+        raise ValueError(f"{args.cluster} was started on Ray (`cluster up --ray`): stop it with "
+                         f"`prism cluster down --cluster {args.cluster} --ray [ADDRESS]`")
     stopped = stop_cluster(run_dir)
     print(f"stopped {', '.join(stopped) or 'nothing (already gone)'}")
     return 0
