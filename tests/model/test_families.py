@@ -62,6 +62,16 @@ def test_gpt_oss_layout_is_canonicalised():
     assert torch.equal(layout.canonical("down_proj", gate_up[:, :3]), gate_up[:, :3].t())
 
 
+def test_misread_expert_width_is_refused(tmp_path):
+    """A config whose expert width spec.py would misread (memory plan off) is refused, not served."""
+    torch.manual_seed(0)
+    fields = {**_GENERIC, "intermediate_size": 96, "moe_intermediate_size": 32}  # granitemoe ignores the latter
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("granitemoe", **fields)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"'granitemoe': transformers builds 8 experts of width 96 but "
+                                                    r"prism-moe reads 8 of width 32"):
+        load_partial(tmp_path, {0: [0]})
+
+
 def test_unservable_family_is_refused_by_name():
     """Nemotron-H's experts have no gate projection: refused at start-up, naming the family and the feature."""
     cfg = AutoConfig.for_model("nemotron_h", vocab_size=64, hidden_size=32, num_hidden_layers=2,
@@ -80,15 +90,17 @@ MORE_FAMILIES = ("granitemoe", "granitemoeshared", "hunyuan_v1_moe", "exaone_moe
                  "cohere2_moe", "minimax", "afmoe", "laguna", "mimo_v2_flash", "minicpm5_moe", "hy_v3")
 _GENERIC = dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False, rms_norm_eps=1e-6,
-                intermediate_size=96, moe_intermediate_size=32, head_dim=16, num_local_experts=8, num_experts=8,
-                n_routed_experts=8, num_experts_per_tok=2, moe_topk=2, n_shared_experts=1, pad_token_id=0,
-                bos_token_id=1, eos_token_id=2)
+                intermediate_size=32, head_dim=16, num_local_experts=8, num_experts=8, n_routed_experts=8,
+                num_experts_per_tok=2, moe_topk=2, n_shared_experts=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# families whose experts are moe_intermediate_size wide (the others use intermediate_size)
+_MOE_WIDTH = {"exaone_moe", "solar_open", "mellum", "afmoe", "laguna", "mimo_v2_flash", "minicpm5_moe", "hy_v3"}
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)
 def test_more_families_load_like_transformers(family, tmp_path):
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **_GENERIC)).save_pretrained(tmp_path)
+    fields = {**_GENERIC, **(dict(intermediate_size=96, moe_intermediate_size=32) if family in _MOE_WIDTH else {})}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **fields)).save_pretrained(tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager").eval()
     ckpt = Checkpoint.open(tmp_path)
     assert ckpt.holds_all_experts() and not ckpt.unexpected

@@ -514,6 +514,14 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
         raise UnsupportedModelError(f"model family {config.model_type!r}: transformers builds experts in decoder layers "
                                     f"{built} but prism-moe reads MoE layers {list(spec.moe_layer_ids)} from its config "
                                     f"(its MoE layer fields are not known to model/spec.py yet)")
+    for (_, module), layout in zip(experts_modules(model), layouts, strict=True):
+        experts, *shape = module.gate_up_proj.shape  # [E, 2I, H], or [E, H, 2I] when transposed
+        width = (shape[1] if layout.is_transposed else shape[0]) // 2
+        if (experts, width) != (spec.num_experts, spec.expert_intermediate_size):
+            raise UnsupportedModelError(f"model family {config.model_type!r}: transformers builds {experts} experts "
+                                        f"of width {width} but prism-moe reads {spec.num_experts} of width "
+                                        f"{spec.expert_intermediate_size} from its config, so its memory plan would "
+                                        f"be wrong (model/spec.py does not know this family's expert fields yet)")
     ckpt = Checkpoint.open(path, model)
     if device.type != "cpu":
         for module in model.modules():  # parameters are still on meta: move only the real buffers
