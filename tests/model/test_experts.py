@@ -29,6 +29,10 @@ from prism_moe.model.tiny import ARCHS
 
 NEW_TOKENS = 16
 PATHS = ["loop", "grouped"]
+# The grouped path and continuous batching do not depend on the family beyond the expert math: a plain
+# family, one with shared experts, one with latent attention and dense first layers, and GPT-OSS's biased,
+# clamped experts cover them (the loop, the exact reference, runs on every family).
+REPRESENTATIVE = [a for a in ("mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss") if a in ARCHS]
 
 
 def _generate(model, ids):
@@ -212,8 +216,7 @@ def test_grouped_path_host_reads_and_launches_do_not_grow():
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "path"), [(a, "loop") for a in ARCHS] + [(a, "grouped") for a in REPRESENTATIVE])
 def test_tokens_identical_to_transformers(arch, path, tiny_dir, eager_model, prompt_ids):
     """Greedy tokens of transformers (eager for the loop, its grouped_mm kernel for the grouped path), locally
     and with half the experts on a peer. Where the family keeps transformers' canonical layout the logits are
@@ -368,7 +371,7 @@ def _cb_config():
                                     use_cuda_graph=False, use_async_batching=False)
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "deepseek_v2"])  # CB rejects MLA key shapes
+@pytest.mark.parametrize("arch", [a for a in REPRESENTATIVE if a != "deepseek_v2"])  # CB rejects MLA keys
 def test_continuous_batching_identical(arch, tiny_dir, eager_model):
     ref = eager_model(arch)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir(arch)).eval()
