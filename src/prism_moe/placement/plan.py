@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from prism_moe.config import ClusterSpec
+from prism_moe.fileio import atomic_write_text
 from prism_moe.model.spec import GIB, ModelSpec, format_bytes
 from prism_moe.placement.placement import Placement, PlacementError
 
@@ -222,10 +223,7 @@ class ExecutionPlan:
         return out
 
     def save(self, path: str | Path) -> None:
-        p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(p)  # a reader never sees half a file
+        atomic_write_text(path, json.dumps(self.to_dict()))  # a reader never sees half a file, even after a crash
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "plan") -> ExecutionPlan:
