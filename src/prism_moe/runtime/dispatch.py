@@ -441,6 +441,9 @@ class ClusterDispatcher(RemoteDispatcher):
             # intermediate switch would otherwise wait for a call that waits for the repair).
             if tag is not None:
                 self._track(tag, None)
+            log.warning("%s: layer %d experts %s: no holder left to try after %s (%s); waiting up to %.0f s for a "
+                        "placement that re-hosts them", self.me, layer, sorted(set(ids.tolist())), tried, err,
+                        self.repair_wait)
             # (from the placement regrouped above: a switch landing just now must count as the change)
             version, deadline = placement.version, time.monotonic() + self.repair_wait
             while targets is None and time.monotonic() < deadline:
