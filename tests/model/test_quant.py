@@ -37,17 +37,26 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], quantization_config: di
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-def _fp8_checkpoint(arch: str, root: Path) -> tuple[Path, Path]:
-    """(FP8 checkpoint, plain checkpoint dequantized by transformers' Fp8Dequantize) of a tiny `arch` model."""
+def _fp8_checkpoint(arch: str, root: Path, fused: bool = False) -> tuple[Path, Path]:
+    """(FP8 checkpoint, plain checkpoint dequantized by transformers' Fp8Dequantize) of a tiny `arch` model.
+
+    `fused`: experts stored as transformers holds them in memory (`experts.gate_up_proj` [E, 2I, H] with
+    `experts.gate_up_proj_scale_inv` [E, 2I/8, H/8]) instead of the hub's one tensor per expert.
+    """
     fp8 = make_tiny_model(arch, root / "fp8", seed=1)
     plain = make_tiny_model(arch, root / "plain", seed=1)
     quantize = Fp8Quantize(types.SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=FP8_BLOCK)))
     dequantize = Fp8Dequantize(None)
     quantized, dequantized = {}, {}
-    for key, t in load_file(str(fp8 / "model.safetensors")).items():
-        if key.endswith("proj.weight") and t.dim() == 2:  # every linear projection; embeddings, norms, routers stay
+    if fused:
+        tensors = {k: v.contiguous() for k, v in AutoModelForCausalLM.from_pretrained(fp8).state_dict().items()}
+    else:
+        tensors = load_file(str(fp8 / "model.safetensors"))
+    for key, t in tensors.items():
+        if key.endswith(("proj.weight", "experts.gate_up_proj", "experts.down_proj")) and t.dim() >= 2:
+            # every linear projection and the experts; embeddings, norms and routers stay unquantized
             parts = quantize._quantize_one(key, t)
-            scale_key = key.removesuffix("weight") + "weight_scale_inv"
+            scale_key = key.removesuffix("weight") + "weight_scale_inv" if key.endswith("weight") else key + "_scale_inv"
             assert parts[key].dtype == torch.float8_e4m3fn and scale_key in parts, key
             quantized.update(parts)
             dequantized[key] = dequantize._dequantize_one(parts[key], parts[scale_key], output_dtype=t.dtype)
@@ -59,15 +68,18 @@ def _fp8_checkpoint(arch: str, root: Path) -> tuple[Path, Path]:
     return fp8, plain
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
-def test_fp8_checkpoint_matches_transformers_dequantized(arch, tmp_path, prompt_ids):
+@pytest.mark.parametrize(("arch", "fused"), [("deepseek_v3", False), ("qwen3_moe", False), ("qwen3_moe", True)])
+def test_fp8_checkpoint_matches_transformers_dequantized(arch, fused, tmp_path, prompt_ids):
     """DeepSeek-V3 / Qwen3-FP8 style: `weight_scale_inv` beside every projection, experts included."""
-    fp8, plain = _fp8_checkpoint(arch, tmp_path)
+    fp8, plain = _fp8_checkpoint(arch, tmp_path, fused)
     spec = ModelSpec.from_pretrained(fp8)
     ref = AutoModelForCausalLM.from_pretrained(plain, experts_implementation="eager").eval()
-    model, _ = load_partial(fp8, {i: range(spec.num_experts) for i in range(spec.num_moe_layers)})
+    held = {i: range(spec.num_experts) for i in range(spec.num_moe_layers)}
+    model, _ = load_partial(fp8, held)
     with torch.no_grad():
-        assert torch.equal(model(prompt_ids).logits, ref(prompt_ids).logits)
+        got = model(prompt_ids).logits
+        assert torch.equal(got, load_partial(plain, held)[0](prompt_ids).logits)  # the same values, bit for bit
+        assert torch.allclose(got, ref(prompt_ids).logits, rtol=1e-5, atol=1e-6)  # transformers' own forward
     want = ref.generate(prompt_ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(prompt_ids, max_new_tokens=8, do_sample=False), want)
     # a naive cast of the FP8 codes (what loading without the scales would do) is far off
