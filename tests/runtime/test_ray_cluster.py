@@ -131,12 +131,16 @@ def test_ray_cluster_serves_survives_a_killed_server_and_stops(ray_nodes, tiny_d
     address = ray_nodes.address
     common = ["--cluster", str(cluster_file), "--run-dir", str(tmp_path / "run")]
     want = greedy_ref(PROMPT, MAX_TOKENS)
+    t0 = time.monotonic()
+    phase = lambda what: print(f"ray test: {what} at {time.monotonic() - t0:.1f} s")  # noqa: E731 (shown with -s)
 
     up = _prism("cluster", "up", *common, "--ray", address, "--coordinator", "--placement",
                 str(tmp_path / "placement.json"), "--threads", "1", "--health-timeout", "90", timeout=150)
     assert up.returncode == 0, up.stdout + up.stderr
     info = _json_block(up.stdout)
+    phase("cluster up returned")
     endpoints, pids, coordinator = info["endpoints"], info["pids"], info["coordinator"]
+    new_pids = list(pids.values())
     try:
         assert sorted(endpoints) == NAMES and set(pids) == {*NAMES, "coordinator"}
         for name, url in endpoints.items():
@@ -150,9 +154,12 @@ def test_ray_cluster_serves_survives_a_killed_server_and_stops(ray_nodes, tiny_d
         health = dep.health()
         assert len({health[n]["node_id"] for n in NAMES}) == 3, health
 
+        phase("first completions done")
         os.kill(pids["edge-b"], signal.SIGKILL)
         restarted = _wait("Ray to restart edge-b", lambda: (lambda h: h if h.get("healthy") and h["pid"] !=
                           pids["edge-b"] else None)(dep.health(timeout=5)["edge-b"]), 60)
+        new_pids.append(restarted["pid"])
+        phase("edge-b restarted and healthy")
         assert restarted["restarted"] is True and restarted["url"] == endpoints["edge-b"]
         assert "exited with code -9" in dep.log_tail("edge-b", 400)
 
@@ -162,13 +169,14 @@ def test_ray_cluster_serves_survives_a_killed_server_and_stops(ray_nodes, tiny_d
             return ("rejoin", "edge-b") in kinds and kinds
         kinds = _wait("the coordinator to see edge-b rejoin", rejoined, 30)
         assert ("down", "edge-b") in kinds
+        phase("coordinator saw the rejoin")
         for name, url in endpoints.items():
             assert _completion(url, tiny_dir.name) == want, name
     finally:
         down = _prism("cluster", "down", *common, "--ray", address, timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
+    phase("cluster down returned")
     assert all(n in down.stdout for n in [*NAMES, "coordinator"]), down.stdout
-    new_pids = [p for p in pids.values()] + [restarted["pid"]]
     _wait("every process to end", lambda: not any(_alive(p) for p in new_pids), 15)
     for url in endpoints.values():
         with pytest.raises(httpx.ConnectError):

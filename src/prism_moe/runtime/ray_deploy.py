@@ -255,15 +255,17 @@ class RayDeployment:
     def stop(self, timeout: float = 10.0) -> list[str]:
         """Stop the commands (coordinator first, so it does not mark the servers down), then kill the actors
         without restart. Returns the names stopped."""
-        order = sorted(self.actors, key=lambda n: n != "coordinator")
+        groups = [[n for n in self.actors if n == "coordinator"], [n for n in self.actors if n != "coordinator"]]
         stopped = []
-        for n in order:
-            try:
-                self.ray.get(self.actors[n].stop.remote(timeout), timeout=timeout + 10)
-                stopped.append(n)
-            except Exception:  # dead or restarting: killing the actor ends its process (parent-death signal)
-                pass
-            self.ray.kill(self.actors[n], no_restart=True)
+        for group in groups:  # the servers of a group stop in parallel
+            refs = {n: self.actors[n].stop.remote(timeout) for n in group}
+            for n, ref in refs.items():
+                try:
+                    self.ray.get(ref, timeout=timeout + 10)
+                    stopped.append(n)
+                except Exception:  # dead or restarting: killing the actor ends its process (parent-death signal)
+                    pass
+                self.ray.kill(self.actors[n], no_restart=True)
         return stopped
 
 
@@ -312,8 +314,7 @@ def deploy(ray: Any, cluster: ClusterSpec, namespace: str, run_dir: Path, placem
                 name=_actor_name(s.name), namespace=namespace, lifetime="detached", max_restarts=MAX_RESTARTS,
                 num_cpus=0, num_gpus=num_gpus, resources=pins[s.name]).remote(s.name, argv, files, folder, {}, url)
             dep.urls[s.name] = url
-        _wait_healthy(dep, cluster.server_names, health_timeout, log)
-        if coordinator_args is not None:
+        if coordinator_args is not None:  # at once: it waits for servers it has not seen yet, never marks them down
             first = cluster.servers[0]
             port = coordinator_port or ray.get(ray.remote(num_cpus=0)(_free_ports).options(
                 resources=pins[first.name]).remote(first.host), timeout=60)[0]
@@ -325,7 +326,7 @@ def deploy(ray: Any, cluster: ClusterSpec, namespace: str, run_dir: Path, placem
                 max_restarts=MAX_RESTARTS, num_cpus=0, resources=pins[first.name]).remote(
                     "coordinator", argv, files, folder, {}, url)
             dep.urls["coordinator"] = url
-            _wait_healthy(dep, ["coordinator"], 60.0, log)
+        _wait_healthy(dep, list(dep.actors), health_timeout, log)
     except BaseException:
         dep.stop()
         raise
@@ -343,9 +344,9 @@ def _wait_healthy(dep: RayDeployment, names: list[str], timeout: float, log) -> 
             if h.get("healthy"):
                 log(f"{n} healthy at {dep.urls[n]} (Ray node {h.get('node_ip')}, pid {h.get('pid')})")
                 pending.remove(n)
-            elif "ActorDiedError" in h.get("error", "") or "RayActorError" in h.get("error", ""):
-                raise LaunchError(f"{n} died during start-up and Ray gave up restarting it; its log ends with:\n"
-                                  f"{dep.log_tail(n, 25)}")
+            elif h.get("restarted") or "ActorDiedError" in h.get("error", ""):
+                # a crash before it ever answered: restarting the same command would only crash again
+                raise LaunchError(f"{n} exited during start-up; its log ends with:\n{dep.log_tail(n, 25)}")
         if pending and time.monotonic() > deadline:
             tails = "\n".join(f"--- {n}:\n{dep.log_tail(n, 15)}" for n in pending)
             raise LaunchError(f"{pending} not healthy after {timeout:.0f} s; their logs end with:\n{tails}")
