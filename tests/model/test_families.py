@@ -87,19 +87,26 @@ def test_unservable_family_is_refused_by_name():
 # More text MoE families transformers has (no tiny builder: a generic tiny config, every alias of the expert
 # fields set alike); each must load through its own conversion mapping and match eager transformers.
 MORE_FAMILIES = ("granitemoe", "granitemoeshared", "hunyuan_v1_moe", "exaone_moe", "solar_open", "mellum",
-                 "cohere2_moe", "minimax", "afmoe", "laguna", "mimo_v2_flash", "minicpm5_moe", "hy_v3")
+                 "cohere2_moe", "minimax", "afmoe", "laguna", "mimo_v2_flash", "minicpm5_moe", "hy_v3", "glm4_moe_lite",
+                 "deepseek_v32", "glm_moe_dsa")
 _GENERIC = dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False, rms_norm_eps=1e-6,
                 intermediate_size=32, head_dim=16, num_local_experts=8, num_experts=8, n_routed_experts=8,
                 num_experts_per_tok=2, moe_topk=2, n_shared_experts=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # families whose experts are moe_intermediate_size wide (the others use intermediate_size)
 _MOE_WIDTH = {"exaone_moe", "solar_open", "mellum", "afmoe", "laguna", "mimo_v2_flash", "minicpm5_moe", "hy_v3"}
+# latent-attention families (DeepSeek-style MLA fields; DeepSeek-V3.2 / GLM-MoE-DSA add a sparse indexer)
+_MLA = {f: dict(num_hidden_layers=2, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+                q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+                n_group=1, topk_group=1, first_k_dense_replace=1, index_n_heads=2, index_head_dim=16, index_topk=4)
+        for f in ("glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")}
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)
 def test_more_families_load_like_transformers(family, tmp_path):
     torch.manual_seed(0)
-    fields = {**_GENERIC, **(dict(intermediate_size=96, moe_intermediate_size=32) if family in _MOE_WIDTH else {})}
+    fields = {**_GENERIC, **(dict(intermediate_size=96, moe_intermediate_size=32) if family in _MOE_WIDTH else {}),
+              **_MLA.get(family, {})}
     AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **fields)).save_pretrained(tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager").eval()
     ckpt = Checkpoint.open(tmp_path)
