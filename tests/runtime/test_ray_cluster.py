@@ -30,6 +30,7 @@ from prism_moe.runtime.launcher import LaunchError
 NAMES = ["edge-a", "edge-b", "edge-c"]
 PROMPT = [5, 9, 2, 7, 11]
 MAX_TOKENS = 4
+API_KEY = "ray-test-user-key"  # given as $PRISM_API_KEY to `cluster up`: Ray workers do not inherit its environment
 
 
 def _cluster(hosts: list[str]):
@@ -78,9 +79,9 @@ def ray_nodes():
         cluster.shutdown()
 
 
-def _prism(*args: str, timeout: float) -> subprocess.CompletedProcess:
+def _prism(*args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "prism_moe.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def _json_block(out: str) -> dict:
@@ -91,7 +92,7 @@ def _json_block(out: str) -> dict:
 
 
 def _completion(url: str, model: str) -> list[int]:
-    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+    r = httpx.post(f"{url}/v1/completions", timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}, json={
         "model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["token_ids"]
@@ -135,7 +136,8 @@ def test_ray_cluster_serves_survives_a_killed_server_and_stops(ray_nodes, tiny_d
     phase = lambda what: print(f"ray test: {what} at {time.monotonic() - t0:.1f} s")  # noqa: E731 (shown with -s)
 
     up = _prism("cluster", "up", *common, "--ray", address, "--coordinator", "--placement",
-                str(tmp_path / "placement.json"), "--threads", "1", "--health-timeout", "90", timeout=150)
+                str(tmp_path / "placement.json"), "--threads", "1", "--health-timeout", "90", timeout=150,
+                env={"PRISM_API_KEY": API_KEY})
     assert up.returncode == 0, up.stdout + up.stderr
     info = _json_block(up.stdout)
     phase("cluster up returned")
@@ -145,6 +147,7 @@ def test_ray_cluster_serves_survives_a_killed_server_and_stops(ray_nodes, tiny_d
         assert sorted(endpoints) == NAMES and set(pids) == {*NAMES, "coordinator"}
         for name, url in endpoints.items():
             assert _completion(url, tiny_dir.name) == want, name
+            assert httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=10).status_code == 401
 
         # each server on its own node: the actors' nodes are the three distinct Ray nodes
         ray.init(address=address, namespace=info["ray_namespace"], log_to_driver=False, logging_level="ERROR")
@@ -170,6 +173,8 @@ def test_ray_cluster_serves_survives_a_killed_server_and_stops(ray_nodes, tiny_d
         kinds = _wait("the coordinator to see edge-b rejoin", rejoined, 30)
         assert ("down", "edge-b") in kinds
         phase("coordinator saw the rejoin")
+        # the restarted server has the same credentials (the actor's arguments and environment are replayed)
+        assert httpx.post(f"{endpoints['edge-b']}/v1/completions", json={"prompt": "x"}, timeout=10).status_code == 401
         for name, url in endpoints.items():
             assert _completion(url, tiny_dir.name) == want, name
     finally:

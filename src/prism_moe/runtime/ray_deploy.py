@@ -41,6 +41,10 @@ from prism_moe.runtime.launcher import LaunchError, write_cluster_file
 RAY_STATE_FILE = "ray.json"
 SERVER_RESOURCE = "prism-server-{name}"
 PIN_AMOUNT = 0.001  # a resource's presence pins; the amount is small so a server and the coordinator share a node
+# What a local `prism serve` would take from the environment of `cluster up`: Ray workers get the raylet's
+# environment instead, so these are handed on explicitly (a server started without its $PRISM_API_KEY would be open).
+SERVER_ENV = ("PRISM_API_KEY", "PRISM_ADMIN_KEY", "PRISM_DATA_DIR")
+COORDINATOR_ENV = ("PRISM_ADMIN_KEY",)  # the users' API key never reaches control
 MAX_RESTARTS = 5  # per actor: a server that crashes more often than this stays down (its log says why)
 
 
@@ -302,6 +306,7 @@ def deploy(ray: Any, cluster: ClusterSpec, namespace: str, run_dir: Path, placem
     write_cluster_file(cluster, cluster_file)
     files = {"cluster.yaml": cluster_file.read_text(), "placement.json": placement_json}
     folder = f"prism-ray/{namespace}"
+    env_of = lambda names: {k: os.environ[k] for k in names if os.environ.get(k)}  # noqa: E731
     actor_cls = _actor_class(ray)
     dep = RayDeployment(ray, namespace, {}, {})
     py = [sys.executable, "-m", "prism_moe.cli"]
@@ -312,7 +317,8 @@ def deploy(ray: Any, cluster: ClusterSpec, namespace: str, run_dir: Path, placem
                     "--placement", "{dir}/placement.json", *server_args]
             dep.actors[s.name] = actor_cls.options(
                 name=_actor_name(s.name), namespace=namespace, lifetime="detached", max_restarts=MAX_RESTARTS,
-                num_cpus=0, num_gpus=num_gpus, resources=pins[s.name]).remote(s.name, argv, files, folder, {}, url)
+                num_cpus=0, num_gpus=num_gpus, resources=pins[s.name]).remote(
+                    s.name, argv, files, folder, env_of(SERVER_ENV), url)
             dep.urls[s.name] = url
         if coordinator_args is not None:  # at once: it waits for servers it has not seen yet, never marks them down
             first = cluster.servers[0]
@@ -324,7 +330,7 @@ def deploy(ray: Any, cluster: ClusterSpec, namespace: str, run_dir: Path, placem
             dep.actors["coordinator"] = actor_cls.options(
                 name=_actor_name("coordinator"), namespace=namespace, lifetime="detached",
                 max_restarts=MAX_RESTARTS, num_cpus=0, resources=pins[first.name]).remote(
-                    "coordinator", argv, files, folder, {}, url)
+                    "coordinator", argv, files, folder, env_of(COORDINATOR_ENV), url)
             dep.urls["coordinator"] = url
         _wait_healthy(dep, list(dep.actors), health_timeout, log)
     except BaseException:
