@@ -2,12 +2,12 @@
 
 For each (path grouped|loop, batch, local share) it prints one JSON line (`--json`) with:
   device, path, batch, local_share, experts_active (distinct experts the batch routes to),
-  prism_us       median wall time of `moe_forward` of `prism serve`'s `ClusterDispatcher` on this server:
+  prism_us       median (and prism_min_us: minimum) wall time of `moe_forward` of `prism serve`'s `ClusterDispatcher` on this server:
                  routing, activation counting, the local experts, gathering the remote rows, combining the
                  replies (the peer answers at once from an in-process stub: no network and no peer compute,
                  so this is the requester's own cost);
   reference_us   transformers' `grouped_mm_experts_forward` on the full layer (every expert local), the kernel
-                 `AutoModelForCausalLM` uses by default in transformers 5;
+                 `AutoModelForCausalLM` uses by default in transformers 5 (timed interleaved with prism_us);
   kernel_launches, host_syncs   per MoE layer (one forward), counted with torch.profiler:
                  CUDA: kernel launch calls (cudaLaunchKernel*) and synchronising runtime calls
                  (cuda*Synchronize), plus the warnings of CUDA's sync debug mode as `sync_debug_warnings`;
@@ -70,17 +70,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_us(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
+def time_us(fns: list[Callable[[], Any]], device: torch.device, reps: int) -> list[tuple[float, float]]:
+    """(median, min) microseconds of each function, calls interleaved (a drifting machine affects all alike;
+    on a shared machine the minimum is the least disturbed run)."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
+        for fn, ts in zip(fns, times, strict=True):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - t)
+    return [(statistics.median(ts) * 1e6, min(ts) * 1e6) for ts in times]
 
 
 def count(fn: Callable[[], Any], device: torch.device) -> dict[str, int]:
@@ -190,18 +194,20 @@ def main() -> None:
             for batch in args.batch:
                 hidden, ids, weights = routing(batch, args, device, dtype, seed=batch)
                 ref = lambda h=hidden, i=ids, w=weights: grouped_mm_experts_forward(module, h, i, w)  # noqa: E731
-                ref_us = time_us(ref, device, args.reps)
                 ref_counts = count(ref, device)
                 for path in args.paths:
                     d = dispatcher(args.experts, local, path)
                     fn = lambda h=hidden, i=ids, w=weights, d=d: d.moe_forward(0, h, i, w, slots)  # noqa: E731
                     counts = count(fn, device)
+                    (prism_us, prism_min), (ref_us, ref_min) = time_us([fn, ref], device, args.reps)
                     row = {"device": str(device), "path": path, "batch": batch, "local_share": share,
                            "experts_local": local, "experts_active": int(torch.unique(ids).numel()),
-                           "prism_us": round(time_us(fn, device, args.reps), 1), "reference_us": round(ref_us, 1),
+                           "prism_us": round(prism_us, 1), "reference_us": round(ref_us, 1),
+                           "prism_min_us": round(prism_min, 1), "reference_min_us": round(ref_min, 1),
                            **counts, "reference_kernel_launches": ref_counts["kernel_launches"],
                            "reference_host_syncs": ref_counts["host_syncs"]}
                     row["ratio"] = round(row["prism_us"] / row["reference_us"], 3)
+                    row["ratio_min"] = round(prism_min / ref_min, 3)
                     rows.append(row)
                     print(json.dumps(row) if args.json else
                           f"{path:8s} batch {batch:3d} local {share:4.2f} active {row['experts_active']:3d}  "
@@ -220,9 +226,10 @@ def main() -> None:
         summary["grouped_max_syncs_some_remote"] = max((r["host_syncs"] for r in grouped if r["local_share"] < 1),
                                                        default=None)
     for path in args.paths:
-        ratios = [r["ratio"] for r in rows if r["path"] == path and r["local_share"] >= 1]
-        if ratios:
-            summary[f"{path}_all_local_ratio_median"] = round(statistics.median(ratios), 3)
+        for key in ("ratio", "ratio_min"):
+            ratios = [r[key] for r in rows if r["path"] == path and r["local_share"] >= 1]
+            if ratios:
+                summary[f"{path}_all_local_{key}_median"] = round(statistics.median(ratios), 3)
     print(json.dumps(summary))
 
 
