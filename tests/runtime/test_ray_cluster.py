@@ -59,6 +59,27 @@ def test_missing_ray_names_the_extra(monkeypatch):
         ray_deploy.import_ray()
 
 
+def test_cluster_up_ray_refuses_a_network_cluster_without_keys_before_touching_ray(tmp_path, capsys, monkeypatch):
+    from prism_moe.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # the refusal must come first, with or without Ray
+    path = tmp_path / "lan.yaml"
+    path.write_text(yaml.safe_dump({"model": "deepseek-v2-lite", "servers": [
+        {"name": "a", "memory_gib": 12, "host": "10.0.0.1"}, {"name": "b", "memory_gib": 12, "host": "10.0.0.2"}]}))
+    assert main(["cluster", "up", "--cluster", str(path), "--ray", "10.0.0.1:6379"]) == 2
+    err = capsys.readouterr().err
+    assert "10.0.0.1" in err and "prism keys" in err and "prism-moe[ray]" not in err
+
+
+def test_cluster_down_without_ray_points_to_ray_for_a_ray_run(tmp_path, capsys):
+    from prism_moe.cli import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ray_deploy.RAY_STATE_FILE).write_text("{}")
+    assert main(["cluster", "down", "--cluster", "c.yaml", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "cluster down --cluster c.yaml --ray" in capsys.readouterr().err
+
+
 @pytest.fixture
 def ray_nodes():
     """Three one-CPU Ray nodes on this machine, one per server (custom resource), no dashboard."""

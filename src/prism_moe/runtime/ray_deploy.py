@@ -90,8 +90,8 @@ def _die_with_parent() -> None:
 class ProcessActor:
     """One long-running prism command on one Ray node; made a Ray actor by `_actor_class`.
 
-    `files` (name -> text) are written to the actor's folder on its node, and "{dir}" in `argv` becomes that
-    folder. The command's output goes to `<dir>/<name>.log` (appended across restarts)."""
+    `files` (name -> text) are written to the actor's folder on its node, "{dir}" in `argv` becomes that
+    folder and an argument "{python}" the Python that runs this actor. The command's output goes to `<dir>/<name>.log` (appended across restarts)."""
 
     def __init__(self, name: str, argv: list[str], files: dict[str, str], folder: str, env: dict[str, str],
                  health_url: str) -> None:
@@ -110,7 +110,8 @@ class ProcessActor:
         with open(self.log_path, "a") as logf:
             logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name} (actor pid {os.getpid()})\n")
             logf.flush()
-            self.proc = subprocess.Popen([a.replace("{dir}", str(self.dir)) for a in argv], stdout=logf,
+            argv = [sys.executable if a == "{python}" else a.replace("{dir}", str(self.dir)) for a in argv]
+            self.proc = subprocess.Popen(argv, stdout=logf,
                                          stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
                                          preexec_fn=_die_with_parent)
         threading.Thread(target=self._watch, daemon=True, name=f"watch-{name}").start()
@@ -309,7 +310,7 @@ def deploy(ray: Any, cluster: ClusterSpec, namespace: str, run_dir: Path, placem
     env_of = lambda names: {k: os.environ[k] for k in names if os.environ.get(k)}  # noqa: E731
     actor_cls = _actor_class(ray)
     dep = RayDeployment(ray, namespace, {}, {})
-    py = [sys.executable, "-m", "prism_moe.cli"]
+    py = ["{python}", "-m", "prism_moe.cli"]  # the node's own Python (its path may differ from this one's)
     try:
         for s in cluster.servers:
             url = f"http://{s.host}:{s.http_port}"
