@@ -170,15 +170,18 @@ def test_ray_cluster_serves_survives_a_killed_server_and_stops(ray_nodes, tiny_d
             assert _completion(url, tiny_dir.name) == want, name
             assert httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=10).status_code == 401
 
-        # each server on its own node: the actors' nodes are the three distinct Ray nodes
         ray.init(address=address, namespace=info["ray_namespace"], log_to_driver=False, logging_level="ERROR")
         dep = ray_deploy.attach(ray, info["ray_namespace"], load_cluster(cluster_file),
                                 tmp_path / "run")
         assert sorted(dep.actors) == sorted([*NAMES, "coordinator"])
-        health = dep.health()
-        assert len({health[n]["node_id"] for n in NAMES}) == 3, health
+        status = _prism("cluster", "status", *common, "--ray", address, "--logs", "5", timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        health = _json_block(status.stdout)
+        assert all(health[n]["healthy"] and health[n]["pid"] == pids[n] for n in [*NAMES, "coordinator"]), health
+        assert len({health[n]["node_id"] for n in NAMES}) == 3, health  # each server on its own node
+        assert "--- edge-a: last 5 lines" in status.stdout
 
-        phase("first completions done")
+        phase("completions and cluster status done")
         os.kill(pids["edge-b"], signal.SIGKILL)
         restarted = _wait("Ray to restart edge-b", lambda: (lambda h: h if h.get("healthy") and h["pid"] !=
                           pids["edge-b"] else None)(dep.health(timeout=5)["edge-b"]), 60)
