@@ -154,7 +154,8 @@ def repair_for(cluster: ClusterSpec, model: ModelSpec):
 def kv_peak_bytes(plan: ExecutionPlan, model: ModelSpec, reqs, finish: np.ndarray) -> np.ndarray:
     """Per server, the most KV cache it holds at once: each request keeps prompt + output tokens in every
     layer's executor from its arrival to its end (an upper bound: the cache grows while it decodes).
-    float [S]."""
+    With failures it is rougher: the final (repaired) plan's executors, and lost requests (finish NaN)
+    counted to the end of the run. float [S]."""
     from prism_moe.placement.plan import PlanSizes
 
     per_token = PlanSizes.of(model).kv_token_layer
