@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prism_moe.model.tiny import ARCHS, make_tiny_model
 from prism_moe.runtime.engine import Engine
-from prism_moe.runtime.engine.slots import SlotCache
+from prism_moe.runtime.engine.slots import SlotCache, _attention_kinds
 
 TEXTS = ["Hello, how are", "The quick brown fox jumps over the lazy dog. Pack my box", "Edge",
          "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation", "Which experts are popular"]
@@ -113,3 +113,18 @@ def test_slot_cache_writes_in_place_and_reads_views() -> None:
     assert cache.capacity == 256 and torch.equal(cache.keys[0][1, 0, :3], keys[1, 0, :3])
     with pytest.raises(ValueError, match="exceed"):
         cache.reserve(301)
+
+
+def test_attention_kinds_and_refusals() -> None:
+    from types import SimpleNamespace as Config
+
+    assert _attention_kinds(Config(sliding_window=None)) == (None, None)
+    assert _attention_kinds(Config(sliding_window=4096)) == (4096, None)  # one sliding mask (Mixtral-style)
+    assert _attention_kinds(Config(sliding_window=0, use_sliding_window=False,
+                                   layer_types=["full_attention"] * 2)) == (None, ("full_attention",))
+    assert _attention_kinds(Config(sliding_window=16, layer_types=["sliding_attention", "full_attention"])) == (
+        16, ("full_attention", "sliding_attention"))
+    with pytest.raises(ValueError, match=r"'linear_attention'\].*batching='paged'"):  # MiniMax
+        _attention_kinds(Config(sliding_window=None, layer_types=["full_attention", "linear_attention"]))
+    with pytest.raises(ValueError, match="no runner of prism-moe serves it yet"):  # DeepSeek-V3.2's sparse indexer
+        _attention_kinds(Config(sliding_window=None, layer_types=["indexed_attention"], kv_lora_rank=32))

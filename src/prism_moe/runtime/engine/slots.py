@@ -389,8 +389,11 @@ def _attention_kinds(config: Any) -> tuple[int | None, tuple[str, ...] | None]:
     kinds = tuple(sorted(set(types)))
     unknown = set(kinds) - {"full_attention", "sliding_attention"}
     if unknown or ("sliding_attention" in kinds and not window):
-        raise ValueError(f"the slot runner knows full and sliding-window attention layers; this model has layer "
-                         f"types {sorted(set(types))} (sliding_window={window}). Use batching='paged'")
+        other = ("transformers' continuous batching (batching='paged') is the other runner, for models without "
+                 "latent attention" if getattr(config, "kv_lora_rank", None) is None else
+                 "no runner of prism-moe serves it yet")
+        raise ValueError(f"the slot runner holds full and sliding-window attention caches; this model has layer "
+                         f"types {sorted(set(types))} (sliding_window={window}): {other}")
     return window, kinds
 
 
