@@ -183,7 +183,8 @@ class LocalDispatcher:
             pairs = grouped_pairs(experts.pool, experts.gate, key, hidden, weights, k)
         if host is not None:
             ids = host.wait()
-            is_remote = (ids >= 0) & (view.host[np.maximum(ids, 0)] < 0)
+            valid = (ids >= 0) & (ids < experts.num_experts)  # padding and sentinels are nobody's
+            is_remote = valid & (view.host[np.where(valid, ids, 0)] < 0)
             sent = self._send_pairs(layer, ids, is_remote, host.hidden, k, view) if is_remote.any() else None
             try:
                 if pairs is None:  # CPU: compute while the peers do
