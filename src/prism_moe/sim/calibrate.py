@@ -77,8 +77,10 @@ class _PathTimer:
 
     def __init__(self, server: Any) -> None:
         self.rec = PathRecords([], [], [])
-        disp, model = server.dispatcher, server.model
-        moe_forward, remote, forward = disp.moe_forward, disp.remote, model.forward
+        disp = server.dispatcher
+        # the runner calls the decoder and the head apart (engine/slots.py): a forward is the decoder's
+        decoder = server.model.get_decoder()
+        moe_forward, remote, forward = disp.moe_forward, disp.remote, decoder.forward
         layer_state = {"wait": 0.0, "calls": 0}
         rec = self.rec
 
@@ -120,7 +122,7 @@ class _PathTimer:
             rec.forwards.append((t0, time.perf_counter(), int(ids.numel()) if ids is not None else 0))
             return y
 
-        disp.remote, disp.moe_forward, model.forward = timed_remote, timed_moe, timed_forward
+        disp.remote, disp.moe_forward, decoder.forward = timed_remote, timed_moe, timed_forward
 
 
 def fit_server_path(rec: PathRecords, num_layers: int, decode_tokens: int,
