@@ -312,8 +312,11 @@ def _responses(ok: type[BaseModel] | None, stream: bool = False) -> dict[int | s
     if ok is not None:
         out[200] = {"model": ok}
         if stream:
-            out[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}, "description":
-                                                         "with stream=true: `data: {chunk}` lines, then `data: [DONE]`"}}
+            # SSE: the schema describes one event (as OpenAPI 3.2's itemSchema does, and schemathesis checks)
+            event = {"type": "object", "required": ["data"],
+                     "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+            out[200]["content"] = {"text/event-stream": {"schema": event, "description":
+                                                         "with stream=true: `data: {chunk}` events, then `data: [DONE]`"}}
         out.update({
             400: {"model": ErrorResponse, "description": "Invalid request (the message names the field)"},
             500: {"model": ErrorResponse, "description": "Generation failed (e.g. a peer holding experts failed)"},
