@@ -466,17 +466,6 @@ def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
         raise KeyError(f"model has no parameter or buffer {name!r}")
 
 
-def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    if attr in owner._parameters:
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:
-        raise KeyError(f"model has no parameter or buffer {name!r}")
-
-
 def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = None, dispatcher: ExpertDispatcher | None = None,
                  capacity: int | None = None) -> tuple[nn.Module, dict[int, ExpertSlots]]:
