@@ -284,11 +284,14 @@ class EdgeServer:
 
         if self._replay is None:
             raise ControlError(409, "this server does not replay a trace (start it with --replay)")
-        t = load_workload(workload, self.options.data_dir).trace
-        p = self.placement
-        if t is None or (t.num_layers, t.num_experts) != (p.num_layers, p.num_experts):
+        try:
+            t = load_workload(workload, self.options.data_dir).trace
+        except (ValueError, OSError) as err:  # a bad name or file is the caller's error, not a 500
+            raise ControlError(400, f"cannot load workload {workload!r}: {err}") from err
+        p, k = self.placement, self._replay.routing.experts.shape[2]
+        if t is None or (t.num_layers, t.num_experts, t.top_k) != (p.num_layers, p.num_experts, k):
             raise ControlError(400, f"{workload}: needs a per-token trace of {p.num_layers} layers x "
-                                    f"{p.num_experts} experts")
+                                    f"{p.num_experts} experts top-{k}")
         self._replay.routing = ReplayRouting(t.experts, t.weights, wrap=True)
         self.options.replay = workload
         return {"server": self.name, "replay": workload}
