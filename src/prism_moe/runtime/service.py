@@ -2,10 +2,10 @@
 worker runs the experts.
 
 Threads of one service:
-- the **I/O thread** owns the socket (ZeroMQ sockets are not thread-safe). It reads every message,
-  decodes and validates it, answers right there what needs no compute (malformed input with an `error`
-  reply, pings, empty batches, link-emulation settings), hands expert calls to the compute worker and
-  control messages to the control thread, and sends the replies they post back. It also applies link
+- the **I/O thread** reads every message (ZeroMQ sockets are not thread-safe: every use of the socket
+  holds `_sock_lock`), decodes and validates it, answers right there what needs no compute (malformed
+  input with an `error` reply, pings, empty batches, link-emulation settings), hands expert calls to the
+  compute worker and control messages to the control thread, and sends the replies they post back. It also applies link
   emulation (`emulation.py`): requests and replies of an emulated caller wait in a timer heap until the
   emulated link would have carried them; a partitioned caller's messages are dropped.
 - the **compute worker** runs the handler, on its own CUDA stream when the service's device is a GPU.
@@ -16,11 +16,12 @@ Threads of one service:
 - the **control thread** runs `load_expert` / `drop_expert` handlers (weights arriving never wait
   behind expert calls, and expert calls never wait behind them).
 
-A finished job is posted to the I/O thread's outbox and wakes that thread through a socket pair. While
-nothing is out and nothing is held by emulation, the I/O thread blocks in ZeroMQ's receive (GIL
-released); otherwise it polls the socket and the wake-up pair until the next emulated arrival.
-`max_inflight` bounds the jobs out; at the bound the socket is not read, so ZeroMQ's queues push back on
-senders. `close()` terminates the service's own ZeroMQ context, which ends a blocked receive.
+A computed expert call is answered by the worker itself, under the socket lock; an error, a control
+reply or a reply over an emulated link is posted to the I/O thread's outbox and wakes that thread through
+a socket pair. The I/O thread waits (GIL released) in poll() on ZeroMQ's file descriptor and the wake-up
+pair, until input, a wake-up or the next emulated arrival. `max_inflight` bounds the jobs out; at the
+bound the socket is not read, so ZeroMQ's queues push back on senders. `close()` wakes the I/O thread,
+which closes the socket, then terminates the service's own ZeroMQ context.
 
 Wire format: see `wire.py` and docs/wire-protocol.md.
 """
