@@ -160,10 +160,6 @@ class SlotPool:
     def device(self) -> torch.device:
         return self.gate_up.device
 
-    @property
-    def slot_bytes(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.slabs() if t.shape[0])
-
     def slabs(self) -> list[Tensor]:
         return [t for t in (self.gate_up, self.down, self.gate_up_bias, self.down_bias) if t is not None]
 
