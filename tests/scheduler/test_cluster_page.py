@@ -120,3 +120,12 @@ def test_chromium_renders_the_live_page(coordinator, tmp_path):
     assert re.search(r'<div id="status"[^>]*>updated ', dom)  # the last refresh reached the coordinator
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+
+def test_migrate_reads_its_body(coordinator):
+    coord, _ = coordinator
+    with TestClient(coord.app(), client=("127.0.0.1", 50000)) as c:  # no admin key: control from loopback
+        # the body is read (a malformed placement is named), not taken for a missing query parameter
+        bad = c.post("/migrate", json={"placement": {"servers": "x"}})
+        assert bad.status_code == 400, bad.text

@@ -582,12 +582,16 @@ class Coordinator:
         def replan(dry_run: bool = False) -> dict[str, Any]:
             return self.replan("requested", dry_run=dry_run)
 
-        @app.post("/migrate", dependencies=control)
         def migrate(body: MigrateBody) -> dict[str, Any]:
             try:
                 target = Placement.from_dict(body.placement)
                 return self.migrate_to(target, "operator").to_dict()
             except ValueError as err:
                 raise HTTPException(400, str(err)) from err
+
+        # the class itself, not the string of `from __future__ import annotations`: FastAPI cannot resolve a
+        # local class by name and would read `body` as a required query parameter (every call a 422)
+        migrate.__annotations__ = {"body": MigrateBody, "return": dict[str, Any]}
+        app.add_api_route("/migrate", migrate, methods=["POST"], dependencies=control)
 
         return app
