@@ -122,10 +122,17 @@ def test_chromium_renders_the_live_page(coordinator, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-
-def test_migrate_reads_its_body(coordinator):
-    coord, _ = coordinator
+def test_ordered_migration_needs_control(coordinator):
+    """POST /migrate and /replan act only while this coordinator holds the leases and has rebuilt its state
+    (the fixture's never started: it holds none); a dry run still answers."""
+    coord, placement = coordinator
+    before = (len(coord.migrations), coord.placement)
     with TestClient(coord.app(), client=("127.0.0.1", 50000)) as c:  # no admin key: control from loopback
+        r = c.post("/migrate", json={"placement": placement.to_dict()})
+        assert r.status_code == 409 and "control lease" in r.json()["detail"]
+        assert c.post("/replan").status_code == 409
+        assert c.post("/replan?dry_run=true").status_code == 200
         # the body is read (a malformed placement is named), not taken for a missing query parameter
         bad = c.post("/migrate", json={"placement": {"servers": "x"}})
         assert bad.status_code == 400, bad.text
+    assert (len(coord.migrations), coord.placement) == before

@@ -578,13 +578,25 @@ class Coordinator:
                 raise HTTPException(503, "no placement known yet")
             return self.placement.to_dict()
 
+        def require_control() -> None:
+            # an ordered migration acts only where the loop would: every live server's lease held, state rebuilt
+            if self.placement is None:
+                raise HTTPException(503, "no placement known yet (no server answered)")
+            if not self.holds_control() or not self.reconciled:
+                why = self.lease_error or "it does not hold the control lease on every live server yet"
+                raise HTTPException(409, f"this coordinator does not drive the cluster now ({why}); retry when GET "
+                                         f"/state shows control.reconciled")
+
         @app.post("/replan", dependencies=control)
         def replan(dry_run: bool = False) -> dict[str, Any]:
+            if not dry_run:
+                require_control()
             return self.replan("requested", dry_run=dry_run)
 
         def migrate(body: MigrateBody) -> dict[str, Any]:
             try:
                 target = Placement.from_dict(body.placement)
+                require_control()
                 return self.migrate_to(target, "operator").to_dict()
             except ValueError as err:
                 raise HTTPException(400, str(err)) from err
