@@ -269,7 +269,8 @@ class ClusterDispatcher(RemoteDispatcher):
         down = frozenset(names)
         newly = down - self._down
         self._down = down
-        self._suspect = {n: t for n, t in self._suspect.items() if n in down}
+        with self._cv:  # model threads add suspicions meanwhile: neither lose one nor iterate a changing dict
+            self._suspect = {n: t for n, t in self._suspect.items() if n in down}
         if self.pool is not None:
             for name in newly:
                 if name in self.pool:
@@ -283,8 +284,8 @@ class ClusterDispatcher(RemoteDispatcher):
 
     def _suspect_peer(self, name: str) -> None:
         """Avoid `name` (its call found no answer) until a probe hears from it, at most `suspect_ttl` s."""
-        self._suspect[name] = time.monotonic() + self.suspect_ttl
         with self._cv:
+            self._suspect[name] = time.monotonic() + self.suspect_ttl
             if self._prober is None and not self._closed.is_set():
                 self._prober = threading.Thread(target=self._probe, name=f"prism-probe-{self.me}", daemon=True)
                 self._prober.start()
