@@ -142,6 +142,11 @@ def test_serve_flags_and_cluster_up_forwarding(tmp_path: Path, monkeypatch) -> N
     assert plain.record_trace is None and plain.record_max_tokens == 1_000_000
     assert "--record-trace" not in forwarded_server_args(
         build_parser().parse_args(["cluster", "up", "--cluster", "c.yaml"]))
+    # folders travel absolute (Ray actors run elsewhere), as the coordinator's --keys does
+    fwd = forwarded_server_args(build_parser().parse_args(["cluster", "up", "--cluster", "c.yaml", "--keys", "keys",
+                                                            "--data-dir", "data"]))
+    assert fwd[fwd.index("--keys") + 1] == str(tmp_path / "keys")
+    assert fwd[fwd.index("--data-dir") + 1] == str(tmp_path / "data")
 
 
 def test_edge_server_records_saves_on_request_and_on_close(tiny_dir: Path, tmp_path: Path) -> None:

@@ -160,10 +160,13 @@ def _admin_key(args: argparse.Namespace, cluster: Any, who: str) -> str | None:
 def forwarded_server_args(args: argparse.Namespace) -> list[str]:
     """The serve flags that `cluster up` passes on to every server."""
     out = []
-    for flag, value in (("--device", args.device), ("--keys", args.keys), ("--api-key", args.api_key),
-                        ("--data-dir", args.data_dir), ("--timeout", args.timeout), ("--threads", args.threads)):
+    for flag, value in (("--device", args.device), ("--api-key", args.api_key), ("--timeout", args.timeout),
+                        ("--threads", args.threads)):
         if value is not None:
             out += [flag, str(value)]
+    for flag, folder in (("--keys", args.keys), ("--data-dir", args.data_dir)):
+        if folder is not None:  # absolute, like the coordinator's: Ray actors do not run in this folder
+            out += [flag, os.path.abspath(os.path.expanduser(folder))]
     if args.admin_key_file:  # absolute: the servers may run in another folder
         out += ["--admin-key-file", os.path.abspath(os.path.expanduser(args.admin_key_file))]
     if args.insecure:
