@@ -329,6 +329,7 @@ class Chaos:
         rec = self._fault("coordinator restart", "coordinator", t, t, NAMES)
         rec["note"] = f"kill -9 {self.args.kill_after} s into a live migration"
         rec["migration_finished_before_kill"] = answer.get("status") == 200
+        rec["migrate_answer"] = answer  # no status (killed mid-call) means the migration was under way
         final = Placement.from_dict(httpx.get(f"{self.coordinator_url}/placement", timeout=10).json())
         rec["outcome"] = ("finished" if (final.hosts == target.hosts).all() else
                           "rolled back" if (final.hosts == current.hosts).all() else "partly moved")
