@@ -197,6 +197,11 @@ def test_place_and_simulate_commands_run_plan_algorithms(tmp_path, capsys):
     assert dead["failures"][0]["stopped_homes"] == ["b", "a"]
     assert cli.main(["simulate", "--cluster", str(f), "--algorithm", "pipeline", "--fail", "c@1"]) != 0
     assert "SERVER@SECONDS" in capsys.readouterr().err
+    assert cli.main(["simulate", "--cluster", str(f), "--algorithm", "pipeline", "--fail", "b@nan"]) != 0
+    assert "SERVER@SECONDS" in capsys.readouterr().err
+    assert cli.main(["simulate", "--cluster", str(f), "--algorithm", "pipeline", "--fail", "b@1",
+                     "--detect-s", "nan"]) != 0
+    assert "--detect-s" in capsys.readouterr().err
 
 
 def test_backup_owners_fill_the_roomiest_other_server_block_by_block():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +37,8 @@ def parse_failures(specs: list[str], names: list[str], detect_s: float, load_gb_
     from prism_moe.cli import UserError
     from prism_moe.sim.engine import ServerFailure
 
-    if detect_s < 0 or load_gb_s <= 0:
-        raise UserError("--detect-s must be >= 0 and --load-gb-s > 0")
+    if not (math.isfinite(detect_s) and detect_s >= 0 and math.isfinite(load_gb_s) and load_gb_s > 0):
+        raise UserError("--detect-s must be >= 0 and --load-gb-s > 0 (finite numbers)")
     out = []
     for spec in specs:
         name, sep, when = spec.rpartition("@")
@@ -45,7 +46,7 @@ def parse_failures(specs: list[str], names: list[str], detect_s: float, load_gb_
             t = float(when)
         except ValueError:
             t = -1.0
-        if not sep or name not in names or t < 0:
+        if not sep or name not in names or not (math.isfinite(t) and t >= 0):  # nan would pass `t < 0`
             raise UserError(f"--fail {spec!r}: expected SERVER@SECONDS with SERVER one of {', '.join(names)} "
                             f"and SECONDS >= 0, e.g. --fail {names[0]}@60")
         out.append(ServerFailure(t, names.index(name), detect_s, load_gb_s))
