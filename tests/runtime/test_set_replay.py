@@ -38,3 +38,15 @@ def test_other_top_k_is_refused() -> None:
         EdgeServer.set_replay(s, WORKLOAD)
     assert err.value.status == 400 and "top-2" in err.value.message
     assert s._replay.routing is before
+
+
+def test_placement_body_needs_a_finite_drain_timeout() -> None:
+    """JSON's Infinity would pass `ge=0`, switch the placement, then overflow the drain wait (a 500)."""
+    from pydantic import ValidationError
+
+    from prism_moe.runtime.server import PlacementBody
+
+    assert PlacementBody.model_validate({"placement": {}, "drain_timeout": 3}).drain_timeout == 3.0
+    for bad in (float("inf"), float("nan"), -1):
+        with pytest.raises(ValidationError, match="drain_timeout"):
+            PlacementBody.model_validate({"placement": {}, "drain_timeout": bad})

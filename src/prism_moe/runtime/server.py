@@ -79,7 +79,8 @@ class ExpertsBody(BaseModel):
 class PlacementBody(BaseModel):
     placement: dict[str, Any]
     down: list[str] | None = None
-    drain_timeout: float = Field(default=10.0, ge=0)
+    # finite: JSON's Infinity would pass `ge=0`, switch the placement, then overflow the wait (a 500)
+    drain_timeout: float = Field(default=10.0, ge=0, allow_inf_nan=False)
 
 
 class DownBody(BaseModel):
