@@ -112,3 +112,11 @@ class _Model:
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+@pytest.mark.parametrize("field, value", [("poll_interval", 0.0), ("period", float("nan")), ("lease_seconds", 301.0),
+                                          ("lease_seconds", 0.0), ("margin", 1.0), ("down_after", -1.0),
+                                          ("settle", float("inf"))])
+def test_config_refuses_values_the_loop_cannot_run_with(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        CoordinatorConfig(**{field: value})

@@ -24,6 +24,7 @@ dropped), and every expert keeps at least one copy throughout.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -74,6 +75,26 @@ class CoordinatorConfig:
     drain_timeout: float = 10.0
     admin_key: str | None = None  # the servers' control credential (runtime/auth.py)
     lease_seconds: float = 6.0  # control lease on each server; renewed every lease_seconds / 3
+
+    def __post_init__(self) -> None:
+        """Refuse values the loop cannot run with (a zero poll spins; a lease over the servers' 300 s limit is
+        refused by every server, so the coordinator would never act)."""
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"coordinator: {what}")
+
+        for name in ("period", "poll_interval", "poll_timeout", "half_life", "window"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v > 0, f"{name} must be a positive number of seconds, got {v}")
+        for name in ("down_after", "settle", "drain_timeout", "shift_threshold", "min_shift_invocations"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
+        need(self.settle_max is None or (math.isfinite(self.settle_max) and self.settle_max >= 0),
+             f"settle_max must be None or >= 0, got {self.settle_max}")
+        need(math.isfinite(self.margin) and 0 <= self.margin < 1, f"margin must be in [0, 1), got {self.margin}")
+        need(math.isfinite(self.reserve) and 0 <= self.reserve < 1, f"reserve must be in [0, 1), got {self.reserve}")
+        need(math.isfinite(self.lease_seconds) and 0 < self.lease_seconds <= 300,
+             f"lease_seconds (--lease) must be in (0, 300] (what servers grant), got {self.lease_seconds}")
 
 
 @dataclass
