@@ -99,6 +99,11 @@ def test_download_checks_resumes_and_restarts(tmp_path, served):
         with pytest.raises(ChecksumError, match="sha256"):
             download(f, dest, client, srv.url)
         assert not out.exists() and not part.exists()
+        # more bytes than the catalog says: cut at the catalog's size (never fills the disk), then refused
+        srv.files[url_path] = data + b"\x00" * 1_000_000
+        with pytest.raises(ChecksumError, match="more than the catalog's"):
+            download(f, dest, client, srv.url)
+        assert not out.exists() and not part.exists()
         srv.files.pop(url_path)
         with pytest.raises(httpx.HTTPStatusError, match="404"):
             download(f, dest, client, srv.url)

@@ -136,10 +136,18 @@ def download(f: DataFile, dest: Path, client: httpx.Client, base_url: str,
                 mode = "wb"  # no range support: start over
             else:
                 raise httpx.HTTPStatusError(f"GET {url}: HTTP {r.status_code}", request=r.request, response=r)
+            size = have if mode == "ab" else 0
             with open(part, mode) as out:
                 for chunk in r.iter_bytes(_CHUNK):
+                    size += len(chunk)
+                    if size > f.size:  # not this file: stop before a wrong server fills the disk
+                        break
                     out.write(chunk)
                     advance(len(chunk))
+            if size > f.size:
+                part.unlink()
+                raise ChecksumError(f"{url}: served more than the catalog's {f.size} bytes ({f.path}); the partial "
+                                    f"file was removed; if it happens again the upstream file changed")
     else:
         advance(have)
     got = sha256_of(part)
