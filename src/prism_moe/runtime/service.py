@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import zmq
 
-from .emulation import LinkProfile, LinkTable
+from .emulation import Direction, LinkProfile, LinkTable
 from .keys import CurveIdentity, start_authenticator
 from .sockets import EVENTS, NOBLOCK, POLLIN, recv_frame, recv_rest, send_nowait, sockopt
 from .wire import (
@@ -347,17 +347,8 @@ class ExpertService:
         n_env = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
         route, body = frames[:n_env], frames[n_env:]
         nbytes = frames_nbytes(body)
-        if self.links and not arrived:
-            link = self.links.get(_caller(route[0]))
-            if link is not None:
-                if link.profile.drop:
-                    self.stats.dropped += 1
-                    return
-                now = time.monotonic()
-                due = link.reserve("up", nbytes, now)
-                if due > now:
-                    heapq.heappush(self._held, (due, next(self._seq), True, frames))
-                    return
+        if self.links and not arrived and self._emulated(route, "up", nbytes, frames):
+            return
         stats = self.stats
         stats.requests += 1
         stats.bytes_received += nbytes
@@ -440,19 +431,27 @@ class ExpertService:
         return encode({"type": ERROR, "id": rid, "code": code, "message": message[:MAX_REMOTE_MESSAGE]})
 
     def _reply(self, route: list[Any], reply: list[Any]) -> None:
-        self.stats.bytes_sent += frames_nbytes(reply)
-        if self.links:
-            link = self.links.get(_caller(route[0]))
-            if link is not None:
-                if link.profile.drop:
-                    self.stats.dropped += 1
-                    return
-                now = time.monotonic()
-                due = link.reserve("down", frames_nbytes(reply), now)
-                if due > now:
-                    heapq.heappush(self._held, (due, next(self._seq), False, [*route, *reply]))
-                    return
+        nbytes = frames_nbytes(reply)
+        self.stats.bytes_sent += nbytes
+        if self.links and self._emulated(route, "down", nbytes, [*route, *reply]):
+            return
         self._send([*route, *reply])
+
+    def _emulated(self, route: list[Any], direction: Direction, nbytes: int, frames: list[Any]) -> bool:
+        """Link emulation of the caller's link, if it has one: True when the message was dropped (a partition)
+        or is held in the timer heap until the emulated link would have carried it."""
+        link = self.links.get(_caller(route[0]))
+        if link is None:
+            return False
+        if link.profile.drop:
+            self.stats.dropped += 1
+            return True
+        now = time.monotonic()
+        due = link.reserve(direction, nbytes, now)
+        if due <= now:
+            return False
+        heapq.heappush(self._held, (due, next(self._seq), direction == "up", frames))
+        return True
 
     def _send(self, frames: list[Any]) -> None:
         """Send a reply now (from the I/O thread or the worker)."""
