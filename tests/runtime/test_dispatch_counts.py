@@ -50,3 +50,29 @@ def test_activation_counter_add_and_reset():
     assert c.snapshot().tolist() == [[0, 0, 0]]
     c.add_codes(0, torch.tensor([2 * 1 + 1, 2 * 2, 2 * 3]))  # 1 remote, 2 local, padding
     assert c.split().tolist() == [[[0, 0], [0, 1], [1, 0]]]
+
+
+def test_a_forward_that_read_its_slots_before_a_switch_never_calls_itself():
+    """A migration switch maps an expert here and routes it here at once; a forward that took its slot view
+    before that still sees the expert as remote. It must go to the copy the expert moves from, or, with no
+    other copy, be computed here (it used to be sent to a peer named like this server: "unknown peer")."""
+    link = np.array([[0.0, 1.0], [1.0, 0.0]])
+    before = np.zeros((2, 1, 4), dtype=bool)
+    before[0, 0, 0] = before[1, 0, :] = True  # "a" holds expert 0; "b" holds all
+    after = before.copy()
+    after[0, 0, 1] = True  # expert 1 moved to "a" as well
+    d = ClusterDispatcher("a", Placement.from_hosts(["a", "b"], before, link), None, path="loop",
+                          stores={0: _store(0, [0, 1])})
+    d.set_placement(Placement.from_hosts(["a", "b"], after, link, version=1))
+    assert d.placement.route[0, 0, 1] == 0  # the new placement routes expert 1 to "a" itself
+    assert d.locate(0, 1) == "b"  # the copy it moves from still serves it
+    only_here = np.zeros((2, 1, 4), dtype=bool)
+    only_here[0, 0, :2] = True
+    only_here[1, 0, 2:] = True
+    d.set_placement(Placement.from_hosts(["a", "b"], only_here, link, version=2))
+    assert d.locate(0, 1) == "a"  # no other copy left: computed here, never sent (there is no pool at all)
+    ids, x = torch.tensor([1, 1]), torch.randn(2, 4)
+    out = d.remote(0, {"a": (ids, x)})["a"]
+    gate_up, down, _, _ = d.stores[0].get(1)  # expert 1 by hand: down(silu(gate) * up)
+    g, u = (x @ gate_up.T).chunk(2, dim=-1)
+    assert torch.allclose(out, (torch.nn.functional.silu(g) * u) @ down.T, atol=1e-6)

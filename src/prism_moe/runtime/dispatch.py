@@ -366,18 +366,23 @@ class ClusterDispatcher(RemoteDispatcher):
     def locate(self, layer: int, expert_id: int) -> Hashable:
         p = self._placement
         target = p.server_names[int(p.route[self._me, layer, expert_id])]
-        if self.is_down(target):  # route around it at once; if no other copy exists, try it anyway
+        # Down: route around it at once (if no other copy exists, try it anyway). Me: this forward read its
+        # slot map before a switch mapped the expert here; the copy it moves from serves until the drop.
+        if target == self.me or self.is_down(target):
             target = self._alternative(p, layer, expert_id, ()) or target
         return target
 
     def remote(self, layer: int, batches: dict[Hashable, tuple[Tensor, Tensor]]) -> Mapping[Hashable, Any]:
-        if self.pool is None:
+        if self.pool is None and any(str(s) != self.me for s in batches):
             raise RuntimeError(f"server {self.me} has no peers but layer {layer} needs experts it does not hold")
         out: dict[Hashable, Any] = {}
         replies: list[_Reply] = []  # this layer's batches, which collect each other before a failover
         try:
             for server, (ids, x) in batches.items():
                 name = str(server)
+                if name == self.me:  # no other copy (see `locate`): the slots map it by now
+                    out[server] = compute_rows(self.stores[layer], ids, x, self.grouped_on(x.device))
+                    continue
                 tag = _Tag(layer, name)
                 self._track(tag, self._placement.version)
                 # The wire carries CPU tensors; the reply is moved back to the model's device in `combine`.
