@@ -149,12 +149,12 @@ def test_best_paths_is_the_exact_shortest_executor_sequence():
         best = np.inf
         for seq in itertools.product(range(s_n), repeat=layers):
             path = [h, *seq, h]
-            c = sum(cost[h, l, p] for l, p in enumerate(seq)) + sum(hop[h, a, b] for a, b in zip(path, path[1:], strict=False))
+            c = sum(cost[h, l, p] for l, p in enumerate(seq)) + sum(hop[h, a, b] for a, b in itertools.pairwise(path))
             best = min(best, c)
         assert tot[h] == pytest.approx(best)
         path = [h, *ex[h].tolist(), h]
         assert sum(cost[h, l, p] for l, p in enumerate(ex[h])) + sum(
-            hop[h, a, b] for a, b in zip(path, path[1:], strict=False)) == pytest.approx(best)
+            hop[h, a, b] for a, b in itertools.pairwise(path)) == pytest.approx(best)
 
 
 @pytest.mark.parametrize("rate,latency_ms", [(0.05, 1.0), (1.0, 1.0), (0.05, 0.02)])

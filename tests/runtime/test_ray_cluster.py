@@ -35,7 +35,7 @@ API_KEY = "ray-test-user-key"  # given as $PRISM_API_KEY to `cluster up`: Ray wo
 
 def _cluster(hosts: list[str]):
     return cluster_from_dict({"model": "deepseek-v2-lite", "servers": [
-        {"name": n, "memory_gib": 12, "host": h} for n, h in zip(NAMES, hosts, strict=False)]})
+        {"name": n, "memory_gib": 12, "host": h} for n, h in zip(NAMES[:len(hosts)], hosts, strict=True)]})
 
 
 def test_pins_by_custom_resource_first_then_node_ip():
