@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 import time
 
 import httpx
@@ -27,6 +26,8 @@ from prism_moe.model.spec import ModelSpec
 from prism_moe.model.tiny import make_tiny_model
 from prism_moe.placement.placement import Placement
 from prism_moe.runtime.launcher import start_local_cluster
+
+from .load import Load
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -67,52 +68,6 @@ def cluster(tmp_path_factory):
         lc.stop()
 
 
-class Load:
-    """Client threads sending greedy completions to some servers until stopped; records every outcome."""
-
-    def __init__(self, urls: dict[str, str], refs: dict, model: str) -> None:
-        self.urls, self.refs, self.model = urls, refs, model
-        self.results: list[tuple[str, float, bool, str]] = []  # server, seconds, ok, detail
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in urls]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-    def _run(self, name: str) -> None:
-        i = 0
-        with httpx.Client(timeout=60) as http:
-            while not self._stop.is_set():
-                prompt_ids, want = self.refs[PROMPTS[i % len(PROMPTS)]]
-                i += 1
-                t0 = time.monotonic()
-                try:
-                    r = http.post(f"{self.urls[name]}/v1/completions", json={
-                        "model": self.model, "prompt": prompt_ids, "max_tokens": MAX_TOKENS, "temperature": 0,
-                        "return_token_ids": True})
-                    got = r.json()["choices"][0]["token_ids"] if r.status_code == 200 else r.text
-                    ok, detail = got == want, f"{got} vs {want}"
-                except Exception as e:  # counted as a failed request
-                    ok, detail = False, repr(e)
-                self.results.append((name, time.monotonic() - t0, ok, detail))
-
-    def check(self, names: list[str]) -> None:
-        """Every request completed with the reference tokens, in bounded time; each server got some."""
-        bad = [r for r in self.results if not r[2]]
-        assert not bad, bad[:3]
-        for n in names:
-            assert any(r[0] == n for r in self.results), f"no request on {n} completed"
-        slowest = max(r[1] for r in self.results)
-        assert slowest < LONGEST_REQUEST, f"a request took {slowest:.1f} s"
-
-
 def _down(url: str) -> list[str]:
     return httpx.get(f"{url}/prism/stats", timeout=10).json()["down"]
 
@@ -145,17 +100,17 @@ def test_a_hung_server_is_routed_around_and_used_again_when_it_resumes(cluster):
     a, b, c = (urls[n] for n in NAMES)
     _complete(a, PROMPTS[0], refs, model)
     assert _calls_to(a, "edge-b") > 0  # edge-a's missing experts go to edge-b
-    with Load({"edge-a": a, "edge-c": c}, refs, model) as load:
+    with Load({"edge-a": a, "edge-c": c}, refs, model, PROMPTS, MAX_TOKENS) as load:
         time.sleep(0.5)  # requests in flight when edge-b stops
         os.killpg(lc.procs["edge-b"].pid, signal.SIGSTOP)
         try:
             _wait(lambda: "edge-b" in _down(a), 10, "edge-a never noticed edge-b hang")
             t_found = time.monotonic()
-            _wait(lambda: sum(r[0] == "edge-a" for r in load.results) >= 3 and time.monotonic() > t_found + 1,
+            _wait(lambda: load.done("edge-a") >= 3 and time.monotonic() > t_found + 1,
                   30, "edge-a does not serve while edge-b hangs")
         finally:
             os.killpg(lc.procs["edge-b"].pid, signal.SIGCONT)
-    load.check(["edge-a", "edge-c"])
+    load.check(["edge-a", "edge-c"], LONGEST_REQUEST)
     # back: a probe hears from edge-b and edge-a routes to it again
     _wait(lambda: _down(a) == [], 10, "edge-b was not used again after SIGCONT")
     before = _calls_to(a, "edge-b")
@@ -177,7 +132,7 @@ def test_a_partition_is_survived_on_both_sides_and_repaired_when_it_heals(cluste
     r = httpx.post(f"{a}/prism/links", json={"peer": "edge-a"}, timeout=10)
     assert r.status_code == 400 and "not a peer" in r.text
     _wait(lambda: _down(a) == [] and _down(b) == [], 10, "a server is still suspected from an earlier test")
-    with Load({"edge-a": a, "edge-b": b}, refs, model) as load:
+    with Load({"edge-a": a, "edge-b": b}, refs, model, PROMPTS, MAX_TOKENS) as load:
         time.sleep(0.5)
         links(drop=True)
         try:
@@ -185,11 +140,11 @@ def test_a_partition_is_survived_on_both_sides_and_repaired_when_it_heals(cluste
             assert _down(c) == []  # edge-c reaches both
             t_found = time.monotonic()
             _wait(lambda: time.monotonic() > t_found + 1 and
-                  all(sum(r[0] == n for r in load.results) >= 3 for n in ("edge-a", "edge-b")),
+                  all(load.done(n) >= 3 for n in ("edge-a", "edge-b")),
                   30, "the sides do not serve during the partition")
         finally:
             links(drop=False)
-    load.check(["edge-a", "edge-b"])
+    load.check(["edge-a", "edge-b"], LONGEST_REQUEST)
     _wait(lambda: _down(a) == [] and _down(b) == [], 10, "the partition did not heal")
     before = _calls_to(a, "edge-b"), _calls_to(b, "edge-a")
     _complete(a, PROMPTS[0], refs, model)

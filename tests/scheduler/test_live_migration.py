@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -27,6 +26,8 @@ from prism_moe.model.tiny import make_tiny_model
 from prism_moe.placement.placement import Placement
 from prism_moe.runtime.launcher import start_local_cluster
 from prism_moe.scheduler.coordinator import Coordinator, CoordinatorConfig
+
+from .load import Load
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -88,53 +89,6 @@ def cluster_run(tmp_path_factory):
         lc.stop()
 
 
-class Load:
-    """One client thread per server sending greedy completions until stopped; records every outcome."""
-
-    def __init__(self, urls: dict[str, str], refs: dict, model: str) -> None:
-        self.urls, self.refs, self.model = urls, refs, model
-        self.results: list[tuple[str, float, float, bool, str]] = []  # server, start, end, ok, detail
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in urls]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-    def _run(self, name: str) -> None:
-        i = 0
-        with httpx.Client(timeout=60) as http:
-            while not self._stop.is_set():
-                prompt = PROMPTS[i % len(PROMPTS)]
-                i += 1
-                prompt_ids, want = self.refs[prompt]
-                t0 = time.monotonic()
-                try:
-                    r = http.post(f"{self.urls[name]}/v1/completions", json={
-                        "model": self.model, "prompt": prompt_ids, "max_tokens": MAX_TOKENS, "temperature": 0,
-                        "return_token_ids": True})
-                    got = r.json()["choices"][0]["token_ids"] if r.status_code == 200 else r.text
-                    ok, detail = got == want, f"{got} vs {want}"
-                except Exception as e:  # counted as a failed request
-                    ok, detail = False, repr(e)
-                self.results.append((name, t0, time.monotonic(), ok, detail))
-
-    def done(self, name: str, after: float = 0.0) -> int:
-        return sum(1 for n, t0, _, _, _ in self.results if n == name and t0 >= after)
-
-    def wait(self, names: list[str], after: float, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while any(self.done(n, after) == 0 for n in names):
-            assert time.monotonic() < deadline, "requests do not complete"
-            time.sleep(0.05)
-
-
 def _stats(url: str) -> dict:
     return httpx.get(f"{url}/prism/stats", timeout=10).json()
 
@@ -144,19 +98,19 @@ def test_migration_under_load_loses_nothing(cluster_run):
     urls = lc.endpoints()
     _, p1 = _hosts(spec)
     target = Placement.from_hosts(NAMES, p1, np.ones((3, 3)))
-    with Load(urls, refs, lc.cluster.resolve_path(lc.cluster.model).name) as load:
+    with Load(urls, refs, lc.cluster.resolve_path(lc.cluster.model).name, PROMPTS, MAX_TOKENS) as load:
         load.wait(NAMES, after=0.0)
         t_start = time.monotonic()
         report = coord.migrate_to(target, "test")
         t_end = time.monotonic()
         load.wait(NAMES, after=t_end)
-    failed = [r for r in load.results if not r[3]]
+    failed = [r for r in load.results if not r.ok]
     assert not failed, failed[:3]
     assert report.ok and not report.rolled_back, report
     assert report.experts_loaded == 6 and report.experts_dropped == 2
     assert report.bytes_moved == 6 * spec.expert_bytes  # peer to peer, not from the checkpoint
     assert report.rounds >= 2  # edge-a dropped expert 6 early, behind an intermediate switch
-    overlapping = [r for r in load.results if r[1] < t_end and r[2] > t_start]
+    overlapping = [r for r in load.results if r.start < t_end and r.end > t_start]
     assert overlapping, "no request was in flight during the migration"
     for i, n in enumerate(NAMES):
         s = _stats(urls[n])
@@ -177,14 +131,14 @@ def test_failover_and_rejoin(cluster_run):
     os.killpg(lc.procs["edge-c"].pid, signal.SIGKILL)
     lc.procs["edge-c"].wait(timeout=10)
     t_kill = time.monotonic()
-    with Load({n: urls[n] for n in NAMES[:2]}, refs, model_name) as load:
+    with Load({n: urls[n] for n in NAMES[:2]}, refs, model_name, PROMPTS, MAX_TOKENS) as load:
         load.wait(NAMES[:2], after=t_kill)
         deadline = time.monotonic() + 20
         while coord.servers["edge-c"].live:
             assert time.monotonic() < deadline, "the coordinator did not mark edge-c down"
             time.sleep(0.1)
         load.wait(NAMES[:2], after=time.monotonic())
-    failed = [r for r in load.results if not r[3]]
+    failed = [r for r in load.results if not r.ok]
     assert not failed, [f[4] for f in failed[:3]]
     assert "edge-c" in _stats(urls["edge-b"])["down"]
     assert coord.error is None and not coord.live_mask()[2]
