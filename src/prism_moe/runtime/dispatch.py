@@ -381,7 +381,7 @@ class ClusterDispatcher(RemoteDispatcher):
             for server, (ids, x) in batches.items():
                 name = str(server)
                 if name == self.me:  # no other copy (see `locate`): the slots map it by now
-                    out[server] = compute_rows(self.stores[layer], ids, x, self.grouped_on(x.device))
+                    out[server] = self._compute_here(layer, ids, x)
                     continue
                 tag = _Tag(layer, name)
                 self._track(tag, self._placement.version)
@@ -515,5 +515,9 @@ class ClusterDispatcher(RemoteDispatcher):
                 if not can_fail_over(err):
                     raise
                 return self._failover(layer, server, ids, x, err, tried, None)
-        grouped = self.grouped_on(self.stores[layer].pool.device)  # loaded here meanwhile (e.g. by a repair)
-        return compute_rows(self.stores[layer], ids, x, grouped)
+        return self._compute_here(layer, ids, x)  # loaded here meanwhile (e.g. by a repair)
+
+    def _compute_here(self, layer: int, ids: Tensor, x: Tensor) -> Tensor:
+        """Rows whose experts this server's slots map (outside the forward's own split): ids [m], x [m, H]."""
+        store = self.stores[layer]
+        return compute_rows(store, ids, x, self.grouped_on(store.pool.device))
