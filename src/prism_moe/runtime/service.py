@@ -14,7 +14,9 @@ Threads of one service:
   the result back per call. If a merged call fails, its calls are computed one by one, so each gets
   its own error.
 - the **control thread** runs `load_expert` / `drop_expert` handlers (weights arriving never wait
-  behind expert calls, and expert calls never wait behind them).
+  behind expert calls, and expert calls never wait behind them). A handler registered with a `worker`
+  name runs on that worker thread instead (`block_call`s run on `blocks`: a layer block never waits
+  behind a migration, nor a migration behind a block).
 
 A computed expert call is answered by the worker itself, under the socket lock; an error, a control
 reply or a reply over an emulated link is posted to the I/O thread's outbox and wakes that thread through
@@ -159,14 +161,14 @@ class ExpertService:
         self.device = None if device is None else torch.device(device)
         self.links = LinkTable(links)
         self.emulate = emulate or bool(links)
-        self._control: dict[str, ControlHandler] = {}
+        self._control: dict[str, tuple[ControlHandler, str]] = {}  # type -> (handler, worker name)
         self.stats = ServiceStats()
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._auth: Any = None
         self._io_thread: threading.Thread | None = None
         self._worker: threading.Thread | None = None
-        self._control_pool: ThreadPoolExecutor | None = None
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # worker name -> its one thread (made at start)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._ready: list[_Job] = []  # expert calls read in this round of the I/O thread, not yet handed over
         self._busy_since = 0.0  # monotonic time the worker started its current batch (0: idle)
@@ -193,12 +195,14 @@ class ExpertService:
         """The bound endpoint (port resolved when the address ended in `:*`)."""
         return self._endpoint
 
-    def on(self, msg_type: str, handler: ControlHandler) -> None:
-        """Serve control messages of `msg_type` (e.g. "load_expert") on the control thread; replies `ack`
-        with the handler's fields and tensors."""
+    def on(self, msg_type: str, handler: ControlHandler, worker: str = "control") -> None:
+        """Serve messages of `msg_type` (e.g. "load_expert") on the thread named `worker` (one thread per name,
+        in arrival order); replies `ack` with the handler's fields and tensors. Register before `start`."""
         if msg_type not in REPLY_TYPE or msg_type in (EXPERT_CALL, PING, LINK):
             raise ValueError(f"{msg_type!r} cannot be served by a control handler")
-        self._control[msg_type] = handler
+        if self._pools:
+            raise RuntimeError("register handlers before the service starts")
+        self._control[msg_type] = (handler, worker)
 
     def set_link(self, caller: str, profile: LinkProfile | None) -> None:
         """Emulate `profile` on the link from `caller` (None: a plain link; `drop`: a partition)."""
@@ -231,7 +235,8 @@ class ExpertService:
             raise
         self._ctx, self._sock = ctx, sock
         label = self.name or self._endpoint
-        self._control_pool = ThreadPoolExecutor(1, thread_name_prefix=f"prism-control-{label}")
+        for worker in {"control", *(w for _, w in self._control.values())}:
+            self._pools[worker] = ThreadPoolExecutor(1, thread_name_prefix=f"prism-{worker}-{label}")
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -264,8 +269,8 @@ class ExpertService:
             self._ctx.term()
         if self._worker is not None:
             self._worker.join(timeout=5.0)  # a handler still computing finishes on its own (daemon)
-        if self._control_pool is not None:
-            self._control_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
         for s in (self._wake_r, self._wake_w):
             if s is not None:
                 s.close()
@@ -376,12 +381,12 @@ class ExpertService:
             elif header["type"] == LINK:
                 reply = self._on_link(header)
             else:
-                handler = self._control.get(header["type"])
-                if handler is None:
+                served = self._control.get(header["type"])
+                if served is None:
                     raise ServiceError(UNSUPPORTED, f"{header['type']!r} messages are not served by this endpoint")
-                assert self._control_pool is not None
+                handler, worker = served
                 self._inflight += 1
-                job = self._control_pool.submit(_control_reply, handler, header, tensors, self.limits)
+                job = self._pools[worker].submit(_control_reply, handler, header, tensors, self.limits)
                 job.add_done_callback(lambda f, route=route, rid=rid: self._post(route, rid, _outcome(f)))
                 return
         except Exception as e:

@@ -34,10 +34,14 @@ PONG = "pong"  # fields server, inflight
 LOAD_EXPERT = "load_expert"  # control (migration): served by a handler registered with ExpertService.on
 DROP_EXPERT = "drop_expert"  # control (migration)
 LINK = "link"  # link emulation (experiments): fields peer, and delay_ms, bandwidth_mbps, drop or clear
+BLOCK_CALL = "block_call"  # plans: run a block of layers for a home's rows (blocks.py) -> ack with hidden
+BLOCK_RELEASE = "block_release"  # plans: free the block caches of a home's ended requests -> ack
 ACK = "ack"  # generic success reply to a control message
-MESSAGE_TYPES = frozenset({EXPERT_CALL, EXPERT_RESULT, ERROR, PING, PONG, LOAD_EXPERT, DROP_EXPERT, LINK, ACK})
+MESSAGE_TYPES = frozenset({EXPERT_CALL, EXPERT_RESULT, ERROR, PING, PONG, LOAD_EXPERT, DROP_EXPERT, LINK, BLOCK_CALL,
+                           BLOCK_RELEASE, ACK})
 # request type -> its success reply type (any request may also be answered with ERROR)
-REPLY_TYPE = {EXPERT_CALL: EXPERT_RESULT, PING: PONG, LOAD_EXPERT: ACK, DROP_EXPERT: ACK, LINK: ACK}
+REPLY_TYPE = {EXPERT_CALL: EXPERT_RESULT, PING: PONG, LOAD_EXPERT: ACK, DROP_EXPERT: ACK, LINK: ACK, BLOCK_CALL: ACK,
+              BLOCK_RELEASE: ACK}
 
 # Error codes carried by ERROR messages.
 BAD_REQUEST = "bad_request"  # the message failed validation (WireError)

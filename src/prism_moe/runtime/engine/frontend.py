@@ -173,7 +173,8 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, device: str | torch.device | None = "auto", *,
                  max_running: int = 32, max_waiting: int = 64, max_batch_tokens: int = 512,
                  kv_cache_tokens: int = 16384, page_size: int = 32, max_model_len: int | None = None,
-                 use_cuda_graph: bool = False, batching: Literal["auto", "paged", "slots"] = "auto") -> None:
+                 use_cuda_graph: bool = False, batching: Literal["auto", "paged", "slots"] = "auto",
+                 slot_runner: Callable[..., Runner] | None = None) -> None:
         self.device = model.device if device is None else resolve_device(device)
         if not _same_device(model.device, self.device):  # a model placed already (maybe partly meta) stays put
             model = model.to(self.device)
@@ -195,6 +196,9 @@ class Engine:
         self._runner_kwargs = dict(max_running=max_running, max_batch_tokens=max_batch_tokens,
                                    kv_cache_tokens=kv_cache_tokens, page_size=page_size,
                                    use_cuda_graph=use_cuda_graph)
+        # makes the "slots" runner: `SlotRunner` or a subclass taking the same first four arguments (a server that
+        # executes plans passes `plans.PlanRunner` with its gate, client and route bound)
+        self._slot_runner = slot_runner
         self._runner: Runner | None = None
         self._pump: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -242,6 +246,11 @@ class Engine:
         return self._pump is not None and self._pump.is_alive()
 
     @property
+    def runner(self) -> Runner | None:
+        """The batching loop while the engine runs (e.g. to give a `PlanRunner` a new route)."""
+        return self._runner
+
+    @property
     def num_waiting(self) -> int:
         return self._n_waiting
 
@@ -256,8 +265,8 @@ class Engine:
         if self.batching == "slots":
             from prism_moe.runtime.engine.slots import SlotRunner
 
-            self._runner = SlotRunner(self.model, self.max_running, self.max_model_len,
-                                      self._runner_kwargs["max_batch_tokens"])
+            make = self._slot_runner or SlotRunner
+            self._runner = make(self.model, self.max_running, self.max_model_len, self._runner_kwargs["max_batch_tokens"])
         else:
             from prism_moe.runtime.engine.hf_batching import HFBatchingRunner
 

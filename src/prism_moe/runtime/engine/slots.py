@@ -19,7 +19,9 @@ the request's own writes replace them before it reads there.
 The model is called through its decoder (`model.model`) and `lm_head`, so prefill computes logits only at each
 prompt's last token. Tokens are picked by `sampling.sample`. Greedy tokens equal `model.generate` for the five
 tiny families (tests/runtime/test_slots.py). A forward that raises fails the requests of that forward only; the
-loop goes on.
+loop goes on. A request put back in the waiting list with tokens already generated (`plans.PlanRunner` does it when
+a plan changes or a peer holding part of its cache fails) is *resumed*: its prefill feeds the prompt and all but its
+last token, rebuilds its cache and emits nothing; decoding goes on from the last token.
 """
 
 from __future__ import annotations
@@ -124,10 +126,17 @@ class _Seq:
     slot: int = -1
     length: int = 0  # positions cached
     out: list[int] = field(default_factory=list)
+    route: Any = None  # the plan route its cache was built under (plans.PlanRunner)
+    resumes: int = 0  # times its cache was lost and rebuilt (plans.PlanRunner)
 
     @property
     def done(self) -> bool:
         return bool(self.out) and (self.out[-1] in self.req.eos or len(self.out) >= self.req.max_new_tokens)
+
+    def tokens(self) -> list[int]:
+        """What its prefill feeds: the prompt, plus every generated token but the last when resuming (the next
+        decode step feeds that one)."""
+        return self.req.prompt + self.out[:-1] if self.out else self.req.prompt
 
 
 class SlotRunner:
@@ -150,6 +159,10 @@ class SlotRunner:
         self._out: queue.Queue[RunnerOutput] = queue.Queue()
         self._cancelled: set[str] = set()
         self._active: list[_Seq] = []  # in slots 0..len-1, in slot order
+        # the rows of the forward under way: each row's first position and how many tokens it feeds
+        self._batch: list[_Seq] = []
+        self._starts: list[int] = []
+        self._counts: list[int] = []
         self._waiting: list[_Seq] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -254,6 +267,7 @@ class SlotRunner:
         with self._cond:
             cancelled, self._cancelled = self._cancelled, set()
         if cancelled:
+            self._ended([s for s in self._waiting + self._active if s.req.id in cancelled])
             self._waiting = [s for s in self._waiting if s.req.id not in cancelled]
             kept = [s for s in self._active if s.req.id not in cancelled]
             if len(kept) != len(self._active):
@@ -266,7 +280,7 @@ class SlotRunner:
             try:
                 self._decode(decoding)
             except Exception as e:
-                self._fail(decoding, e)
+                self._on_forward_error(decoding, e)
                 decoding = []
         running = [s for s in decoding if not s.done]
         self._compact(running)
@@ -278,7 +292,7 @@ class SlotRunner:
             try:
                 self._prefill(batch)
             except Exception as e:
-                self._fail(batch, e)
+                self._on_forward_error(batch, e)
                 continue
             self._compact(self._active + [s for s in batch if not s.done])  # one that ended at once leaves a hole
             room = self.max_running - len(self._active)
@@ -288,7 +302,7 @@ class SlotRunner:
         batch: list[_Seq] = []
         longest = 0
         for s in self._waiting[:room]:
-            n = max(longest, len(s.req.prompt))
+            n = max(longest, len(s.tokens()))
             if batch and n * (len(batch) + 1) > self.max_batch_tokens:
                 break
             batch.append(s)
@@ -315,40 +329,29 @@ class SlotRunner:
         return out.last_hidden_state
 
     def _masks(self, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Additive masks [B, 1, q, k] in the model's dtype (eager and sdpa attention both add them): causal over the
-        visible entries, within `sliding_window` for sliding layers; one per layer type when the config has them."""
-        q, k = positions.unsqueeze(-1), keys.unsqueeze(1)  # [B, q, 1], [B, 1, k]
-        causal = (k >= 0) & (k <= q)
-        zero = torch.zeros((), dtype=self._dtype, device=positions.device)
-        lowest = torch.finfo(self._dtype).min
-
-        def additive(visible: torch.Tensor) -> torch.Tensor:
-            return torch.where(visible, zero, lowest).unsqueeze(1)
-
-        def windowed() -> torch.Tensor:
-            return additive(causal & (k > q - self._window))
-
-        if self._layer_types is None:
-            return windowed() if self._window else additive(causal)
-        return {kind: windowed() if kind == "sliding_attention" else additive(causal) for kind in self._layer_types}
+        return attention_masks(positions, keys, self._dtype, self._window, self._layer_types)
 
     def _prefill(self, seqs: list[_Seq]) -> None:
         cache, dev = self._cache, self.model.device
         assert cache is not None
-        lengths = [len(s.req.prompt) for s in seqs]
+        feeds = [s.tokens() for s in seqs]
+        lengths = [len(t) for t in feeds]
         longest = max(lengths)
         cache.reserve(longest)
         ids = torch.zeros(len(seqs), longest, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :lengths[i]] = torch.tensor(s.req.prompt)
+        for i, t in enumerate(feeds):
+            ids[i, :lengths[i]] = torch.tensor(t)
+        self._batch, self._starts, self._counts = seqs, [0] * len(seqs), lengths
         n = torch.tensor(lengths, device=dev)
         pos = torch.arange(longest, device=dev).expand(len(seqs), -1)  # [B, q]
         cache.for_prefill(seqs[0].slot, len(seqs))
         hidden = self._forward(ids.to(dev), pos, torch.where(pos < n[:, None], pos, -1))
-        last = hidden[torch.arange(len(seqs), device=dev), n - 1]  # [B, H]
+        fresh = [i for i, s in enumerate(seqs) if not s.out]  # resumed rows emit nothing: their next token is known
         for s, length in zip(seqs, lengths, strict=True):
             s.length = length
-        self._emit(seqs, self._head(last))
+        if fresh:
+            rows = torch.tensor(fresh, device=dev)
+            self._emit([seqs[i] for i in fresh], self._head(hidden[rows, n[rows] - 1]))  # [B', H] at last tokens
 
     def _decode(self, seqs: list[_Seq]) -> None:
         cache, dev = self._cache, self.model.device
@@ -359,6 +362,7 @@ class SlotRunner:
         n = torch.tensor(lengths, device=dev)
         cache.for_decode(n, read)
         ids = torch.tensor([[s.out[-1]] for s in seqs], device=dev)
+        self._batch, self._starts, self._counts = seqs, lengths, [1] * len(seqs)
         entries = torch.arange(read, device=dev).expand(len(seqs), -1)  # [B, read]: entry j holds position j
         hidden = self._forward(ids, n.unsqueeze(-1), torch.where(entries <= n[:, None], entries, -1))
         for s in seqs:
@@ -371,10 +375,41 @@ class SlotRunner:
         for s, tok in zip(seqs, picks, strict=True):
             s.out.append(int(tok))
             self._out.put(RunnerOutput(s.req.id, list(s.out), finished=s.done))
+        self._ended([s for s in seqs if s.done])
 
     def _fail(self, seqs: list[_Seq], error: BaseException) -> None:
         for s in seqs:
             self._out.put(RunnerOutput(s.req.id, list(s.out), error=str(error)))
+        self._ended(seqs)
+
+    # --- hooks for subclasses (plans.PlanRunner) -----------------------------------------------------------
+    def _on_forward_error(self, seqs: list[_Seq], error: Exception) -> None:
+        """A forward over `seqs` raised: they fail (the loop goes on)."""
+        self._fail(seqs, error)
+
+    def _ended(self, seqs: list[_Seq]) -> None:
+        """`seqs` finished, failed or were cancelled: nothing of theirs is needed any more."""
+
+
+def attention_masks(positions: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype, window: int | None,
+                    layer_types: tuple[str, ...] | None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Additive masks [B, 1, q, k] in `dtype` (eager and sdpa attention both add them) for queries at positions [B, q]
+    over cache entries at positions keys [B, k] (-1: must not be seen): causal over the visible entries, within
+    `window` for sliding layers; one per layer type when the config has them (`_attention_kinds`)."""
+    q, k = positions.unsqueeze(-1), keys.unsqueeze(1)  # [B, q, 1], [B, 1, k]
+    causal = (k >= 0) & (k <= q)
+    zero = torch.zeros((), dtype=dtype, device=positions.device)
+    lowest = torch.finfo(dtype).min
+
+    def additive(visible: torch.Tensor) -> torch.Tensor:
+        return torch.where(visible, zero, lowest).unsqueeze(1)
+
+    def windowed() -> torch.Tensor:
+        return additive(causal & (k > q - window))
+
+    if layer_types is None:
+        return windowed() if window else additive(causal)
+    return {kind: windowed() if kind == "sliding_attention" else additive(causal) for kind in layer_types}
 
 
 def _attention_kinds(config: Any) -> tuple[int | None, tuple[str, ...] | None]:
