@@ -197,11 +197,11 @@ class ExpertService:
 
     def on(self, msg_type: str, handler: ControlHandler, worker: str = "control") -> None:
         """Serve messages of `msg_type` (e.g. "load_expert") on the thread named `worker` (one thread per name,
-        in arrival order); replies `ack` with the handler's fields and tensors. Register before `start`."""
+        in arrival order); replies `ack` with the handler's fields and tensors."""
         if msg_type not in REPLY_TYPE or msg_type in (EXPERT_CALL, PING, LINK):
             raise ValueError(f"{msg_type!r} cannot be served by a control handler")
-        if self._pools:
-            raise RuntimeError("register handlers before the service starts")
+        if self._pools and worker not in self._pools:  # started: the worker's thread first, then the route to it
+            self._pools[worker] = ThreadPoolExecutor(1, thread_name_prefix=f"prism-{worker}-{self.name or 'service'}")
         self._control[msg_type] = (handler, worker)
 
     def set_link(self, caller: str, profile: LinkProfile | None) -> None:
