@@ -14,6 +14,7 @@ import numpy as np
 from prism_moe.config import ClusterSpec
 from prism_moe.model.spec import ModelSpec
 from prism_moe.placement.placement import Placement
+from prism_moe.placement.plan import ExecutionPlan
 from prism_moe.placement.problem import ClusterStats, Problem
 
 
@@ -71,3 +72,16 @@ def plan(cluster: ClusterSpec, algorithm: str | None = None, data_dir: str | Non
     t0 = time.perf_counter()
     placement = place(algorithm or DEFAULT_ALGORITHM, stats, cluster, model)
     return Plan(placement, problem, stats, time.perf_counter() - t0, notes)
+
+
+def execution_plan(cluster: ClusterSpec, algorithm: str | None = None, data_dir: str | None = None,
+                   model: ModelSpec | None = None) -> ExecutionPlan:
+    """An execution plan by any algorithm name (placements become plans that run every layer at home)."""
+    from prism_moe.placement.registry import DEFAULT_ALGORITHM, PLAN_ALGORITHMS, plan_for
+
+    name = algorithm or DEFAULT_ALGORITHM
+    if name not in PLAN_ALGORITHMS:
+        return ExecutionPlan.from_placement(plan(cluster, name, data_dir, model).placement)
+    model = model or cluster.model_spec()
+    stats, _ = cluster_stats(cluster, model, data_dir)
+    return plan_for(name, stats, cluster, model)

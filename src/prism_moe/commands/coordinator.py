@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from prism_moe.config import ConfigError, load_cluster
-    from prism_moe.placement.placement import Placement
+    from prism_moe.placement.plan import load_plan
     from prism_moe.runtime.auth import resolve_admin_key
     from prism_moe.scheduler.coordinator import Coordinator, CoordinatorConfig
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                                half_life=args.half_life, window=args.window, shift_threshold=args.shift_threshold,
                                settle=args.settle, margin=args.margin, algorithm=args.algorithm,
                                transfer=args.transfer, admin_key=admin_key, lease_seconds=args.lease)
-    coord = Coordinator(cluster, config, Placement.load(args.placement) if args.placement else None)
+    coord = Coordinator(cluster, config, load_plan(args.placement).placement if args.placement else None)
     coord.start()
     try:
         uvicorn.run(coord.app(), host=args.host, port=args.port, log_level="warning")

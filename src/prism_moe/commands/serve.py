@@ -10,9 +10,10 @@ from typing import Any
 
 
 def _add_placement_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--placement", help="a placement JSON (from `prism place --out`); default: compute one")
-    p.add_argument("--algorithm", default=None, help="placement algorithm when no --placement is given "
-                                                     "(default: the recommended one)")
+    p.add_argument("--placement", help="a placement or plan JSON (from `prism place --out`); default: compute one")
+    p.add_argument("--algorithm", default=None, help="placement or plan algorithm when no --placement is given "
+                                                     "(default: the recommended placement; pipeline, pipeline-opt and "
+                                                     "hybrid make plans that run layer blocks on peers)")
     p.add_argument("--data-dir", default=None, help="routing data folder (default: $PRISM_DATA_DIR or ../shared/data)")
 
 
@@ -103,13 +104,13 @@ def default_run_dir(cluster_path: str) -> Path:
     return Path(".prism") / Path(cluster_path).stem
 
 
-def _placement(args: argparse.Namespace, cluster: Any) -> Any:
-    from prism_moe.placement.placement import Placement
-    from prism_moe.planning import plan
+def _plan(args: argparse.Namespace, cluster: Any) -> Any:
+    from prism_moe.placement.plan import load_plan
+    from prism_moe.planning import execution_plan
 
     if args.placement:
-        return Placement.load(args.placement)
-    return plan(cluster, args.algorithm, args.data_dir).placement
+        return load_plan(args.placement)
+    return execution_plan(cluster, args.algorithm, args.data_dir)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -129,8 +130,9 @@ def run_serve(args: argparse.Namespace) -> int:
     cluster.server(args.server)  # a clear error for an unknown name, before loading anything
     cluster.require_secure(args.keys is not None, args.insecure)
     admin_key = _admin_key(args, cluster, f"server {args.server}")
+    plan = _plan(args, cluster)
     options = ServeOptions(
-        placement=_placement(args, cluster), device=args.device or cluster.device,
+        placement=plan.placement, plan=plan, device=args.device or cluster.device,
         api_key=args.api_key or os.environ.get("PRISM_API_KEY") or None, admin_key=admin_key,
         keys_dir=Path(args.keys) if args.keys else None,
         replay=cluster.server(args.server).workload if args.replay else None,
@@ -193,10 +195,10 @@ def run_cluster_up(args: argparse.Namespace) -> int:
         args.threads = max(1, (os.cpu_count() or 1) // len(cluster.servers))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.cluster)
     run_dir.mkdir(parents=True, exist_ok=True)
-    placement = _placement(args, cluster)
+    plan = _plan(args, cluster)
     placement_path = run_dir / "placement.json"
-    placement.save(placement_path)
-    print(f"placement: {placement.algorithm or 'given'}, saved to {placement_path}")
+    (plan.placement if plan.at_home else plan).save(placement_path)  # a plan file when layers run on peers
+    print(f"{'placement' if plan.at_home else 'plan'}: {plan.algorithm or 'given'}, saved to {placement_path}")
     if args.ray is not None:
         return _cluster_up_ray(args, cluster, run_dir, placement_path)
     lc = start_local_cluster(cluster, run_dir, ["--placement", str(placement_path.resolve()),

@@ -265,6 +265,18 @@ class ExecutionPlan:
         return cls.from_dict(d, str(p))
 
 
+def load_plan(path: str | Path) -> ExecutionPlan:
+    """A plan file, or a placement file as the plan that runs every layer at home."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlacementError(f"cannot read plan or placement {p}: {e}") from None
+    if isinstance(d, dict) and d.get("format") == FORMAT:
+        return ExecutionPlan.from_dict(d, str(p))
+    return ExecutionPlan.from_placement(Placement.load(p))
+
+
 def blocks(row: np.ndarray) -> list[list[int]]:
     """Contiguous runs of one executor row int [L]: [[first layer, last layer, server], ...]."""
     out: list[list[int]] = []

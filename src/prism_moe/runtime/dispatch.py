@@ -282,6 +282,10 @@ class ClusterDispatcher(RemoteDispatcher):
     def down(self) -> list[str]:
         return sorted(n for n in self._placement.server_names if self.is_down(n))
 
+    def suspect(self, name: str) -> None:
+        """A call of another kind (a block hand-off) found no answer from `name`: avoid it as `_suspect_peer` does."""
+        self._suspect_peer(name)
+
     def _suspect_peer(self, name: str) -> None:
         """Avoid `name` (its call found no answer) until a probe hears from it, at most `suspect_ttl` s."""
         with self._cv:

@@ -49,6 +49,7 @@ class ServeOptions:
     """What `prism serve` takes besides the cluster file and the server name."""
 
     placement: Placement
+    plan: Any = None  # an ExecutionPlan whose placement is `placement` (None: every layer runs at home)
     device: str = "auto"
     api_key: str | None = None
     admin_key: str | None = None  # control routes' credential (None: control from loopback only)
@@ -74,6 +75,12 @@ class ControlError(Exception):
 class ExpertsBody(BaseModel):
     experts: list[tuple[int, int]] = Field(description="[[moe_layer, expert], ...]")
     to: str | None = Field(default=None, description="send: the peer that loads them")
+
+
+class PlanBody(BaseModel):
+    plan: dict[str, Any] = Field(description="an execution plan (prism place --algorithm pipeline|hybrid --out)")
+    down: list[str] | None = None
+    drain_timeout: float = Field(default=10.0, ge=0, allow_inf_nan=False)
 
 
 class PlacementBody(BaseModel):
@@ -137,6 +144,11 @@ class EdgeServer:
         self.spec_server = cluster.server(name)
         self.options = options
         self.placement = options.placement
+        from prism_moe.placement.plan import ExecutionPlan
+
+        self.plan = options.plan if options.plan is not None else ExecutionPlan.from_placement(options.placement)
+        if self.plan.placement is not options.placement:
+            raise ConfigError("ServeOptions: `plan` must be the plan of `placement`")
         if list(self.placement.server_names) != cluster.server_names:
             raise ConfigError(f"the placement is for servers {list(self.placement.server_names)}, the cluster "
                               f"file has {cluster.server_names}")
@@ -216,6 +228,17 @@ class EdgeServer:
         # on the service's control thread: peers' expert calls never queue behind incoming weights
         self.service.on("load_expert", self._on_load_message)
         self.service.on("drop_expert", self._on_drop_message)
+        # peers' layer blocks (plans) on a worker of their own; the model is shared with this server's own loop
+        from prism_moe.runtime.blocks import BlockExecutor
+        from prism_moe.runtime.engine.layers import LayerGate
+        from prism_moe.runtime.wire import BLOCK_CALL, BLOCK_RELEASE
+
+        self.gate = LayerGate(model, spec.moe_layer_ids)
+        max_len = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 16384)
+        self.blocks = BlockExecutor(model, self.gate, max_len=min(max_len, 16384),
+                                    max_requests=self.options.max_running * max(1, len(self.cluster.servers) - 1))
+        self.service.on(BLOCK_CALL, self.blocks.handle_call, worker="blocks")
+        self.service.on(BLOCK_RELEASE, self.blocks.handle_release, worker="blocks")
         self.service.start()
         peers = {s.name: f"tcp://{s.host}:{s.expert_port}" for s in self.cluster.servers if s.name != self.name}
         if peers:
@@ -230,7 +253,18 @@ class EdgeServer:
             dispatcher = self._replay_dispatcher(spec)
         attach(model, dispatcher, spec, self.stores)
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
-        self.engine = Engine(model, tokenizer, device=None, max_running=self.options.max_running)
+        import secrets
+
+        from prism_moe.runtime.blocks import BlockClient
+        from prism_moe.runtime.engine.plans import PlanRunner
+
+        self.block_client = BlockClient(self.pool, self.name, secrets.token_hex(8))  # a new session per start
+
+        def runner(*args: Any) -> Any:  # (re)made by the engine: always with the current plan's route
+            return PlanRunner(*args, gate=self.gate, client=self.block_client, route=self._route(self.plan),
+                              health=self.dispatcher)
+
+        self.engine = Engine(model, tokenizer, device=None, max_running=self.options.max_running, slot_runner=runner)
         self.model_name = ckpt.name
         self._started_at = time.time()
 
@@ -329,6 +363,58 @@ class EdgeServer:
 
             raise ServiceError("not_held", f"server {self.name}: {err}") from None
 
+    def _route(self, plan: Any) -> Any:
+        """This server's row of `plan`, with peers' names (None: here)."""
+        from prism_moe.runtime.engine.plans import Route
+
+        names, me = plan.server_names, plan.server_names.index(self.name)
+
+        def who(i: int) -> str | None:
+            return None if i < 0 or i == me else names[i]
+
+        backups = plan.backup[me] if plan.backup is not None else np.full(plan.num_layers, -1)
+        return Route(plan.placement.version, tuple(who(int(i)) for i in plan.executor[me]),
+                     tuple(who(int(i)) for i in backups))
+
+    def _with_placement(self, placement: Placement) -> Any:
+        """The current plan's layer blocks over a new placement (a migration under a plan keeps its route)."""
+        from prism_moe.placement.plan import ExecutionPlan
+
+        p = self.plan
+        if p.placement is placement:
+            return p
+        try:
+            return ExecutionPlan(placement, p.executor, p.dense, p.algorithm, p.meta, p.backup)
+        except PlacementError:  # a backup no longer holds its whole layer: keep the blocks, drop the backups
+            return ExecutionPlan(placement, p.executor, p.dense, p.algorithm, p.meta)
+
+    def plan_info(self) -> dict[str, Any]:
+        from prism_moe.placement.plan import blocks
+
+        me = self.plan.server_names.index(self.name)
+        runner = self.engine.runner if self.engine is not None else None
+        out = {"algorithm": self.plan.algorithm, "version": self.plan.placement.version, "at_home": self.plan.at_home,
+               "blocks": [[a, b, self.plan.server_names[p]] for a, b, p in blocks(self.plan.executor[me])],
+               "executes_for_peers": self.blocks.stats() if getattr(self, "blocks", None) is not None else None}
+        if runner is not None and hasattr(runner, "info"):
+            out["runner"] = runner.info()
+        return out
+
+    def switch_plan(self, plan: Any, down: list[str] | None = None, drain_timeout: float = 10.0) -> dict[str, Any]:
+        """Execute `plan` from now on: its placement is switched like any (version fenced, copies loaded before),
+        then this server's requests take its route; running ones are rebuilt on it (tokens kept)."""
+        if list(plan.server_names) != list(self.plan.server_names):
+            raise ControlError(400, f"plan for servers {list(plan.server_names)}, this cluster has "
+                                    f"{list(self.plan.server_names)}")
+        out = self.switch_placement(plan.placement, down, drain_timeout)
+        self.plan = plan
+        runner = self.engine.runner if self.engine is not None else None
+        if runner is not None and hasattr(runner, "set_route"):
+            runner.set_route(self._route(plan))
+        log.warning("%s: executing plan %s v%d: %s", self.name, plan.algorithm or "given", plan.placement.version,
+                    self.plan_info()["blocks"])
+        return {**out, "plan": self.plan_info()}
+
     def _on_call(self, ev: Any) -> None:
         if ev.outcome == "ok":
             self.metrics.observe_remote_call(ev.peer, ev.latency_s, ev.bytes_sent, ev.bytes_received)
@@ -363,7 +449,8 @@ class EdgeServer:
                 "staged": {str(k): v for k, v in self.staged().items() if v}, "started_at": self._started_at,
                 "checkpoint_experts": self.checkpoint_experts,
                 "resident_weight_bytes": self.resident_bytes, "trace_replay": bool(self.options.replay),
-                "replay": self.options.replay, "trace_recording": self._recording_stats()}
+                "replay": self.options.replay, "trace_recording": self._recording_stats(),
+                "plan": self.plan_info()}
 
     def _recording_stats(self) -> dict[str, Any] | None:
         r = self.recorder
@@ -589,6 +676,7 @@ class EdgeServer:
             for layer, store in self.stores.items():  # flip the maps of the staged copies it now routes here
                 store.publish([e for e in store.staged if placement.hosts[me, layer, e]])
             self.placement = placement
+            self.plan = self._with_placement(placement)
             self.metrics.set_placement_version(placement.version)
             t0 = time.perf_counter()
             self.dispatcher.set_placement(placement)
@@ -609,7 +697,7 @@ class EdgeServer:
             return {"server": self.name, "placement_version": self.dispatcher.placement.version,
                     "experts_held": self.held_count(),
                     "peers": sorted(self.pool.names) if self.pool else [],
-                    "trace_replay": bool(self.options.replay)}
+                    "trace_replay": bool(self.options.replay), "plan": self.plan_info()}
 
         app = create_app(self.engine, self.metrics, self.model_name, api_key=self.options.api_key,
                          extra_health=health)
@@ -659,6 +747,15 @@ class EdgeServer:
                 raise ControlError(400, f"bad placement: {err}") from err
             return self.switch_placement(placement, body.down, body.drain_timeout)
 
+        def switch_plan(body: PlanBody) -> dict[str, Any]:
+            from prism_moe.placement.plan import ExecutionPlan
+
+            try:
+                plan = ExecutionPlan.from_dict(body.plan, "plan")
+            except PlacementError as err:
+                raise ControlError(400, f"bad plan: {err}") from err
+            return self.switch_plan(plan, body.down, body.drain_timeout)
+
         def set_down(body: DownBody) -> dict[str, Any]:
             self.set_down(body.down)
             return {"server": self.name, "down": self.dispatcher.down()}
@@ -670,10 +767,12 @@ class EdgeServer:
             return self.set_link(body)
 
         for path, fn in (("/prism/experts/load", load), ("/prism/experts/send", send),
-                         ("/prism/experts/drop", drop), ("/prism/placement", switch), ("/prism/down", set_down),
+                         ("/prism/experts/drop", drop), ("/prism/placement", switch), ("/prism/plan", switch_plan),
+                         ("/prism/down", set_down),
                          ("/prism/replay", replay), ("/prism/links", links)):
             app.add_api_route(path, guarded(fn), methods=["POST"], dependencies=control)
         app.add_api_route("/prism/placement", lambda: self.dispatcher.placement.to_dict(), methods=["GET"])
+        app.add_api_route("/prism/plan", lambda: self.plan.to_dict(), methods=["GET"])
 
         def save_trace(request: Request) -> Any:  # no body; sync: the save runs in FastAPI's thread pool
             try:

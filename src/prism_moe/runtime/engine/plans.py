@@ -10,9 +10,11 @@ Changes of route are applied between steps, by rebuilding caches (the slot runne
 prompt and the tokens so far that emits nothing), never by failing a request:
 * a new route (`set_route`, from a plan switch): running requests built under another route are rebuilt on the
   new one at the next step; their block caches on peers are released;
-* a hand-off that fails (peer unreachable, or it lost the request's cache): the peer is avoided until the next
-  route (its blocks go to their backup executor, else run here: every server holds the dense part) and the
-  forward's rows are rebuilt, at most `max_resumes` times each, then they fail with the error.
+* a hand-off that fails (peer unreachable, or it lost the request's cache): the peer is avoided (its blocks go to
+  their backup executor, else run here: every server holds the dense part) and the forward's rows are rebuilt,
+  at most `max_resumes` times each, then they fail with the error. With `health` (the server's dispatcher) the
+  peer is avoided while the dispatcher suspects it (until a probe hears from it) or the coordinator says it is
+  down, and rows move back to it when it answers again; without, until the next route.
 A request thus keeps its route until it ends or is rebuilt on another; its tokens so far are always kept.
 """
 
@@ -69,16 +71,25 @@ class BlockCalls(Protocol):
     def release(self, server: str, rows: list[str]) -> None: ...
 
 
+class PeerHealth(Protocol):
+    """Who is down (runtime/dispatch.ClusterDispatcher: suspected after a failed call, or declared down)."""
+
+    def is_down(self, name: str) -> bool: ...
+
+    def suspect(self, name: str) -> None: ...
+
+
 class PlanRunner(SlotRunner):
     def __init__(self, model: Any, max_running: int, max_len: int, max_batch_tokens: int = 512, *,
-                 gate: LayerGate, client: BlockCalls, route: Route, max_resumes: int = 3) -> None:
+                 gate: LayerGate, client: BlockCalls, route: Route, health: PeerHealth | None = None,
+                 max_resumes: int = 3) -> None:
         super().__init__(model, max_running, max_len, max_batch_tokens)
         if len(route.executors) != max(gate.moe_of) + 1:
             raise ValueError(f"the route has {len(route.executors)} MoE layers, the model {max(gate.moe_of) + 1}")
-        self.gate, self.client, self.max_resumes = gate, client, max_resumes
+        self.gate, self.client, self.health, self.max_resumes = gate, client, health, max_resumes
         self._route = route  # written by `set_route` (any thread), read by the loop at each step
         self._seen = route
-        self._avoid: set[str] = set()  # servers whose hand-offs failed under the current route
+        self._avoid: set[str] = set()  # without `health`: servers whose hand-offs failed under the current route
         self._path = route.path()  # per MoE layer, who runs it for forwards from now on
         self._holders: dict[str, set[str]] = {}  # server -> request ids with a block cache there
         self._releases: dict[str, set[str]] = {}  # server -> ended request ids to tell it about
@@ -94,7 +105,7 @@ class PlanRunner(SlotRunner):
 
     def info(self) -> dict[str, Any]:
         path = self._path
-        return {"version": self._route.version, "path": _blocks(path), "avoid": sorted(self._avoid | self._route.avoid),
+        return {"version": self._route.version, "path": _blocks(path), "avoid": sorted(self._down()),
                 "handoffs": self.handoffs, "resumed": self.resumed,
                 "remote_caches": {s: len(r) for s, r in self._holders.items() if r}}
 
@@ -108,7 +119,7 @@ class PlanRunner(SlotRunner):
         route = self._route
         if route is not self._seen:
             self._seen, self._avoid = route, set()
-        self._path = route.path(self._avoid)
+        self._path = route.path(self._down())
         stale = [s for s in self._active if s.route != self._path]
         if stale:
             log.info("route v%d: rebuilding %d running requests on %s", route.version, len(stale), _blocks(self._path))
@@ -149,9 +160,12 @@ class PlanRunner(SlotRunner):
         if not isinstance(error, HandoffError):
             super()._on_forward_error(seqs, error)
             return
-        if error.code != UNKNOWN_REQUEST:  # the peer restarted (lost caches, still serves): use it again
-            self._avoid.add(error.server)
-            self._path = self._seen.path(self._avoid)
+        if error.code != UNKNOWN_REQUEST:  # (that code: the peer restarted, lost caches, still serves: keep it)
+            if self.health is not None:
+                self.health.suspect(error.server)
+            else:
+                self._avoid.add(error.server)
+            self._path = self._seen.path(self._down())
         log.warning("%s; rebuilding %d requests on %s", error, len(seqs), _blocks(self._path))
         again = [s for s in seqs if s.resumes < self.max_resumes]
         spent = [s for s in seqs if s.resumes >= self.max_resumes]
@@ -160,6 +174,13 @@ class PlanRunner(SlotRunner):
         if spent:
             self._fail(spent, error)
         self._requeue(again)
+
+    def _down(self) -> set[str]:
+        """Servers of the route to avoid now."""
+        if self.health is None:
+            return set(self._avoid)
+        named = {s for s in (*self._seen.executors, *self._seen.backups) if s is not None}
+        return {s for s in named if self.health.is_down(s)}
 
     def _ended(self, seqs: list[_Seq]) -> None:
         self._forget(seqs)
@@ -175,7 +196,7 @@ class PlanRunner(SlotRunner):
 
     def _flush_releases(self) -> None:
         """Send the releases no hand-off will carry soon (the server is off the path, or nothing runs)."""
-        down = self._avoid | self._seen.avoid
+        down = self._down() | self._seen.avoid
         for server in list(self._releases):
             if server in down:  # unreachable: its caches expire there
                 del self._releases[server]
