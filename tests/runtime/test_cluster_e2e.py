@@ -101,6 +101,9 @@ def _plans_phase(lc, spec: ModelSpec, split: Placement, model: str, prompt_ids: 
         assert _complete(url, model, prompt_ids, len(want)) == want, (name, "pipeline")
         plan = httpx.get(f"{url}/prism/stats", timeout=10).json()["plan"]
         assert plan["runner"]["handoffs"] > 0, (name, plan)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        handoffs = re.findall(r'prism_handoff_latency_seconds_count{peer="[^"]+"} ([0-9.e+]+)', metrics)
+        assert sum(float(n) for n in handoffs) == plan["runner"]["handoffs"], (name, handoffs)
     assert {n: _remote_calls(u) for n, u in urls.items()} == remote_before, "a pure pipeline made expert calls"
     # the hybrid, switched to while edge-a's request streams; then the pipeline's extra copies are dropped
     a = urls["edge-a"]

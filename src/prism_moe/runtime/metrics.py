@@ -72,6 +72,14 @@ class ServerMetrics:
         self.remote_call_latency = Histogram(f"{p}_remote_call_latency_seconds",
                                              "Round trip of one batched remote expert call", ["peer"],
                                              buckets=REMOTE_BUCKETS, registry=r)
+        self.handoff_latency = Histogram(f"{p}_handoff_latency_seconds",
+                                         "Round trip of one layer-block hand-off to a peer (execution plans)", ["peer"],
+                                         buckets=REMOTE_BUCKETS, registry=r)
+        self.block_cache_requests = Gauge(f"{p}_block_cache_requests",
+                                          "Peers' requests whose KV cache of a layer block this server holds",
+                                          registry=r)
+        self.block_cache_bytes = Gauge(f"{p}_block_cache_bytes",
+                                       "Bytes allocated for peers' layer-block KV caches", registry=r)
         self.remote_call_errors = Counter(f"{p}_remote_call_errors", "Remote expert calls that failed", ["peer"],
                                           registry=r)
         # --- state -----------------------------------------------------------------------------------------
@@ -117,8 +125,19 @@ class ServerMetrics:
 
     def observe_remote_call(self, peer: str, seconds: float, bytes_out: int, bytes_in: int) -> None:
         self.remote_call_latency.labels(peer=peer).observe(seconds)
+        self.observe_peer_bytes(peer, bytes_out, bytes_in)
+
+    def observe_peer_bytes(self, peer: str, bytes_out: int, bytes_in: int) -> None:
         self.peer_bytes_sent.labels(peer=peer).inc(bytes_out)
         self.peer_bytes_received.labels(peer=peer).inc(bytes_in)
+
+    def observe_handoff(self, peer: str, seconds: float, bytes_out: int, bytes_in: int) -> None:
+        self.handoff_latency.labels(peer=peer).observe(seconds)
+        self.observe_peer_bytes(peer, bytes_out, bytes_in)
+
+    def set_block_cache(self, requests: int, nbytes: int) -> None:
+        self.block_cache_requests.set(requests)
+        self.block_cache_bytes.set(nbytes)
 
     def observe_remote_error(self, peer: str) -> None:
         self.remote_call_errors.labels(peer=peer).inc()

@@ -237,6 +237,7 @@ class EdgeServer:
         max_len = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 16384)
         self.blocks = BlockExecutor(model, self.gate, max_len=min(max_len, 16384),
                                     max_requests=self.options.max_running * max(1, len(self.cluster.servers) - 1))
+        self.metrics.refreshers.append(self._refresh_block_metrics)
         self.service.on(BLOCK_CALL, self.blocks.handle_call, worker="blocks")
         self.service.on(BLOCK_RELEASE, self.blocks.handle_release, worker="blocks")
         self.service.start()
@@ -363,6 +364,10 @@ class EdgeServer:
 
             raise ServiceError("not_held", f"server {self.name}: {err}") from None
 
+    def _refresh_block_metrics(self) -> None:
+        st = self.blocks.stats()
+        self.metrics.set_block_cache(st["requests_cached"], st["kv_bytes"])
+
     def _route(self, plan: Any) -> Any:
         """This server's row of `plan`, with peers' names (None: here)."""
         from prism_moe.runtime.engine.plans import Route
@@ -416,10 +421,14 @@ class EdgeServer:
         return {**out, "plan": self.plan_info()}
 
     def _on_call(self, ev: Any) -> None:
-        if ev.outcome == "ok":
-            self.metrics.observe_remote_call(ev.peer, ev.latency_s, ev.bytes_sent, ev.bytes_received)
-        else:
+        if ev.outcome != "ok":
             self.metrics.observe_remote_error(ev.peer)
+        elif ev.type == "expert_call":
+            self.metrics.observe_remote_call(ev.peer, ev.latency_s, ev.bytes_sent, ev.bytes_received)
+        elif ev.type == "block_call":
+            self.metrics.observe_handoff(ev.peer, ev.latency_s, ev.bytes_sent, ev.bytes_received)
+        else:  # migration weights, releases, pings: bytes between servers all the same
+            self.metrics.observe_peer_bytes(ev.peer, ev.bytes_sent, ev.bytes_received)
 
     def stats(self) -> dict[str, Any]:
         """Activation counts of this server's own tokens (what `/prism/stats` returns for the scheduler).
