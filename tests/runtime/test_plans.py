@@ -184,3 +184,27 @@ def test_block_call_validation(tmp_path: Path) -> None:
             peer.handle_call(header, {"hidden": torch.zeros(1, 2, h)})
     with pytest.raises(ServiceError, match="hidden"):
         peer.handle_call(ok, {"hidden": torch.zeros(1, 2, h + 1)})
+
+
+def test_caches_of_a_home_that_went_silent_expire(tmp_path: Path) -> None:
+    """A home that died (or lost the peer) never releases its requests' caches: they expire after `ttl_s`."""
+    import time
+
+    path = make_tiny_model("mixtral", tmp_path / "m")
+    model = _load(path)
+    peer = BlockExecutor(model, LayerGate(model, ModelSpec.from_pretrained(path).moe_layer_ids), max_len=64,
+                         max_requests=2, ttl_s=0.2)
+    h = model.config.hidden_size
+
+    def call(home: str, rid: str) -> None:
+        peer.handle_call({"home": home, "session": "s", "first": 0, "last": 0, "rows": [rid], "starts": [0],
+                          "counts": [1], "release": []}, {"hidden": torch.zeros(1, 1, h)})
+
+    call("dead", "r1")
+    call("dead", "r2")
+    with pytest.raises(ServiceError, match="slots free"):
+        call("alive", "r1")
+    time.sleep(0.3)
+    call("alive", "r1")  # the dead home's two caches expired first
+    st = peer.stats()
+    assert st["expired"] == 2 and st["by_home"] == {"alive": 1}

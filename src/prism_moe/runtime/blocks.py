@@ -291,7 +291,7 @@ class BlockExecutor:
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        if now - self._last_sweep < _SWEEP_EVERY_S:
+        if now - self._last_sweep < min(_SWEEP_EVERY_S, self.ttl_s / 2):
             return
         self._last_sweep = now
         for key in [k for k, e in self._entries.items() if now - e.touched > self.ttl_s]:
