@@ -1,13 +1,14 @@
 """Plan execution in one process: a home's `PlanRunner` hands layer blocks to a peer's `BlockExecutor` (a second
 model instance from the same checkpoint, called directly instead of over ZeroMQ) and still gives each request
 `model.generate`'s greedy tokens; a route switch mid-stream and a peer that fails mid-stream rebuild requests
-instead of failing them; the peer frees the caches of ended requests. (Over real processes and sockets:
-tests/runtime/test_cluster_plans.py.)"""
+instead of failing them; the peer frees the caches of ended requests. (Over real processes and sockets, for ten
+families: tests/runtime/test_cluster_e2e.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from pathlib import Path
 
 import pytest
@@ -188,8 +189,6 @@ def test_block_call_validation(tmp_path: Path) -> None:
 
 def test_caches_of_a_home_that_went_silent_expire(tmp_path: Path) -> None:
     """A home that died (or lost the peer) never releases its requests' caches: they expire after `ttl_s`."""
-    import time
-
     path = make_tiny_model("mixtral", tmp_path / "m")
     model = _load(path)
     peer = BlockExecutor(model, LayerGate(model, ModelSpec.from_pretrained(path).moe_layer_ids), max_len=64,
@@ -208,3 +207,39 @@ def test_caches_of_a_home_that_went_silent_expire(tmp_path: Path) -> None:
     call("alive", "r1")  # the dead home's two caches expired first
     st = peer.stats()
     assert st["expired"] == 2 and st["by_home"] == {"alive": 1}
+
+
+def test_concurrent_calls_of_several_homes_share_a_forward(tmp_path: Path) -> None:
+    """Calls queued while a forward runs are run together by the next thread, with each home's result unchanged."""
+    import threading
+
+    path = make_tiny_model("qwen2_moe", tmp_path / "q")
+    ids = ModelSpec.from_pretrained(path).moe_layer_ids
+    model = _load(path)
+    h = model.config.hidden_size
+    torch.manual_seed(0)
+    hidden = {home: torch.randn(2, 3, h) for home in ("a", "b")}
+
+    def call(peer: BlockExecutor, home: str) -> torch.Tensor:
+        header = {"home": home, "session": "s", "first": 0, "last": len(ids) - 1, "rows": ["r1", "r2"],
+                  "starts": [0, 0], "counts": [3, 2], "release": []}
+        return peer.handle_call(header, {"hidden": hidden[home]})[1]["hidden"]
+
+    alone = BlockExecutor(model, LayerGate(model, ids), max_len=64)
+    want = {home: call(alone, home) for home in hidden}
+    model2 = _load(path)
+    peer = BlockExecutor(model2, LayerGate(model2, ids), max_len=64)
+    got: dict[str, torch.Tensor] = {}
+    with peer._compute:  # a forward "runs": both calls queue behind it
+        threads = [threading.Thread(target=lambda home=home: got.__setitem__(home, call(peer, home)))
+                   for home in hidden]
+        for t in threads:
+            t.start()
+        while len(peer._queue) < 2:
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    st = peer.stats()
+    assert (st["calls"], st["forwards"]) == (2, 1)
+    for home in hidden:
+        torch.testing.assert_close(got[home], want[home], rtol=1e-5, atol=1e-5)

@@ -19,8 +19,11 @@ per request, counted in the peer's stats and `/metrics`). It is freed when the h
 seconds is freed anyway: a home that died or lost the peer's address leaks nothing. `session` tells a restarted
 home's request ids from its previous life's.
 
-Merging: the executor runs one call at a time, on the service's `blocks` worker (expert calls and migrations
-never wait behind a block); calls of several homes do not yet share a forward.
+Merging: calls run on the service's `blocks` worker (expert calls and migrations never wait behind a block),
+which has several threads; one forward runs at a time, and the thread that runs it takes every call queued
+meanwhile: calls for the same block and length from several homes (their decode steps) share one forward.
+Calls do not (yet) join the server's own requests' forward: the executing server runs its users' batch and its
+peers' on two threads over the same weights.
 """
 
 from __future__ import annotations
@@ -141,6 +144,23 @@ class BlockCache:
 
 
 @dataclass
+class _Call:
+    home: str
+    session: str
+    first: int
+    last: int
+    rows: list[str]
+    starts: list[int]
+    counts: list[int]
+    hidden: torch.Tensor
+    release: list[str]
+    slots: list[int] | None = None
+    out: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
 class _Entry:
     slot: int
     length: int  # positions cached
@@ -167,31 +187,29 @@ class BlockExecutor:
         self._free = list(range(max_requests - 1, -1, -1))
         self._last_sweep = time.monotonic()
         self._lock = threading.Lock()  # entries vs stats readers
+        self._compute = threading.Lock()  # one forward at a time; its holder runs every call queued
+        self._queue: list[_Call] = []
+        self._queue_lock = threading.Lock()
         self.calls = 0
         self.rows = 0
+        self.forwards = 0  # forwards run: fewer than calls when calls merged
         self.expired = 0
 
     # --- messages ------------------------------------------------------------------------------------------
     def handle_call(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        home, session, first, last, rows, starts, counts, hidden = self._parse(header, tensors)
-        with torch.inference_mode():
-            if self._cache is None:
-                self._cache = BlockCache(len(self.gate.moe_of), self.max_requests, self.max_len)
-            with self._lock:
-                self._release(home, session, _str_list(header.get("release", []), "release"))
-                self._sweep()
-                slots = self._slots_for(home, session, rows, starts)
-            out = self._run(first, last, slots, starts, counts, hidden)
-            now = time.monotonic()
-            with self._lock:
-                for rid, start, count in zip(rows, starts, counts, strict=True):
-                    e = self._entries.get((home, session, rid))
-                    if e is not None:
-                        e.length, e.touched = start + count, now
-                self.calls += 1
-                self.rows += len(rows)
-        return {"rows": len(rows)}, {"hidden": out.to("cpu", hidden.dtype).contiguous()}
+        call = _Call(*self._parse(header, tensors), release=_str_list(header.get("release", []), "release"))
+        with self._queue_lock:
+            self._queue.append(call)
+        with self._compute:
+            if not call.done:  # nobody ran it meanwhile: run it with everything queued since
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._run_calls(batch)
+        if call.error is not None:
+            raise call.error
+        assert call.out is not None
+        return {"rows": len(call.rows)}, {"hidden": call.out}
 
     def handle_release(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
                        ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -206,10 +224,57 @@ class BlockExecutor:
             for home, _, _ in self._entries:
                 homes[home] = homes.get(home, 0) + 1
             return {"requests_cached": len(self._entries), "by_home": homes, "calls": self.calls, "rows": self.rows,
+                    "forwards": self.forwards,
                     "expired": self.expired, "kv_bytes": self._cache.nbytes() if self._cache is not None else 0,
                     "max_requests": self.max_requests}
 
     # --- internals -----------------------------------------------------------------------------------------
+    def _run_calls(self, batch: list[_Call]) -> None:
+        """Run queued calls (under `_compute`): those of one block and length share a forward."""
+        try:
+            with torch.inference_mode():
+                if self._cache is None:
+                    self._cache = BlockCache(len(self.gate.moe_of), self.max_requests, self.max_len)
+                with self._lock:
+                    for c in batch:  # releases first: a rebuilt request may restart in the same batch
+                        self._release(c.home, c.session, c.release)
+                    self._sweep()
+                    for c in batch:
+                        try:
+                            c.slots = self._slots_for(c.home, c.session, c.rows, c.starts)
+                        except ServiceError as err:
+                            c.error = err
+                groups: dict[tuple, list[_Call]] = {}
+                for c in batch:
+                    if c.error is None:
+                        groups.setdefault((c.first, c.last, c.hidden.shape[1], c.hidden.dtype), []).append(c)
+                for (first, last, _, _), calls in groups.items():
+                    self._run_group(first, last, calls)
+        finally:
+            for c in batch:
+                c.done = True
+
+    def _run_group(self, first: int, last: int, calls: list[_Call]) -> None:
+        try:
+            out = self._run(first, last, [s for c in calls for s in c.slots or ()], [s for c in calls for s in c.starts],
+                            [n for c in calls for n in c.counts], torch.cat([c.hidden for c in calls]))
+        except Exception as err:  # the calls of this forward fail; the others went on
+            for c in calls:
+                c.error = err
+            return
+        parts = torch.split(out.to("cpu"), [len(c.rows) for c in calls])
+        now = time.monotonic()
+        with self._lock:
+            for c, part in zip(calls, parts, strict=True):
+                c.out = part.to(c.hidden.dtype).contiguous()
+                for rid, start, count in zip(c.rows, c.starts, c.counts, strict=True):
+                    e = self._entries.get((c.home, c.session, rid))
+                    if e is not None:
+                        e.length, e.touched = start + count, now
+                self.rows += len(c.rows)
+            self.calls += len(calls)
+            self.forwards += 1
+
     def _parse(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple:
         home, session = _name(header.get("home"), "home"), _name(header.get("session"), "session")
         first, last = header.get("first"), header.get("last")

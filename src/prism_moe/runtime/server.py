@@ -238,7 +238,7 @@ class EdgeServer:
         self.blocks = BlockExecutor(model, self.gate, max_len=min(max_len, 16384),
                                     max_requests=self.options.max_running * max(1, len(self.cluster.servers) - 1))
         self.metrics.refreshers.append(self._refresh_block_metrics)
-        self.service.on(BLOCK_CALL, self.blocks.handle_call, worker="blocks")
+        self.service.on(BLOCK_CALL, self.blocks.handle_call, worker="blocks", threads=8)  # calls combine (blocks.py)
         self.service.on(BLOCK_RELEASE, self.blocks.handle_release, worker="blocks")
         self.service.start()
         peers = {s.name: f"tcp://{s.host}:{s.expert_port}" for s in self.cluster.servers if s.name != self.name}

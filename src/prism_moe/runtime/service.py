@@ -168,7 +168,8 @@ class ExpertService:
         self._auth: Any = None
         self._io_thread: threading.Thread | None = None
         self._worker: threading.Thread | None = None
-        self._pools: dict[str, ThreadPoolExecutor] = {}  # worker name -> its one thread (made at start)
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # worker name -> its threads (made at start)
+        self._threads: dict[str, int] = {"control": 1}  # worker name -> how many threads it has
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._ready: list[_Job] = []  # expert calls read in this round of the I/O thread, not yet handed over
         self._busy_since = 0.0  # monotonic time the worker started its current batch (0: idle)
@@ -195,13 +196,18 @@ class ExpertService:
         """The bound endpoint (port resolved when the address ended in `:*`)."""
         return self._endpoint
 
-    def on(self, msg_type: str, handler: ControlHandler, worker: str = "control") -> None:
-        """Serve messages of `msg_type` (e.g. "load_expert") on the thread named `worker` (one thread per name,
-        in arrival order); replies `ack` with the handler's fields and tensors."""
+    def on(self, msg_type: str, handler: ControlHandler, worker: str = "control", threads: int = 1) -> None:
+        """Serve messages of `msg_type` (e.g. "load_expert") on the worker named `worker`: one thread by default
+        (messages in arrival order), or `threads` (a handler that combines concurrent messages itself, as the
+        block executor does); replies `ack` with the handler's fields and tensors."""
         if msg_type not in REPLY_TYPE or msg_type in (EXPERT_CALL, PING, LINK):
             raise ValueError(f"{msg_type!r} cannot be served by a control handler")
-        if self._pools and worker not in self._pools:  # started: the worker's thread first, then the route to it
-            self._pools[worker] = ThreadPoolExecutor(1, thread_name_prefix=f"prism-{worker}-{self.name or 'service'}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self._threads[worker] = max(threads, self._threads.get(worker, 1))
+        if self._pools and worker not in self._pools:  # started: the worker's threads first, then the route to them
+            self._pools[worker] = ThreadPoolExecutor(self._threads[worker],
+                                                     thread_name_prefix=f"prism-{worker}-{self.name or 'service'}")
         self._control[msg_type] = (handler, worker)
 
     def set_link(self, caller: str, profile: LinkProfile | None) -> None:
@@ -236,7 +242,8 @@ class ExpertService:
         self._ctx, self._sock = ctx, sock
         label = self.name or self._endpoint
         for worker in {"control", *(w for _, w in self._control.values())}:
-            self._pools[worker] = ThreadPoolExecutor(1, thread_name_prefix=f"prism-{worker}-{label}")
+            self._pools[worker] = ThreadPoolExecutor(self._threads.get(worker, 1),
+                                                     thread_name_prefix=f"prism-{worker}-{label}")
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
