@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from prism_moe.config import ClusterSpec
 from prism_moe.model.spec import GIB, ModelSpec
 from prism_moe.placement.placement import Placement
+from prism_moe.placement.plan import ExecutionPlan
 from prism_moe.placement.problem import ClusterStats
 from prism_moe.scheduler.decision import expected_cost
 
@@ -121,6 +122,32 @@ def candidate_placement(algorithm: str, rates: np.ndarray, cluster: ClusterSpec,
             if expected_cost(mapped, r, sub_cost, 1.0) <= expected_cost(p, r, sub_cost, 1.0) * (1 + 1e-9):
                 p = mapped
     return embed(p, names, live, link_cost, capacity, version=current.version)
+
+
+def candidate_plan(algorithm: str, rates: np.ndarray, cluster: ClusterSpec, model: ModelSpec,
+                   live: np.ndarray) -> ExecutionPlan:
+    """The plan algorithm's plan for the measured rates (invocations/s [S, L, E]; none measured yet: uniform),
+    over every server, then without the down ones (`replan_without`; every server holds the whole dense part, so
+    the memory left for experts is its expert slots). Its version is 0: the coordinator numbers what it switches."""
+    from prism_moe.placement.failover import replan_without
+    from prism_moe.placement.plan import PlanSizes
+    from prism_moe.placement.registry import plan_for
+
+    live = np.asarray(live, bool)
+    r = np.asarray(rates, float)
+    if r.sum() <= 0:
+        r = np.ones_like(r)
+    plan = plan_for(algorithm, ClusterStats(np.maximum(r, 1e-9)), cluster, model)
+    if live.all():
+        return plan
+    sizes = PlanSizes.of(model)
+    budget = sizes.base + model.num_moe_layers * sizes.dense_layer + (cluster.expert_slots(model) + 0.5) * sizes.expert
+    full = ExecutionPlan(plan.placement, plan.executor, np.ones_like(plan.dense), plan.algorithm, plan.meta,
+                         plan.backup)
+    repair = replan_without(full, ~live, sizes, budget, link_cost_matrix(cluster, model))
+    if repair.plan is None:
+        raise ClusterCapacityError(repair.reason)
+    return repair.plan
 
 
 def repair_hosts(hosts: np.ndarray, live: np.ndarray, capacity: np.ndarray, demand: np.ndarray) -> np.ndarray:
