@@ -585,3 +585,26 @@ def test_partition_drops_everything_from_one_caller_until_healed_by_a_link_messa
                 ctl["srv"].request("link", bad)
         ctl["srv"].request("link", {"peer": "a", "clear": True})
         assert torch.equal(a.call("srv", 3, ids, x), known(3, ids, x))  # healed
+
+
+def test_a_connection_lost_mid_call_raises_at_once_not_after_the_deadlines() -> None:
+    """The peer goes away (here: its service closes) while a call waits for its reply: the call fails within a
+    fraction of a second, not after timeout x (retries + 1) = 10 s; a hanging peer (connection kept) still
+    takes its deadline (test_hanging_handler_and_closed_service_raise_peer_unavailable)."""
+    gate = Gate(layer=0)
+    ids, x = batch()
+    svc = ExpertService("tcp://127.0.0.1:*", gate, num_layers=L, num_experts=E, hidden_size=H, name="srv")
+    svc.start()
+    try:
+        with pool_of({"srv": svc.endpoint}, timeout=5.0, retries=1) as pool:
+            assert torch.equal(pool.call("srv", 1, ids, x), known(1, ids, x))  # connected
+            call = pool.start_call("srv", 0, ids, x)
+            assert gate.entered.wait(5)
+            t0 = time.monotonic()
+            threading.Thread(target=svc.close, daemon=True).start()
+            with pytest.raises(PeerUnavailable, match="connection lost"):
+                call.result()
+            assert time.monotonic() - t0 < 3.0
+    finally:
+        gate.open.set()
+        svc.close()

@@ -6,14 +6,18 @@ P0 (server i holds the experts e with e % 3 == i, every layer at home). The coor
 plan over P1 (edge-a also holds edge-c's experts 2 and 5, expert 6 moves to edge-b): edge-a's requests run MoE
 layer 1 on edge-c, edge-b's run layer 0 on edge-c, so edge-c keeps their KV cache for those blocks. Then edge-c is
 SIGKILLed mid-run: edge-a's and edge-b's requests must be rebuilt on a surviving path (tokens kept), none may fail,
-and the coordinator pushes a plan without edge-c. Every completed request's tokens must equal single-process
-transformers' greedy tokens.
+and the coordinator pushes a plan without edge-c. Then edge-c comes back (it rejoins the plan), the pipeline is
+switched to again and edge-c is killed once more with the coordinator not declaring it down: the homes find out
+on their own (the hand-off's connection is gone) and rebuild their requests without waiting out the call deadline.
+Every completed request's tokens must equal single-process transformers' greedy tokens.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -93,7 +97,7 @@ def cluster_run(tmp_path_factory):
     coord = Coordinator(lc.cluster, config, placement=placement, model=spec)
     coord.start()
     try:
-        yield lc, coord, refs, spec
+        yield lc, coord, refs, spec, args
     finally:
         coord.stop()
         lc.stop()
@@ -108,7 +112,7 @@ def _model_name(lc) -> str:
 
 
 def test_live_plan_switch_loses_nothing(cluster_run):
-    lc, coord, refs, spec = cluster_run
+    lc, coord, refs, spec, _ = cluster_run
     urls = lc.endpoints()
     target = _pipeline(spec)
     with Load(urls, refs, _model_name(lc), PROMPTS, MAX_TOKENS) as load:
@@ -137,7 +141,7 @@ def test_live_plan_switch_loses_nothing(cluster_run):
 
 
 def test_block_executor_killed_mid_run(cluster_run):
-    lc, coord, refs, spec = cluster_run
+    lc, coord, refs, spec, _ = cluster_run
     urls = lc.endpoints()
     if coord.plan is None or not (coord.plan.executor == PIPELINE).all():  # when run alone
         assert coord.switch_plan(_pipeline(spec), "test").ok
@@ -170,3 +174,52 @@ def test_block_executor_killed_mid_run(cluster_run):
         assert "edge-c" in s["down"]
         assert "edge-c" not in str(s["plan"]["runner"]["path"])
         assert s["placement_version"] == coord.plan.placement.version
+
+
+def test_rejoin_then_a_kill_the_homes_detect_themselves(cluster_run):
+    lc, coord, refs, spec, args = cluster_run
+    urls = lc.endpoints()
+    if coord.servers["edge-c"].live:  # when run alone
+        os.killpg(lc.procs["edge-c"].pid, signal.SIGKILL)
+        lc.procs["edge-c"].wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while coord.servers["edge-c"].live:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    version_down = coord.plan.placement.version
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "prism_moe.cli", "serve", "--cluster", str(lc.run_dir / "cluster.yaml"),
+           "--server", "edge-c", *args]
+    with open(lc.run_dir / "edge-c.restart.log", "w") as logf:
+        lc.procs["edge-c"] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                              env=env)
+    deadline = time.monotonic() + 90
+    while not coord.servers["edge-c"].live or coord.plan.placement.version <= version_down:
+        assert time.monotonic() < deadline, "edge-c did not rejoin"
+        time.sleep(0.2)
+    # the rejoined server executes the cluster's plan (not the placement file it started with)
+    assert _stats(urls["edge-c"])["plan"]["version"] == coord.plan.placement.version
+    assert coord.switch_plan(_pipeline(spec), "test").ok
+    survivors = NAMES[:2]
+    coord.config.down_after = 1e9  # the coordinator never declares edge-c down: the homes are on their own
+    timeout = float(args[args.index("--timeout") + 1])
+    with Load({n: urls[n] for n in survivors}, refs, _model_name(lc), PROMPTS, MAX_TOKENS) as load:
+        load.wait(survivors, after=0.0)
+        resumed0 = {n: _stats(urls[n])["plan"]["runner"]["resumed"] for n in survivors}
+        os.killpg(lc.procs["edge-c"].pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        lc.procs["edge-c"].wait(timeout=10)
+        load.wait(survivors, after=time.monotonic())
+        load.wait(survivors, after=time.monotonic())
+    failed = [r for r in load.results if not r.ok]
+    assert not failed, [f.detail for f in failed[:3]]
+    inflight = [r for r in load.results if r.start < t_kill < r.end]
+    assert inflight, "no request was in flight at the kill"
+    stall = max(r.end - r.start for r in inflight)
+    resumed = {n: _stats(urls[n])["plan"]["runner"]["resumed"] - resumed0[n] for n in survivors}
+    print(f"kill without the coordinator: {len(inflight)} requests in flight took up to {stall:.2f} s (call "
+          f"deadline {timeout} s x 2 attempts); requests resumed {resumed}")
+    assert sum(resumed.values()) > 0
+    for n in survivors:
+        assert "edge-c" not in str(_stats(urls[n])["plan"]["runner"]["path"])  # suspected by the home itself
+    assert stall < timeout, "the homes waited out the hand-off deadline before failing over"

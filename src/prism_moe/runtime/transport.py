@@ -8,7 +8,8 @@ id); concurrent threads get sockets of their own. Link emulation is applied by t
 (`emulation.py`), so real and emulated links take this same path.
 
 Every attempt has a deadline; a retry resends the same request id (expert calls are idempotent), and
-after `retries` further attempts the request raises `PeerUnavailable`: a call never hangs. The serving
+after `retries` further attempts the request raises `PeerUnavailable`: a call never hangs. A request whose
+connection drops while it waits (the peer died) raises it at once, without waiting out its deadlines. The serving
 side is `service.py` (`ExpertService`, re-exported here). Message format: `wire.py` and
 docs/wire-protocol.md.
 """
@@ -291,6 +292,10 @@ class Call:
                 try:  # blocks, without the GIL, until a reply or the timeout
                     frame = recv_frame(sock, 0, False, False)
                 except zmq.Again:
+                    # with IMMEDIATE a socket can send only over a live connection: none left means the one the
+                    # request went out on is gone (the peer died or closed it), and the reply with it
+                    if not sock.poll(0, zmq.POLLOUT):
+                        raise self._unavailable("connection lost while waiting for the reply") from None
                     continue
             frames = recv_rest(sock, frame)
             nbytes = frames_nbytes(frames)
@@ -354,7 +359,10 @@ class PeerChannel:
 
     `timeout` is the per-attempt deadline in seconds (covering link time, emulated or real, sending,
     remote compute and the reply); after `retries` further attempts a request raises `PeerUnavailable`,
-    so it takes at most about `timeout * (retries + 1)`. Each thread with requests out borrows a DEALER
+    so it takes at most about `timeout * (retries + 1)`. A request whose connection drops while it waits
+    (the peer process died: its host closes the TCP connection) raises `PeerUnavailable` within
+    `MAX_WAIT_MS` instead: its reply cannot come, and a retry would only wait for a peer that is gone (a
+    peer that hangs keeps its connection and is found by the deadline). Each thread with requests out borrows a DEALER
     socket of its own; sockets are kept for reuse.
     """
 
