@@ -40,6 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 NAMES = ["edge-a", "edge-b", "edge-c"]
 PROMPTS = ["The edge server", "Experts live on several machines and", "Hello, how are you"]
 MAX_TOKENS = 8
+LONG = 24  # the kills' requests: long enough that a kill finds them decoding, with blocks on the peer
 A, B, C = range(3)
 PIPELINE = np.array([[A, C], [C, B], [C, C]])  # executor[home, MoE layer]
 
@@ -79,7 +80,7 @@ def cluster_run(tmp_path_factory):
     refs = {}
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
+        out = model.generate(ids, max_new_tokens=LONG, do_sample=False)
         refs[prompt] = (ids[0].tolist(), out[0, ids.shape[1]:].tolist())
     del model
     args = ["--placement", str(tmp / "p0.json"), "--timeout", "2"]
@@ -111,18 +112,43 @@ def _model_name(lc) -> str:
     return lc.cluster.resolve_path(lc.cluster.model).name
 
 
+def _short(refs: dict) -> dict:
+    """The references of MAX_TOKENS-token requests (greedy: a prefix of the longer ones)."""
+    return {p: (ids, out[:MAX_TOKENS]) for p, (ids, out) in refs.items()}
+
+
+def _kill_edge_c_mid_run(lc, urls, survivors) -> tuple[float, dict]:
+    """SIGKILL edge-c once both survivors have requests with block caches on it; (kill time, resumed before)."""
+    deadline = time.monotonic() + 30
+    while True:
+        stats = {n: _stats(urls[n])["plan"]["runner"] for n in survivors}
+        if all(st["remote_caches"].get("edge-c", 0) > 0 for st in stats.values()):
+            break
+        assert time.monotonic() < deadline, f"no request of {survivors} runs a block on edge-c: {stats}"
+        time.sleep(0.02)
+    os.killpg(lc.procs["edge-c"].pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    lc.procs["edge-c"].wait(timeout=10)
+    return t_kill, {n: st["resumed"] for n, st in stats.items()}
+
+
 def test_live_plan_switch_loses_nothing(cluster_run):
     lc, coord, refs, spec, _ = cluster_run
     urls = lc.endpoints()
     target = _pipeline(spec)
-    with Load(urls, refs, _model_name(lc), PROMPTS, MAX_TOKENS) as load:
+    with Load(urls, _short(refs), _model_name(lc), PROMPTS, MAX_TOKENS) as load:
         load.wait(NAMES, after=0.0)
+        resumed0 = {n: _stats(urls[n])["plan"]["runner"]["resumed"] for n in NAMES}
         t_start = time.monotonic()
         report = coord.switch_plan(target, "test")
         t_end = time.monotonic()
         load.wait(NAMES, after=t_end)
     load.check(NAMES, longest=60)
     assert report.ok and not report.rolled_back, report
+    over = [r for r in load.results if r.start < t_end and r.end > t_start]
+    print(f"plan switch: {report.seconds:.2f} s, {report.rounds} rounds; {len(load.results)} requests, "
+          f"{len(over)} overlapping it, longest {max(r.end - r.start for r in over):.2f} s; resumed "
+          f"{ {n: _stats(urls[n])['plan']['runner']['resumed'] - resumed0[n] for n in NAMES} }")
     assert report.experts_loaded == 6 and report.experts_dropped == 2
     assert [r for r in load.results if r.start < t_end and r.end > t_start], "nothing was in flight"
     assert (coord.plan.executor == PIPELINE).all() and coord.plan.placement.version == report.to_version
@@ -146,13 +172,9 @@ def test_block_executor_killed_mid_run(cluster_run):
     if coord.plan is None or not (coord.plan.executor == PIPELINE).all():  # when run alone
         assert coord.switch_plan(_pipeline(spec), "test").ok
     survivors = NAMES[:2]
-    with Load({n: urls[n] for n in survivors}, refs, _model_name(lc), PROMPTS, MAX_TOKENS) as load:
+    with Load({n: urls[n] for n in survivors}, refs, _model_name(lc), PROMPTS, LONG) as load:
         load.wait(survivors, after=0.0)
-        resumed0 = {n: _stats(urls[n])["plan"]["runner"]["resumed"] for n in survivors}
-        # kill while requests of both survivors have blocks (and KV caches) on edge-c
-        os.killpg(lc.procs["edge-c"].pid, signal.SIGKILL)
-        t_kill = time.monotonic()
-        lc.procs["edge-c"].wait(timeout=10)
+        t_kill, resumed0 = _kill_edge_c_mid_run(lc, urls, survivors)
         deadline = time.monotonic() + 30
         while coord.servers["edge-c"].live or (coord.plan.executor[:2] == C).any():
             assert time.monotonic() < deadline, f"no plan without edge-c: {coord.events}"
@@ -203,12 +225,9 @@ def test_rejoin_then_a_kill_the_homes_detect_themselves(cluster_run):
     survivors = NAMES[:2]
     coord.config.down_after = 1e9  # the coordinator never declares edge-c down: the homes are on their own
     timeout = float(args[args.index("--timeout") + 1])
-    with Load({n: urls[n] for n in survivors}, refs, _model_name(lc), PROMPTS, MAX_TOKENS) as load:
+    with Load({n: urls[n] for n in survivors}, refs, _model_name(lc), PROMPTS, LONG) as load:
         load.wait(survivors, after=0.0)
-        resumed0 = {n: _stats(urls[n])["plan"]["runner"]["resumed"] for n in survivors}
-        os.killpg(lc.procs["edge-c"].pid, signal.SIGKILL)
-        t_kill = time.monotonic()
-        lc.procs["edge-c"].wait(timeout=10)
+        t_kill, resumed0 = _kill_edge_c_mid_run(lc, urls, survivors)
         load.wait(survivors, after=time.monotonic())
         load.wait(survivors, after=time.monotonic())
     failed = [r for r in load.results if not r.ok]
