@@ -223,13 +223,16 @@ def test_rejoin_then_a_kill_the_homes_detect_themselves(cluster_run):
     assert _stats(urls["edge-c"])["plan"]["version"] == coord.plan.placement.version
     assert coord.switch_plan(_pipeline(spec), "test").ok
     survivors = NAMES[:2]
-    coord.config.down_after = 1e9  # the coordinator never declares edge-c down: the homes are on their own
+    down_after, coord.config.down_after = coord.config.down_after, 1e9  # the homes are on their own
     timeout = float(args[args.index("--timeout") + 1])
-    with Load({n: urls[n] for n in survivors}, refs, _model_name(lc), PROMPTS, LONG) as load:
-        load.wait(survivors, after=0.0)
-        t_kill, resumed0 = _kill_edge_c_mid_run(lc, urls, survivors)
-        load.wait(survivors, after=time.monotonic())
-        load.wait(survivors, after=time.monotonic())
+    try:
+        with Load({n: urls[n] for n in survivors}, refs, _model_name(lc), PROMPTS, LONG) as load:
+            load.wait(survivors, after=0.0)
+            t_kill, resumed0 = _kill_edge_c_mid_run(lc, urls, survivors)
+            load.wait(survivors, after=time.monotonic())
+            load.wait(survivors, after=time.monotonic())
+    finally:
+        coord.config.down_after = down_after
     failed = [r for r in load.results if not r.ok]
     assert not failed, [f.detail for f in failed[:3]]
     inflight = [r for r in load.results if r.start < t_kill < r.end]
@@ -242,3 +245,33 @@ def test_rejoin_then_a_kill_the_homes_detect_themselves(cluster_run):
     for n in survivors:
         assert "edge-c" not in str(_stats(urls[n])["plan"]["runner"]["path"])  # suspected by the home itself
     assert stall < timeout, "the homes waited out the hand-off deadline before failing over"
+
+
+def test_post_plan_by_algorithm_on_the_survivors(cluster_run):
+    """`POST /plan {"algorithm": ...}` over HTTP: the algorithm's plan for the measured rates, without the down
+    server, switched to under load with nothing lost."""
+    from fastapi.testclient import TestClient
+
+    lc, coord, refs, _, _ = cluster_run
+    urls = lc.endpoints()
+    if lc.procs["edge-c"].poll() is None:  # when run alone
+        os.killpg(lc.procs["edge-c"].pid, signal.SIGKILL)
+        lc.procs["edge-c"].wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while coord.servers["edge-c"].live or not coord.reconciled:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    survivors = NAMES[:2]
+    with Load({n: urls[n] for n in survivors}, _short(refs), _model_name(lc), PROMPTS, MAX_TOKENS) as load, \
+            TestClient(coord.app(), client=("127.0.0.1", 50000)) as http:  # loopback: no admin key needed
+        load.wait(survivors, after=0.0)
+        r = http.post("/plan", json={"algorithm": "pipeline"})
+        load.wait(survivors, after=time.monotonic())
+    assert r.status_code == 200 and r.json()["ok"], r.text
+    load.check(survivors, longest=60)
+    plan = coord.plan
+    assert plan.algorithm == "pipeline" and not plan.at_home and not (plan.executor[:2] == C).any()
+    print(f"POST /plan pipeline on the survivors: blocks {plan.summary()['blocks']}, "
+          f"{sum(1 for r in load.results if r.ok)} requests, none failed")
+    for n in survivors:
+        assert _stats(urls[n])["plan"]["version"] == plan.placement.version
