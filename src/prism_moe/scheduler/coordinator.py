@@ -57,6 +57,7 @@ from prism_moe.scheduler.candidate import (
     candidate_placement,
     candidate_plan,
     link_cost_matrix,
+    plan_without,
     repair_hosts,
 )
 from prism_moe.scheduler.client import ControlFailed, ServerClient
@@ -623,34 +624,19 @@ class Coordinator:
         return bool(uses)
 
     def _repair_plan(self, plan: ExecutionPlan, live: np.ndarray, names: list[str]) -> None:
-        """Move to `plan` without the down servers (`replan_without`: their layers go to the backups or stay with
-        the neighbouring block, orphaned experts are re-hosted); every server holds the whole dense part, so the
-        memory left for experts is its expert slots."""
-        from prism_moe.placement.failover import replan_without
-        from prism_moe.placement.plan import PlanSizes
-
-        sizes = PlanSizes.of(self.model)
-        layers = plan.num_layers
-        full = ExecutionPlan(plan.placement, plan.executor, np.ones_like(plan.dense), plan.algorithm, plan.meta,
-                             plan.backup)
-        budget = sizes.base + layers * sizes.dense_layer + (self.capacity + 0.5) * sizes.expert
-        repair = replan_without(full, ~live, sizes, budget, self.link_cost)
-        if repair.plan is None:
-            self.error = f"no plan without {', '.join(names)}: {repair.reason}"
+        """Move to `plan` without the down servers (`candidate.plan_without`)."""
+        try:
+            new = plan_without(plan, live, self.model, self.capacity, self.link_cost)
+        except ClusterCapacityError as err:
+            self.error = f"no plan without {', '.join(names)}: {err}"
             self._event("error", None, self.error)
             return
-        fixed = repair.plan
-        dense = plan.dense.copy()  # the plan's statement, plus the layers survivors now run (or back up)
-        for row in (fixed.executor, fixed.backup if fixed.backup is not None else np.full_like(fixed.executor, -1)):
-            for h, l in np.argwhere(row >= 0):
-                dense[row[h, l], l] = True
-        new = ExecutionPlan(fixed.placement, fixed.executor, dense, plan.algorithm, plan.meta, fixed.backup)
         with self._migrate_lock:
             report = self._migrate(new.placement.hosts, f"plan repair after {', '.join(names)} went down",
                                    self.history.rates(), target_plan=new)
+        moved = int((new.executor != plan.executor)[live].sum())
         self._event("plan", None, f"{'now executing' if report.ok else 'could not switch to'} the plan without "
-                                  f"{', '.join(names)}: {repair.moved_layers} (home, layer) pairs moved "
-                                  f"({repair.from_backup} to their backup)")
+                                  f"{', '.join(names)}: {moved} (home, layer) pairs moved")
         if report.ok:
             self.error = None
 
