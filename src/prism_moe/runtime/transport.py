@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_MS = 100  # a waiting call's longest blocking receive before it looks at `fail_inflight` again
 FIRST_CONNECT_MS = 50  # how long the first request on a new socket waits for its connection when sent
+# a socket that was connected and has no connection now (the peer died or restarts): how long a request waits
+# for it to come back before giving up (ZeroMQ reconnects every 0.1 s at first, so a restarted peer is back)
+LOST_CONNECTION_S = 0.3
 
 
 class TransportError(Exception):
@@ -284,8 +287,12 @@ class Call:
                 # wake at least every MAX_WAIT_MS to notice `fail_inflight`
                 ms = min(max(1, int((until - now) * 1000) + 1), MAX_WAIT_MS)
                 if self._unsent:  # not connected yet: wait for room to send, within the deadline
-                    if sock.poll(ms, zmq.POLLOUT):
+                    if sock.poll(min(ms, int(LOST_CONNECTION_S * 1000)), zmq.POLLOUT):
                         self._try_send()
+                    elif not link.fresh and time.monotonic() >= self._deadline - self._timeout + LOST_CONNECTION_S:
+                        # this socket was connected before: the peer is gone, not still coming up
+                        raise self._unavailable(f"its connection was lost and not back within "
+                                                f"{LOST_CONNECTION_S}s") from None
                     continue
                 if ms != link.rcvtimeo:
                     sock.rcvtimeo = link.rcvtimeo = ms
@@ -361,8 +368,9 @@ class PeerChannel:
     remote compute and the reply); after `retries` further attempts a request raises `PeerUnavailable`,
     so it takes at most about `timeout * (retries + 1)`. A request whose connection drops while it waits
     (the peer process died: its host closes the TCP connection) raises `PeerUnavailable` within
-    `MAX_WAIT_MS` instead: its reply cannot come, and a retry would only wait for a peer that is gone (a
-    peer that hangs keeps its connection and is found by the deadline). Each thread with requests out borrows a DEALER
+    `MAX_WAIT_MS` instead: its reply cannot come, and a retry would only wait for a peer that is gone; so
+    does one sent on a socket that was connected and is not (again) within `LOST_CONNECTION_S` (a peer that
+    hangs keeps its connection and is found by the deadline). Each thread with requests out borrows a DEALER
     socket of its own; sockets are kept for reuse.
     """
 
