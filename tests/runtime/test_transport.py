@@ -585,3 +585,53 @@ def test_partition_drops_everything_from_one_caller_until_healed_by_a_link_messa
                 ctl["srv"].request("link", bad)
         ctl["srv"].request("link", {"peer": "a", "clear": True})
         assert torch.equal(a.call("srv", 3, ids, x), known(3, ids, x))  # healed
+
+
+def test_a_connection_lost_mid_call_raises_at_once_not_after_the_deadlines() -> None:
+    """The peer goes away (here: its service closes) while a call waits for its reply: the call fails within a
+    fraction of a second, not after timeout x (retries + 1) = 10 s; a hanging peer (connection kept) still
+    takes its deadline (test_hanging_handler_and_closed_service_raise_peer_unavailable)."""
+    gate = Gate(layer=0)
+    ids, x = batch()
+    svc = ExpertService("tcp://127.0.0.1:*", gate, num_layers=L, num_experts=E, hidden_size=H, name="srv")
+    svc.start()
+    try:
+        with pool_of({"srv": svc.endpoint}, timeout=5.0, retries=1) as pool:
+            assert torch.equal(pool.call("srv", 1, ids, x), known(1, ids, x))  # connected
+            call = pool.start_call("srv", 0, ids, x)
+            assert gate.entered.wait(5)
+            t0 = time.monotonic()
+            threading.Thread(target=svc.close, daemon=True).start()
+            with pytest.raises(PeerUnavailable, match="connection lost"):
+                call.result()
+            assert time.monotonic() - t0 < 3.0
+    finally:
+        gate.open.set()
+        svc.close()
+
+
+def test_a_call_to_a_peer_whose_connection_was_lost_fails_fast_and_a_restarted_peer_serves_again() -> None:
+    ids, x = batch()
+    svc = ExpertService("tcp://127.0.0.1:*", known, num_layers=L, num_experts=E, hidden_size=H, name="srv")
+    endpoint = svc.start()
+    with pool_of({"srv": endpoint}, timeout=5.0, retries=1) as pool:
+        assert torch.equal(pool.call("srv", 1, ids, x), known(1, ids, x))  # this thread's socket is connected
+        svc.close()
+        time.sleep(0.2)  # the connection is gone before the next call
+        t0 = time.monotonic()
+        with pytest.raises(PeerUnavailable, match="connection was lost"):
+            pool.call("srv", 1, ids, x)
+        assert time.monotonic() - t0 < 2.0  # not 2 attempts x 5 s
+        svc = ExpertService(endpoint, known, num_layers=L, num_experts=E, hidden_size=H, name="srv")
+        svc.start()  # the same address again: ZeroMQ reconnects, calls go through
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert torch.equal(pool.call("srv", 2, ids, x), known(2, ids, x))
+                    break
+                except PeerUnavailable:
+                    assert time.monotonic() < deadline, "the restarted peer is never called again"
+                    time.sleep(0.1)
+        finally:
+            svc.close()

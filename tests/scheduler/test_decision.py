@@ -14,6 +14,7 @@ from prism_moe.placement.registry import DEFAULT_ALGORITHM, place
 from prism_moe.scheduler.candidate import (
     ClusterCapacityError,
     candidate_placement,
+    candidate_plan,
     fewest_moves,
     repair_hosts,
     sub_cluster,
@@ -126,3 +127,42 @@ def test_candidate_placement_keeps_current_when_nothing_changed():
     live2 = np.array([True, False, True])
     p = candidate_placement(DEFAULT_ALGORITHM, rates, cluster, model, first, live2)
     assert not p.hosts[1].any() and p.hosts.any(axis=0).all()
+
+
+def _plan_cluster():
+    cluster = cluster_from_dict({"model": "deepseek-v2-lite", "servers": [
+        {"name": n, "memory_gib": 24} for n in ["a", "b", "c"]]})
+    return cluster, cluster.model_spec()
+
+
+def test_candidate_plan_without_a_down_server_never_routes_through_it():
+    cluster, model = _plan_cluster()
+    rates = np.random.default_rng(0).gamma(0.3, size=(3, model.num_moe_layers, model.num_experts))
+    full = candidate_plan("pipeline", rates, cluster, model, np.ones(3, bool))
+    assert not full.at_home and set(np.unique(full.executor)) == {0, 1, 2}  # blocks on every server
+    live = np.array([True, False, True])
+    p = candidate_plan("pipeline", rates, cluster, model, live)
+    assert not (p.executor[live] == 1).any()  # live homes' layers run on a or c
+    assert not p.placement.hosts[1].any() and p.placement.hosts.any(axis=0).all()  # every expert on a survivor
+    assert (p.placement.hosts.sum(axis=(1, 2)) <= cluster.expert_slots(model)).all()
+
+
+def test_replan_under_a_plan_algorithm_applies_the_plan_rule():
+    from prism_moe.scheduler.coordinator import Coordinator, CoordinatorConfig
+
+    cluster, model = _plan_cluster()
+    hosts = np.zeros((3, model.num_moe_layers, model.num_experts), bool)
+    for e in range(model.num_experts):
+        hosts[e % 3, :, e] = True
+    placement = Placement.from_hosts(["a", "b", "c"], hosts, np.ones((3, 3)))
+    coord = Coordinator(cluster, CoordinatorConfig(algorithm="pipeline", margin=0.0), placement, model,
+                        client=object())  # a dry run calls no server
+    for st in coord.servers.values():
+        st.live = True
+    out = coord.replan("requested", dry_run=True)
+    assert out["plan"]["algorithm"] == "pipeline" and "migration" not in out
+    # the rule of placement/hybrid.py plan_decision: switch iff C(new) + T_mig < C(current)
+    assert out["migrate"] == (out["cost_candidate"] + out["migration_seconds"] < out["cost_current"])
+    assert out["migration_seconds"] > 0 and "C(new)+T_mig" in out["reason"]
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        CoordinatorConfig(algorithm="no-such")

@@ -25,10 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="after a detected shift, seconds without another shift before the one re-plan (folds "
                         "servers whose workloads change together into one migration; 0: re-plan at once)")
     p.add_argument("--margin", type=float, default=0.1, help="migrate only if C(P')+T_mig < C(P)(1-margin)")
-    p.add_argument("--algorithm", default=None, help="placement algorithm (default: the recommended one)")
+    p.add_argument("--algorithm", default=None, help="placement algorithm (default: the recommended one), or a plan "
+                                                     "algorithm (hybrid, pipeline, pipeline-opt): re-plans then switch "
+                                                     "execution plans when C(new)+T_mig < C(current)(1-margin)")
     p.add_argument("--transfer", choices=["auto", "checkpoint", "peer"], default="auto",
                    help="how a new holder gets an expert: its checkpoint when it has one (auto), or a peer")
-    p.add_argument("--placement", default=None, help="the placement the servers run (default: ask them)")
+    p.add_argument("--placement", default=None, help="the placement or plan the servers run (default: ask them)")
     p.add_argument("--admin-key-file", default=None, metavar="PATH",
                    help="the servers' control credential (admin.key from `prism keys`; default: $PRISM_ADMIN_KEY, "
                         "else KEYS/admin.key with --keys); it also guards this coordinator's POST routes")
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                                half_life=args.half_life, window=args.window, shift_threshold=args.shift_threshold,
                                settle=args.settle, margin=args.margin, algorithm=args.algorithm,
                                transfer=args.transfer, admin_key=admin_key, lease_seconds=args.lease)
-    coord = Coordinator(cluster, config, load_plan(args.placement).placement if args.placement else None)
+    coord = Coordinator(cluster, config, plan=load_plan(args.placement) if args.placement else None)
     coord.start()
     try:
         uvicorn.run(coord.app(), host=args.host, port=args.port, log_level="warning")

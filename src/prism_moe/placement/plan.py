@@ -135,6 +135,18 @@ class ExecutionPlan:
         return cls(placement, np.repeat(np.arange(s)[:, None], layers, axis=1), np.ones((s, layers), bool),
                    placement.algorithm, dict(placement.meta))
 
+    def with_placement(self, placement: Placement) -> ExecutionPlan:
+        """The same layer blocks over another placement (a migration under a plan keeps its route); the backups
+        are dropped when one no longer holds its whole layer."""
+        if placement is self.placement:
+            return self
+        try:
+            return ExecutionPlan(placement, self.executor, self.dense, self.algorithm, self.meta, self.backup)
+        except PlacementError:
+            if self.backup is None:
+                raise
+            return ExecutionPlan(placement, self.executor, self.dense, self.algorithm, self.meta)
+
     # ---- facts ----------------------------------------------------------------------------------
 
     @property

@@ -381,18 +381,6 @@ class EdgeServer:
         return Route(plan.placement.version, tuple(who(int(i)) for i in plan.executor[me]),
                      tuple(who(int(i)) for i in backups))
 
-    def _with_placement(self, placement: Placement) -> Any:
-        """The current plan's layer blocks over a new placement (a migration under a plan keeps its route)."""
-        from prism_moe.placement.plan import ExecutionPlan
-
-        p = self.plan
-        if p.placement is placement:
-            return p
-        try:
-            return ExecutionPlan(placement, p.executor, p.dense, p.algorithm, p.meta, p.backup)
-        except PlacementError:  # a backup no longer holds its whole layer: keep the blocks, drop the backups
-            return ExecutionPlan(placement, p.executor, p.dense, p.algorithm, p.meta)
-
     def plan_info(self) -> dict[str, Any]:
         from prism_moe.placement.plan import blocks
 
@@ -685,7 +673,7 @@ class EdgeServer:
             for layer, store in self.stores.items():  # flip the maps of the staged copies it now routes here
                 store.publish([e for e in store.staged if placement.hosts[me, layer, e]])
             self.placement = placement
-            self.plan = self._with_placement(placement)
+            self.plan = self.plan.with_placement(placement)  # a migration under a plan keeps its route
             self.metrics.set_placement_version(placement.version)
             t0 = time.perf_counter()
             self.dispatcher.set_placement(placement)

@@ -8,7 +8,8 @@ id); concurrent threads get sockets of their own. Link emulation is applied by t
 (`emulation.py`), so real and emulated links take this same path.
 
 Every attempt has a deadline; a retry resends the same request id (expert calls are idempotent), and
-after `retries` further attempts the request raises `PeerUnavailable`: a call never hangs. The serving
+after `retries` further attempts the request raises `PeerUnavailable`: a call never hangs. A request whose
+connection drops while it waits (the peer died) raises it at once, without waiting out its deadlines. The serving
 side is `service.py` (`ExpertService`, re-exported here). Message format: `wire.py` and
 docs/wire-protocol.md.
 """
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_MS = 100  # a waiting call's longest blocking receive before it looks at `fail_inflight` again
 FIRST_CONNECT_MS = 50  # how long the first request on a new socket waits for its connection when sent
+# a socket that was connected and has no connection now (the peer died or restarts): how long a request waits
+# for it to come back before giving up (ZeroMQ reconnects every 0.1 s at first, so a restarted peer is back)
+LOST_CONNECTION_S = 0.3
 
 
 class TransportError(Exception):
@@ -283,14 +287,22 @@ class Call:
                 # wake at least every MAX_WAIT_MS to notice `fail_inflight`
                 ms = min(max(1, int((until - now) * 1000) + 1), MAX_WAIT_MS)
                 if self._unsent:  # not connected yet: wait for room to send, within the deadline
-                    if sock.poll(ms, zmq.POLLOUT):
+                    if sock.poll(min(ms, int(LOST_CONNECTION_S * 1000)), zmq.POLLOUT):
                         self._try_send()
+                    elif not link.fresh and time.monotonic() >= self._deadline - self._timeout + LOST_CONNECTION_S:
+                        # this socket was connected before: the peer is gone, not still coming up
+                        raise self._unavailable(f"its connection was lost and not back within "
+                                                f"{LOST_CONNECTION_S}s") from None
                     continue
                 if ms != link.rcvtimeo:
                     sock.rcvtimeo = link.rcvtimeo = ms
                 try:  # blocks, without the GIL, until a reply or the timeout
                     frame = recv_frame(sock, 0, False, False)
                 except zmq.Again:
+                    # with IMMEDIATE a socket can send only over a live connection: none left means the one the
+                    # request went out on is gone (the peer died or closed it), and the reply with it
+                    if not sock.poll(0, zmq.POLLOUT):
+                        raise self._unavailable("connection lost while waiting for the reply") from None
                     continue
             frames = recv_rest(sock, frame)
             nbytes = frames_nbytes(frames)
@@ -354,7 +366,11 @@ class PeerChannel:
 
     `timeout` is the per-attempt deadline in seconds (covering link time, emulated or real, sending,
     remote compute and the reply); after `retries` further attempts a request raises `PeerUnavailable`,
-    so it takes at most about `timeout * (retries + 1)`. Each thread with requests out borrows a DEALER
+    so it takes at most about `timeout * (retries + 1)`. A request whose connection drops while it waits
+    (the peer process died: its host closes the TCP connection) raises `PeerUnavailable` within
+    `MAX_WAIT_MS` instead: its reply cannot come, and a retry would only wait for a peer that is gone; so
+    does one sent on a socket that was connected and is not (again) within `LOST_CONNECTION_S` (a peer that
+    hangs keeps its connection and is found by the deadline). Each thread with requests out borrows a DEALER
     socket of its own; sockets are kept for reuse.
     """
 

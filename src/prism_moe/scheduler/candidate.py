@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from prism_moe.config import ClusterSpec
 from prism_moe.model.spec import GIB, ModelSpec
 from prism_moe.placement.placement import Placement
+from prism_moe.placement.plan import ExecutionPlan
 from prism_moe.placement.problem import ClusterStats
 from prism_moe.scheduler.decision import expected_cost
 
@@ -121,6 +122,47 @@ def candidate_placement(algorithm: str, rates: np.ndarray, cluster: ClusterSpec,
             if expected_cost(mapped, r, sub_cost, 1.0) <= expected_cost(p, r, sub_cost, 1.0) * (1 + 1e-9):
                 p = mapped
     return embed(p, names, live, link_cost, capacity, version=current.version)
+
+
+def candidate_plan(algorithm: str, rates: np.ndarray, cluster: ClusterSpec, model: ModelSpec,
+                   live: np.ndarray) -> ExecutionPlan:
+    """The plan algorithm's plan for the measured rates (invocations/s [S, L, E]; none measured yet: uniform),
+    over every server, then without the down ones (`plan_without`). Its version is 0: the coordinator numbers
+    what it switches."""
+    from prism_moe.placement.registry import plan_for
+
+    live = np.asarray(live, bool)
+    r = np.asarray(rates, float)
+    plan = plan_for(algorithm, ClusterStats(np.maximum(r if r.sum() > 0 else np.ones_like(r), 1e-9)), cluster, model)
+    if live.all():
+        return plan
+    return plan_without(plan, live, model, cluster.expert_slots(model), link_cost_matrix(cluster, model))
+
+
+def plan_without(plan: ExecutionPlan, live: np.ndarray, model: ModelSpec, slots: np.ndarray,
+                 link_cost: np.ndarray) -> ExecutionPlan:
+    """`plan` without the down servers (placement/failover.py `replan_without`: their layers go to the backup
+    executors or stay with the neighbouring block, experts left with no live copy are re-hosted). Every server
+    holds the whole dense part, so what it has for experts is its `slots` (int [S]); the result's `dense` is
+    the plan's plus the layers survivors now run or back up. Raises ClusterCapacityError when the survivors
+    cannot hold the model."""
+    from prism_moe.placement.failover import replan_without
+    from prism_moe.placement.plan import PlanSizes
+
+    sizes = PlanSizes.of(model)
+    budget = sizes.base + plan.num_layers * sizes.dense_layer + (np.asarray(slots) + 0.5) * sizes.expert
+    full = ExecutionPlan(plan.placement, plan.executor, np.ones_like(plan.dense), plan.algorithm, plan.meta,
+                         plan.backup)
+    repair = replan_without(full, ~np.asarray(live, bool), sizes, budget, link_cost)
+    if repair.plan is None:
+        raise ClusterCapacityError(repair.reason)
+    fixed = repair.plan
+    dense = plan.dense.copy()
+    for row in (fixed.executor, fixed.backup):
+        if row is not None:
+            for h, l in np.argwhere(row >= 0).tolist():
+                dense[row[h, l], l] = True
+    return ExecutionPlan(fixed.placement, fixed.executor, dense, plan.algorithm, dict(plan.meta), fixed.backup)
 
 
 def repair_hosts(hosts: np.ndarray, live: np.ndarray, capacity: np.ndarray, demand: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ import httpx
 
 from prism_moe.config import ClusterSpec
 from prism_moe.placement.placement import Placement
+from prism_moe.placement.plan import ExecutionPlan
 
 
 class ControlFailed(RuntimeError):
@@ -74,6 +75,14 @@ class ServerClient:
     def switch(self, server: str, placement: Placement, down: list[str], drain_timeout: float) -> dict[str, Any]:
         return self._call(server, "POST", "/prism/placement", timeout=self.timeout + drain_timeout,
                           json={"placement": placement.to_dict(), "down": down, "drain_timeout": drain_timeout})
+
+    def plan(self, server: str, timeout: float = 10.0) -> ExecutionPlan:
+        return ExecutionPlan.from_dict(self._call(server, "GET", "/prism/plan", timeout=timeout), f"{server}'s plan")
+
+    def switch_plan(self, server: str, plan: ExecutionPlan, down: list[str], drain_timeout: float) -> dict[str, Any]:
+        """Switch `server` to `plan` (its placement version fenced like a placement switch's, then its route)."""
+        return self._call(server, "POST", "/prism/plan", timeout=self.timeout + drain_timeout,
+                          json={"plan": plan.to_dict(), "down": down, "drain_timeout": drain_timeout})
 
     def set_down(self, server: str, down: list[str]) -> dict[str, Any]:
         return self._call(server, "POST", "/prism/down", timeout=5.0, json={"down": down})

@@ -19,6 +19,15 @@ placement version any of them serves, what each holds; every live server is swit
 restricted to what it holds, and copies no placement routes to are dropped. A migration a killed
 coordinator left half-done is thereby finished (switched, then dropped) or rolled back (loaded copies
 dropped), and every expert keeps at least one copy throughout.
+
+Execution plans (placement/plan.py, runtime/engine/plans.py): the coordinator knows the plan the servers execute
+(`self.plan`; a placement is the plan with every layer at home). `switch_plan` moves to another plan like a
+placement migration (copies first, version fenced, the last switch a `POST /prism/plan` to every live server,
+drops after, a rollback restores the serving plan); with a plan algorithm (`--algorithm hybrid`) the periodic
+re-plan computes a plan and moves only when C(new) + T_mig < C(current) x (1 - margin) (placement/hybrid.py
+`plan_decision`). A server that executes blocks for others going down: the homes already rebuilt their requests
+on a surviving path (their runners avoid it once suspected, at once once told it is down); the coordinator then
+pushes the plan without it (placement/failover.py `replan_without`, which also re-hosts orphaned experts).
 """
 
 from __future__ import annotations
@@ -40,10 +49,15 @@ import numpy as np
 from prism_moe.config import ClusterSpec
 from prism_moe.model.spec import ModelSpec
 from prism_moe.placement.placement import Placement
+from prism_moe.placement.plan import ExecutionPlan
+from prism_moe.placement.problem import ClusterStats
+from prism_moe.placement.registry import is_plan_algorithm
 from prism_moe.scheduler.candidate import (
     ClusterCapacityError,
     candidate_placement,
+    candidate_plan,
     link_cost_matrix,
+    plan_without,
     repair_hosts,
 )
 from prism_moe.scheduler.client import ControlFailed, ServerClient
@@ -79,9 +93,14 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         """Refuse values the loop cannot run with (a zero poll spins; a lease over the servers' 300 s limit is
         refused by every server, so the coordinator would never act)."""
+        from prism_moe.placement.registry import ALGORITHMS, PLAN_ALGORITHMS
+
         def need(ok: bool, what: str) -> None:
             if not ok:
                 raise ValueError(f"coordinator: {what}")
+
+        need(self.algorithm is None or self.algorithm in ALGORITHMS or self.algorithm in PLAN_ALGORITHMS,
+             f"unknown algorithm {self.algorithm!r}; choose one of {', '.join([*ALGORITHMS, *PLAN_ALGORITHMS])}")
 
         for name in ("period", "poll_interval", "poll_timeout", "half_life", "window"):
             v = getattr(self, name)
@@ -121,7 +140,7 @@ class ServerState:
 class Coordinator:
     def __init__(self, cluster: ClusterSpec, config: CoordinatorConfig | None = None,
                  placement: Placement | None = None, model: ModelSpec | None = None,
-                 client: ServerClient | None = None) -> None:
+                 client: ServerClient | None = None, plan: ExecutionPlan | None = None) -> None:
         from prism_moe.placement.registry import DEFAULT_ALGORITHM
 
         self.cluster = cluster
@@ -137,7 +156,13 @@ class Coordinator:
         self.leased: set[str] = set()  # servers whose control lease this coordinator holds now
         self.lease_error: str | None = None  # why it does not hold them all (another coordinator?)
         self.reconciled = False
+        if plan is not None:
+            if placement is not None and placement is not plan.placement:
+                raise ValueError("Coordinator: give a plan or a placement, not both")
+            placement = plan.placement
         self.placement = placement
+        # the plan the servers execute; always over `self.placement` (see `_set_serving`)
+        self.plan = plan if plan is not None else (None if placement is None else ExecutionPlan.from_placement(placement))
         self.version = placement.version if placement is not None else 0
         shape = (len(self.names), self.model.num_moe_layers, self.model.num_experts)
         self.history = ActivationHistory(shape, self.config.half_life, self.config.window)
@@ -329,8 +354,30 @@ class Coordinator:
                 if best is None or p.version > best.version:
                     best = p
         if best is not None:
-            self.placement, self.version = best, max(self.version, best.version)
+            self._set_serving(best, self._served_plan(best))
+            self.version = max(self.version, best.version)
             self._event("placement", None, f"adopted version {best.version} from the servers")
+
+    def _served_plan(self, placement: Placement) -> ExecutionPlan:
+        """The plan a live server serving `placement`'s version executes, over `placement` (at home if none says)."""
+        for n in self.names:
+            if not self.servers[n].live:
+                continue
+            try:
+                p = self.client.plan(n)
+            except (ControlFailed, ValueError):
+                continue
+            if p.placement.version == placement.version and list(p.server_names) == self.names:
+                return p.with_placement(placement)
+        return ExecutionPlan.from_placement(placement)
+
+    def _set_serving(self, placement: Placement, plan: ExecutionPlan | None = None) -> None:
+        """The servers serve `placement` (and execute `plan`, else the current plan's route over it)."""
+        with self._lock:
+            if plan is None:
+                plan = (self.plan.with_placement(placement) if self.plan is not None
+                        else ExecutionPlan.from_placement(placement))
+            self.placement, self.plan = placement, plan
 
     def _next_version(self) -> int:
         with self._lock:
@@ -356,6 +403,8 @@ class Coordinator:
                 rates = self.history.rates() * live[:, None, None]
             if not live.any():
                 return {"migrate": False, "reason": "no live server"}
+            if is_plan_algorithm(self.algorithm):
+                return self._replan_plan(reason, rates, live, dry_run)
             try:
                 cand = candidate_placement(self.algorithm, rates, self.cluster, self.model, current, live,
                                            self.config.reserve)
@@ -378,6 +427,37 @@ class Coordinator:
                 out["migration"] = self._migrate(cand.hosts, f"re-placement ({reason})", rates, plan).to_dict()
             return out
 
+    def _replan_plan(self, reason: str, rates: np.ndarray, live: np.ndarray, dry_run: bool) -> dict[str, Any]:
+        """`replan` under a plan algorithm: its plan for the measured rates, moved to only when
+        C(new) + T_mig < C(current) x (1 - margin) (placement/hybrid.py `plan_decision`)."""
+        from prism_moe.placement.hybrid import plan_decision
+
+        current = self.plan
+        assert current is not None
+        try:
+            cand = candidate_plan(self.algorithm, rates, self.cluster, self.model, live)
+            r = np.asarray(rates, float)
+            stats = ClusterStats(np.maximum(r if r.sum() > 0 else np.ones_like(r), 1e-9))
+            dec = plan_decision(current, cand, stats, self.cluster, self.model, self.config.period,
+                                margin=self.config.margin)
+        except Exception as err:  # a plan that cannot be computed is a cluster-level problem
+            self.error = f"re-planning failed: {err}"
+            log.error(self.error)
+            return {"migrate": False, "reason": self.error}
+        moved = int((cand.placement.hosts & ~current.placement.hosts & live[:, None, None]).sum())
+        rule = "<" if dec["migrate"] else ">="
+        d = Decision(dec["migrate"], f"C(new)+T_mig = {dec['cost_candidate'] + dec['migration_seconds']:.4g} s "
+                                     f"{rule} C(current)(1-margin) = {dec['cost_current'] * (1 - self.config.margin):.4g} s",
+                     dec["cost_current"], dec["cost_candidate"], dec["migration_seconds"],
+                     int(dec["migration_bytes"]), moved, self.config.margin, self.config.period)
+        self.last_decision = d
+        out: dict[str, Any] = {**d.to_dict(), "trigger": reason, "plan": cand.summary()}
+        self._event("decision", None, f"{reason}: {self.algorithm} plan, switch={d.migrate}; {d.reason}")
+        if d.migrate and not dry_run:
+            out["migration"] = self._migrate(cand.placement.hosts, f"re-plan ({reason})", rates,
+                                             target_plan=cand).to_dict()
+        return out
+
     def migrate_to(self, target: Placement, reason: str = "requested") -> MigrationReport:
         """Migrate live to `target` (its hosts; versions are the coordinator's), whatever the rule says."""
         with self._migrate_lock:
@@ -385,10 +465,18 @@ class Coordinator:
                 raise ValueError(f"placement for {list(target.server_names)}, the cluster has {self.names}")
             return self._migrate(target.hosts, reason, self.history.rates())
 
+    def switch_plan(self, target: ExecutionPlan, reason: str = "requested") -> MigrationReport:
+        """Move live to the execution plan `target` (its placement's experts loaded first, then every live server
+        switched to the plan, then drops), whatever the rule says; versions are the coordinator's."""
+        with self._migrate_lock:
+            if list(target.server_names) != self.names:
+                raise ValueError(f"plan for {list(target.server_names)}, the cluster has {self.names}")
+            return self._migrate(target.placement.hosts, reason, self.history.rates(), target_plan=target)
+
     def _migrate(self, target_hosts: np.ndarray, reason: str, rates: np.ndarray,
-                 plan: MigrationPlan | None = None) -> MigrationReport:
+                 plan: MigrationPlan | None = None, target_plan: ExecutionPlan | None = None) -> MigrationReport:
         with self._lock:
-            current, live, down = self.placement, self.live_mask(), self.down_names()
+            current, live, down, serving_plan = self.placement, self.live_mask(), self.down_names(), self.plan
             ckpt_ok = {n: bool(self.servers[n].stats.get("checkpoint_experts")) for n in self.names}
         assert current is not None
         if not live.any():
@@ -411,11 +499,14 @@ class Coordinator:
                       self._next_version, self.config.transfer, ckpt_ok, self.config.drain_timeout)
         self.migrating = True
         try:
-            serving = ex.run(plan, current, live, down, report, self.algorithm)
+            # under a plan (or toward one) every switch carries the route: POST /prism/plan
+            plans = target_plan is not None or (serving_plan is not None and not serving_plan.at_home)
+            serving = ex.run(plan, current, live, down, report, self.algorithm, target_plan,
+                             serving_plan if plans else None)
         finally:
             self.migrating = False
+        self._set_serving(serving, ex.plan)
         with self._lock:
-            self.placement = serving
             self.migrations.append(report)
         self._event("migrated" if report.ok else "rolled back", None,
                     f"version {report.to_version} in {report.seconds:.3f} s"
@@ -460,9 +551,9 @@ class Coordinator:
             target = newest if consistent else Placement.from_hosts(
                 self.names, hosts, self.link_cost, None, newest.algorithm, version=self._next_version())
             down = self.down_names()
+            plan = self._served_plan(newest).with_placement(target)  # the newest version's route
             if not consistent:
-                futs = {n: self._pool.submit(self.client.switch, n, target, down, self.config.drain_timeout)
-                        for n in live_names}
+                futs = {n: self._pool.submit(self._switch_one, n, target, plan, down) for n in live_names}
                 failed = [str(e) for f in futs.values() if (e := f.exception()) is not None]
                 if failed:
                     self._event("error", None, f"reconcile: switch to version {target.version} failed: {failed[0]}")
@@ -475,8 +566,9 @@ class Coordinator:
                     dropped += int(out.get("dropped", 0))
                 except ControlFailed as err:
                     log.warning("reconcile: %s", err)
+            self._set_serving(target, plan)
             with self._lock:
-                self.placement, self.reconciled = target, True
+                self.reconciled = True
             self._event("reconcile", None, f"servers served versions {sorted({p.version for p in served.values()})}; "
                                            f"now all on version {target.version}, {dropped} unrouted copies dropped")
         uncovered = ~(target.hosts & live[:, None, None]).any(axis=0)
@@ -484,11 +576,19 @@ class Coordinator:
             self.handle_down(down)
         return True
 
+    def _switch_one(self, server: str, placement: Placement, plan: ExecutionPlan | None, down: list[str]) -> Any:
+        """Switch one server to `placement`, with `plan`'s route when layers run away from home."""
+        if plan is None or plan.at_home:
+            return self.client.switch(server, placement, down, self.config.drain_timeout)
+        return self.client.switch_plan(server, plan.with_placement(placement), down, self.config.drain_timeout)
+
     # --- failures -------------------------------------------------------------------------------------------
     def handle_down(self, names: list[str]) -> None:
-        """Tell the survivors at once, then re-host experts left with no live copy."""
+        """Tell the survivors at once (their runners and dispatchers avoid the down servers from then on), then
+        re-host experts left with no live copy; under a plan whose layers the down servers executed (or backed up)
+        for live homes, move to the plan without them."""
         with self._lock:
-            live, down, current = self.live_mask(), self.down_names(), self.placement
+            live, down, current, plan = self.live_mask(), self.down_names(), self.placement, self.plan
         for n in self.names:
             if self.servers[n].live:
                 try:
@@ -496,6 +596,9 @@ class Coordinator:
                 except ControlFailed as err:
                     log.warning("telling %s that %s are down: %s", n, down, err)
         if current is None or not live.any():
+            return
+        if plan is not None and not plan.at_home and self._plan_uses(plan, ~live):
+            self._repair_plan(plan, live, names)
             return
         if (current.hosts & live[:, None, None]).any(axis=0).all():
             return  # every expert still has a live copy: failover alone serves every request
@@ -507,6 +610,33 @@ class Coordinator:
             return
         with self._migrate_lock:
             report = self._migrate(repaired, f"repair after {', '.join(names)} went down", self.history.rates())
+        if report.ok:
+            self.error = None
+
+    @staticmethod
+    def _plan_uses(plan: ExecutionPlan, dead: np.ndarray) -> bool:
+        """Whether a live home's layers run on (or fall back to) a dead server."""
+        rows = plan.executor[~dead]
+        uses = dead[rows].any()
+        if plan.backup is not None:
+            bk = plan.backup[~dead]
+            uses = uses or bool((dead[np.where(bk >= 0, bk, 0)] & (bk >= 0)).any())
+        return bool(uses)
+
+    def _repair_plan(self, plan: ExecutionPlan, live: np.ndarray, names: list[str]) -> None:
+        """Move to `plan` without the down servers (`candidate.plan_without`)."""
+        try:
+            new = plan_without(plan, live, self.model, self.capacity, self.link_cost)
+        except ClusterCapacityError as err:
+            self.error = f"no plan without {', '.join(names)}: {err}"
+            self._event("error", None, self.error)
+            return
+        with self._migrate_lock:
+            report = self._migrate(new.placement.hosts, f"plan repair after {', '.join(names)} went down",
+                                   self.history.rates(), target_plan=new)
+        moved = int((new.executor != plan.executor)[live].sum())
+        self._event("plan", None, f"{'now executing' if report.ok else 'could not switch to'} the plan without "
+                                  f"{', '.join(names)}: {moved} (home, layer) pairs moved")
         if report.ok:
             self.error = None
 
@@ -526,15 +656,15 @@ class Coordinator:
             p = Placement.from_hosts(self.names, hosts, self.link_cost, None, current.algorithm,
                                      version=self._next_version())
             failed = []
+            plan = None if self.plan is None else self.plan.with_placement(p)  # the rejoining server takes the route
             for n in live_names:
                 try:
-                    self.client.switch(n, p, down, self.config.drain_timeout)
+                    self._switch_one(n, p, plan, down)
                 except ControlFailed as err:
                     failed.append(str(err))
-            with self._lock:
-                if not failed:
-                    self.placement = p
-                    self.error = None
+            if not failed:
+                self._set_serving(p, plan)
+                self.error = None
             self._event("rejoin", name, f"placement version {p.version} includes its {int(held.sum())} experts"
                         + (f"; not taken by all: {failed}" if failed else ""))
 
@@ -555,6 +685,9 @@ class Coordinator:
                     "failovers": s.get("failovers"), "down_seen": s.get("down"), "replay": s.get("replay"),
                     **st.window_rates(self.config.window)}
             return {"placement_version": None if p is None else p.version,
+                    "plan": None if self.plan is None else {"algorithm": self.plan.algorithm,
+                                                            "at_home": self.plan.at_home,
+                                                            "blocks": self.plan.summary()["blocks"]},
                     "algorithm": self.algorithm, "error": self.error, "migrating": self.migrating,
                     "servers": servers,
                     "last_decision": None if self.last_decision is None else self.last_decision.to_dict(),
@@ -564,8 +697,8 @@ class Coordinator:
                                 "lease_error": self.lease_error, "reconciled": self.reconciled}}
 
     def app(self) -> Any:
-        """FastAPI app: GET / (live cluster page), /health, /state, /placement; POST /replan[?dry_run=true],
-        /migrate."""
+        """FastAPI app: GET / (live cluster page), /health, /state, /placement, /plan; POST /replan[?dry_run=true],
+        /migrate, /plan (a plan, or an algorithm's plan for the measured rates)."""
         from fastapi import Depends, FastAPI, HTTPException
         from fastapi.responses import HTMLResponse
         from pydantic import BaseModel
@@ -577,6 +710,10 @@ class Coordinator:
 
         class MigrateBody(BaseModel):
             placement: dict[str, Any]
+
+        class PlanBody(BaseModel):
+            plan: dict[str, Any] | None = None  # an execution plan (prism place --algorithm hybrid --out)
+            algorithm: str | None = None  # or: this algorithm's plan for the measured rates, e.g. hybrid
 
         app = FastAPI(title="prism-moe coordinator")
 
@@ -626,5 +763,30 @@ class Coordinator:
         # local class by name and would read `body` as a required query parameter (every call a 422)
         migrate.__annotations__ = {"body": MigrateBody, "return": dict[str, Any]}
         app.add_api_route("/migrate", migrate, methods=["POST"], dependencies=control)
+
+        @app.get("/plan")
+        def get_plan() -> dict[str, Any]:
+            if self.plan is None:
+                raise HTTPException(503, "no plan known yet")
+            return self.plan.to_dict()
+
+        def switch_plan(body: PlanBody) -> dict[str, Any]:
+            if (body.plan is None) == (body.algorithm is None):
+                raise HTTPException(400, "give either a plan or an algorithm")
+            try:
+                if body.plan is not None:
+                    target = ExecutionPlan.from_dict(body.plan, "plan")
+                else:
+                    CoordinatorConfig(algorithm=body.algorithm)  # refuses an unknown name with the list
+                    assert body.algorithm is not None
+                    target = candidate_plan(body.algorithm, self.history.rates() * self.live_mask()[:, None, None],
+                                            self.cluster, self.model, self.live_mask())
+                require_control()
+                return self.switch_plan(target, "operator").to_dict()
+            except (ValueError, ClusterCapacityError) as err:
+                raise HTTPException(400, str(err)) from err
+
+        switch_plan.__annotations__ = {"body": PlanBody, "return": dict[str, Any]}
+        app.add_api_route("/plan", switch_plan, methods=["POST"], dependencies=control)
 
         return app

@@ -5,6 +5,13 @@ switch goes to every live server and succeeds only when all of them answered (ea
 it made under the old version). If anything fails before the last drop, the migration stops and rolls
 back: every live server gets the last placement all of them served (under a new version number) and the
 copies loaded for this migration are dropped, so the old placement keeps serving with no extra memory.
+
+Plans (placement/plan.py): with `target_plan`, the migration moves to that plan's placement the same way
+(copies first, through the same rounds) and its switch to the target placement is a plan switch
+(`POST /prism/plan`: placement version fenced, then every server's requests take the plan's route); when no
+round switches to exactly that placement (nothing to move, or moves skipped for lack of slots) the plan is
+switched at the end over the placement reached. Intermediate switches keep the route the servers execute.
+With `serving_plan` (the plan the servers execute), a rollback restores it, route included.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from prism_moe.placement.placement import Placement
+from prism_moe.placement.plan import ExecutionPlan
 from prism_moe.scheduler.client import ControlFailed, ServerClient
 from prism_moe.scheduler.migration import Load, MigrationPlan
 
@@ -77,25 +85,38 @@ class Executor:
     transfer: str = "auto"  # "auto" (checkpoint when the receiver has it), "checkpoint" or "peer"
     checkpoint_ok: dict[str, bool] = field(default_factory=dict)
     drain_timeout: float = 10.0
+    plan: ExecutionPlan | None = None  # the plan the servers execute (set by `run`; None: placements only)
 
     def run(self, plan: MigrationPlan, serving: Placement, live: np.ndarray, down: list[str],
-            report: MigrationReport, algorithm: str = "") -> Placement:
-        """Execute `plan` from `serving`; returns the placement serving at the end (rolled back on failure)."""
+            report: MigrationReport, algorithm: str = "", target_plan: ExecutionPlan | None = None,
+            serving_plan: ExecutionPlan | None = None) -> Placement:
+        """Execute `plan` from `serving`; returns the placement serving at the end (rolled back on failure). With
+        `target_plan`, end on that plan; `self.plan` is then the plan the servers execute (None without plans)."""
         report.started_at = time.time()
         report.skipped = plan.skipped
         attempted = np.zeros_like(serving.hosts)
         live_names = [n for n, ok in zip(self.names, live, strict=True) if ok]
+        self.plan = None if serving_plan is None else serving_plan.with_placement(serving)
+        pending = target_plan  # the plan switch not done yet
         try:
             for rnd in plan.rounds:
                 report.rounds += 1
                 with _phase(report, "load"):
                     self._loads(rnd.loads, attempted, report)
-                if rnd.switch is not None and (rnd.drops or rnd.loads or not (rnd.switch == serving.hosts).all()):
+                final = pending is not None and rnd.switch is not None and (
+                    rnd.switch == pending.placement.hosts).all()
+                if final or (rnd.switch is not None and (rnd.drops or rnd.loads
+                                                         or not (rnd.switch == serving.hosts).all())):
                     with _phase(report, "switch"):
                         serving = self._switch(self._placement(rnd.switch, serving, algorithm), live_names, down,
-                                               report)
+                                               report, pending if final else None)
+                    pending = None if final else pending
                 with _phase(report, "drop"):
                     self._drops(rnd.drops, report)
+            if pending is not None:
+                with _phase(report, "switch"):
+                    serving = self._switch(self._placement(serving.hosts, serving, algorithm), live_names, down,
+                                           report, pending)
             report.ok = True
             report.to_version = serving.version
         except ControlFailed as err:
@@ -147,10 +168,17 @@ class Executor:
             return None
         return ld.source
 
-    def _switch(self, placement: Placement, live_names: list[str], down: list[str],
-                report: MigrationReport) -> Placement:
+    def _switch(self, placement: Placement, live_names: list[str], down: list[str], report: MigrationReport,
+                new_plan: ExecutionPlan | None = None) -> Placement:
+        """Switch every live server to `placement`: with `new_plan`, to that plan's route over it; else, under
+        plans, keeping the route they execute."""
+        plan = new_plan.with_placement(placement) if new_plan is not None else (
+            None if self.plan is None else self.plan.with_placement(placement))
         with ThreadPoolExecutor(max(1, len(live_names))) as pool:
-            futs = {n: pool.submit(self.client.switch, n, placement, down, self.drain_timeout) for n in live_names}
+            if plan is None:
+                futs = {n: pool.submit(self.client.switch, n, placement, down, self.drain_timeout) for n in live_names}
+            else:
+                futs = {n: pool.submit(self.client.switch_plan, n, plan, down, self.drain_timeout) for n in live_names}
             answers = {n: f.exception() or f.result() for n, f in futs.items()}
         failed = {n: a for n, a in answers.items() if isinstance(a, BaseException)}
         if failed:
@@ -161,6 +189,7 @@ class Executor:
         if undrained:
             log.warning("placement %d: %s still had calls of the old version after %.0f s", placement.version,
                         undrained, self.drain_timeout)
+        self.plan = plan
         return placement
 
     def _drops(self, drops: tuple[tuple[int, int, int], ...], report: MigrationReport) -> None:
@@ -176,11 +205,16 @@ class Executor:
         report.rolled_back = True
         again = Placement.from_hosts(self.names, serving.hosts, self.link_cost, None, serving.algorithm,
                                      version=self.next_version())
+        plan = None if self.plan is None else self.plan.with_placement(again)  # the route all of them took last
         for n in live_names:  # servers that took the failed version come back to the serving one
             try:
-                self.client.switch(n, again, down, self.drain_timeout)
+                if plan is None:
+                    self.client.switch(n, again, down, self.drain_timeout)
+                else:
+                    self.client.switch_plan(n, plan, down, self.drain_timeout)
             except ControlFailed as err:
                 log.error("rollback: %s", err)
+        self.plan = plan
         extras = attempted & ~again.hosts
         for i in np.flatnonzero(extras.any(axis=(1, 2))).tolist():
             if self.names[i] not in live_names:
