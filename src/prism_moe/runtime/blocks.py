@@ -170,10 +170,12 @@ class BlockExecutor:
         self.calls = 0
         self.rows = 0
         self.expired = 0
+        self.busy_s = 0.0  # seconds spent in calls (parse to reply): a round trip's share computed here
 
     # --- messages ------------------------------------------------------------------------------------------
     def handle_call(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        t0 = time.perf_counter()
         home, session, first, last, rows, starts, counts, hidden = self._parse(header, tensors)
         with torch.inference_mode():
             if self._cache is None:
@@ -191,6 +193,7 @@ class BlockExecutor:
                         e.length, e.touched = start + count, now
                 self.calls += 1
                 self.rows += len(rows)
+                self.busy_s += time.perf_counter() - t0
         return {"rows": len(rows)}, {"hidden": out.to("cpu", hidden.dtype).contiguous()}
 
     def handle_release(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
@@ -206,7 +209,7 @@ class BlockExecutor:
             for home, _, _ in self._entries:
                 homes[home] = homes.get(home, 0) + 1
             return {"requests_cached": len(self._entries), "by_home": homes, "calls": self.calls, "rows": self.rows,
-                    "expired": self.expired, "kv_bytes": self._cache.nbytes() if self._cache is not None else 0,
+                    "busy_s": round(self.busy_s, 6), "expired": self.expired, "kv_bytes": self._cache.nbytes() if self._cache is not None else 0,
                     "max_requests": self.max_requests}
 
     # --- internals -----------------------------------------------------------------------------------------

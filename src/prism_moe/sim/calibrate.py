@@ -237,6 +237,75 @@ def measure_server_path(ckpt: str | Path, replay: str | None = None, data_dir: s
     return cal
 
 
+def measure_handoff(ckpt: str | Path, batch: int = 4, prompt_tokens: int = 32, new_tokens: int = 16,
+                    repeats: int = 3, threads: int = 1, delay_ms: float = 2.0, emulated: bool = True,
+                    work_dir: str | Path | None = None) -> float:
+    """Seconds one block hand-off round trip costs beyond its emulated link delay and the block's compute, on
+    the path `prism serve` runs plans (`PlanRunner` -> `BlockClient` -> the peer's `BlockExecutor` on its
+    `blocks` worker): the caller's encoding and decoding, ZeroMQ, the peer's service thread and worker hop, its
+    decoder call around the block (masks, positions, cache bookkeeping).
+
+    A server (`EdgeServer` in this process, holding the whole model) runs rounds of `batch` requests alternately
+    with every layer at home and with its second half of MoE layers handed to a peer `prism serve` process
+    (the whole model too) over an emulated link of `delay_ms` each way: one round trip per forward. The median
+    decode forward's difference, less the link's round trip, is the hand-off's cost (the block runs on the peer
+    instead of here: the same single-threaded compute either way).
+    """
+    import asyncio
+    import tempfile
+
+    import torch
+
+    from prism_moe.placement.plan import ExecutionPlan
+    from prism_moe.runtime.engine.plans import Route
+    from prism_moe.runtime.launcher import start_local_cluster
+    from prism_moe.runtime.server import EdgeServer, ServeOptions
+
+    torch.set_num_threads(threads)
+    ckpt = Path(ckpt)
+    cluster, placement = _calibration_cluster(ckpt, delay_ms, emulated)
+    placement = type(placement).from_hosts(placement.server_names, np.ones_like(placement.hosts),
+                                           np.array([[0.0, 1.0], [1.0, 0.0]]))  # both hold every expert
+    layers = placement.num_layers
+    executor = np.zeros((2, layers), dtype=np.int64)
+    executor[1] = 1
+    executor[0, layers // 2:] = 1  # cal-a's second half runs on cal-b
+    plan = ExecutionPlan(placement, executor, np.ones((2, layers), dtype=bool), "calibration")
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        path = Path(tmp) / "plan.json"
+        plan.save(path)
+        with start_local_cluster(cluster, Path(tmp) / "run", ["--placement", str(path), "--threads", str(threads)],
+                                 log=lambda *_: None, only=["cal-b"]) as lc:
+            server = EdgeServer(lc.cluster, "cal-a", ServeOptions(placement=placement, plan=plan, device="cpu",
+                                                                   max_running=batch))
+            server.start()
+            try:
+                timer = _PathTimer(server)
+                vocab = server.model.config.vocab_size
+                g = torch.Generator().manual_seed(0)
+                routes = {"handoff": server._route(plan), "home": Route.local(layers, plan.placement.version)}
+                decode: dict[str, list[float]] = {k: [] for k in routes}
+
+                async def round_() -> None:
+                    prompts = torch.randint(3, vocab, (batch, prompt_tokens), generator=g).tolist()
+                    await asyncio.gather(*(server.engine.generate(p, new_tokens, stop_token_ids=[]) for p in prompts))
+
+                server.engine.start()
+                for i in range(2 * repeats + 2):
+                    key = "handoff" if i % 2 == 0 else "home"
+                    server.engine.runner.set_route(routes[key])
+                    timer.rec.clear()
+                    asyncio.run(round_())
+                    if i >= 2:  # the first round of each route warms it up
+                        decode[key] += [end - start for start, end, t in timer.rec.forwards if 0 < t <= batch]
+            finally:
+                server.close()
+    if not decode["handoff"] or not decode["home"]:
+        raise RuntimeError("hand-off calibration: no decode forwards recorded")
+    link_s = 2 * delay_ms / 1e3 if emulated else 0.0
+    return max(statistics.median(decode["handoff"]) - statistics.median(decode["home"]) - link_s, 0.0)
+
+
 def calibrate(ckpt: str | Path, threads: int = 1, emulated: bool = True, batch: int = 4,
               replay: str | None = None, data_dir: str | None = None, prompt_tokens: int = 32,
               contention: int = 0) -> Calibration:
@@ -279,10 +348,13 @@ def _busy(ckpt: str, threads: int) -> None:
             model(ids)
 
 
-def calibrated_cost(cost: CostModel, cal: Calibration, slowdown: float = 1.0) -> CostModel:
+def calibrated_cost(cost: CostModel, cal: Calibration, slowdown: float = 1.0,
+                    handoff_s: float | None = None) -> CostModel:
     """`cost` with every server's compute and the call overhead as measured in `cal`, all of it `slowdown` x
     slower: e.g. servers / cores when a local cluster's servers share one machine's cores (the simulator
-    gives each server a device of its own; both terms are CPU work here)."""
+    gives each server a device of its own; both terms are CPU work here). `handoff_s`: a block hand-off's
+    round-trip cost beyond link and compute (`measure_handoff`), half each way, instead of the expert call's
+    overhead that the links' latencies carry."""
     bw = cost.expert_bytes / cal.expert_s / slowdown  # bytes/s: one distinct expert costs expert_s
     prof = GpuProfile("cpu-calibrated", 1e3, bw / 1e9, FLOPS / 1e12, kernel_overhead_s=cal.expert_call_s * slowdown,
                       source="measured: prism_moe.sim.calibrate", step_overhead_s=cal.step_overhead_s * slowdown)
@@ -290,4 +362,5 @@ def calibrated_cost(cost: CostModel, cal: Calibration, slowdown: float = 1.0) ->
     return replace(cost, profiles=(prof,) * cost.num_servers, latency_s=lat,
                    expert_flops_per_pair=0.0,
                    dense_layer_bytes=max(cal.dense_layer_s - cal.expert_call_s, 0.0) * slowdown * bw,
-                   dense_layer_flops_per_token=cal.dense_token_s * slowdown * FLOPS)
+                   dense_layer_flops_per_token=cal.dense_token_s * slowdown * FLOPS,
+                   handoff_overhead_s=0.0 if handoff_s is None else (handoff_s - cal.call_overhead_s) * slowdown / 2)
