@@ -252,7 +252,7 @@ def measure_handoff(ckpt: str | Path, batch: int = 4, prompt_tokens: int = 32, n
     (the whole model too) over an emulated link of `delay_ms` each way: one round trip per forward. The median
     over `repeats` pairs of neighbouring rounds of the difference of their median decode forwards, less the
     link's round trip, is the hand-off's cost (the block runs on the peer instead of here: the same
-    single-threaded compute either way). On a shared machine it varies with the load (0.6-6.6 ms measured here).
+    single-threaded compute either way). On a shared machine it varies with the load (0-6.6 ms measured here).
     """
     import asyncio
     import tempfile
