@@ -1,8 +1,9 @@
-"""`prism demo`: a local 3-server cluster serves one MoE model under several placements, measured.
+"""`prism demo`: a local 3-server cluster serves one MoE model under several placements and plans, measured.
 
 Steps: build (or reuse) a tiny random-weight checkpoint with DeepSeek-V2-Lite's routing shape (26 MoE
 layers x 64 experts, top-6); write a cluster file of three heterogeneous servers (different memory
-budgets, emulated links of different speeds); for each placement algorithm start the cluster, drive every
+budgets, emulated links of different speeds); for each placement algorithm, and each execution plan
+(`pipeline`, `hybrid`: layer blocks handed between servers, docs/plans.md), start the cluster, drive every
 server with its own domain's prompts through the OpenAI API, read the servers' metrics, stop the cluster;
 then print a table and write a report folder (Markdown, CSV, JSON, PNG plots).
 
@@ -36,7 +37,7 @@ from prism_moe.model.spec import GIB, ModelSpec
 DOMAINS = {"edge-a": "intent", "edge-b": "law", "edge-c": "translation"}  # each server's ESFT domain
 # Share of all routed experts each server has room for (beyond the dense part), as in the paper's setting.
 MEMORY_SHARE = {"edge-a": 0.35, "edge-b": 0.35, "edge-c": 0.75}
-DEFAULT_ALGORITHMS = ("uniform", "eplb", "prism", "latency")
+DEFAULT_ALGORITHMS = ("uniform", "eplb", "prism", "latency", "pipeline", "hybrid")
 # DeepSeek-V2-Lite's routing shape, so its real ESFT traces replay one to one.
 TINY_SHAPE = dict(num_hidden_layers=27, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2)
 
@@ -196,15 +197,27 @@ def run_one(algorithm: str, cluster_dict: dict[str, Any], prompts, args, run_dir
             replay: bool) -> tuple[RunResult, Any]:
     from rich.progress import Progress
 
-    from prism_moe.planning import plan
+    from prism_moe.placement.problem import Problem
+    from prism_moe.placement.registry import is_plan_algorithm
+    from prism_moe.planning import cluster_stats, execution_plan, plan
     from prism_moe.runtime.launcher import start_local_cluster
 
     cluster = cluster_from_dict(cluster_dict)
-    p = plan(cluster, algorithm, args.data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / f"placement-{algorithm}.json"
-    p.placement.save(path)
-    result = RunResult(algorithm, predicted_remote_fraction=p.remote_fraction)
+    if is_plan_algorithm(algorithm):  # layer blocks on peers: the servers start on the plan file
+        p = execution_plan(cluster, algorithm, args.data_dir)
+        model = cluster.model_spec()
+        demand = Problem.build(cluster_stats(cluster, model, args.data_dir)[0], cluster, model).demand
+        path = run_dir / f"plan-{algorithm}.json"
+        p.save(path)
+        result = RunResult(algorithm, predicted_remote_fraction=p.remote_fraction(demand))
+        placement = p.placement
+    else:
+        planned = plan(cluster, algorithm, args.data_dir)
+        path = run_dir / f"placement-{algorithm}.json"
+        planned.placement.save(path)
+        result = RunResult(algorithm, predicted_remote_fraction=planned.remote_fraction)
+        placement = planned.placement
     extra = ["--placement", str(path.resolve()), "--threads", str(max(1, (os.cpu_count() or 1) // 3))]
     extra += ["--replay"] if replay else []
     if args.data_dir:
@@ -223,14 +236,16 @@ def run_one(algorithm: str, cluster_dict: dict[str, Any], prompts, args, run_dir
             result.server_stats[name] = httpx.get(f"{url}/prism/stats", timeout=30).json()
             result.cross_server_bytes += _peer_bytes(httpx.get(f"{url}/metrics", timeout=30).text)
     result.wall_s = time.perf_counter() - t0
-    return result, p.placement
+    return result, placement
 
 
 def print_table(rows: list[dict[str, Any]], console: Console) -> None:
-    t = Table(title="prism demo: same workload, different placements",
-              caption="latency per request; remote % measured by the servers, planned % predicted by the "
-                      "placement from the traces; MB sent between servers")
-    for col in ("placement", "mean s", "p95 s", "TTFT s", "remote %", "planned %", "MB sent", "failed"):
+    t = Table(title="prism demo: same workload, different placements and plans",
+              caption="plan: a placement (every layer at home) or an execution plan (pipeline, hybrid: layer blocks "
+                      "on peers); latency per request; remote %: expert invocations computed on another server than "
+                      "the layer's (measured by the servers; planned: predicted from the traces); MB sent between "
+                      "servers: expert calls and layer-block hand-offs")
+    for col in ("plan", "mean s", "p95 s", "TTFT s", "remote %", "planned %", "MB sent", "failed"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(r["algorithm"], f"{r['mean_latency_s']:.2f}", f"{r['p95_latency_s']:.2f}",

@@ -328,3 +328,27 @@ def test_plan_migration_counts_dense_blocks_and_experts_from_the_fastest_holder(
     assert plan_migration_seconds(old, new, bw, sizes) == pytest.approx(12.0)
     assert plan_migration_seconds(old, old, bw, sizes) == 0.0
 
+
+
+def test_remote_fraction_and_expert_slots_follow_the_executors():
+    """By hand: 2 servers, 2 layers x 2 experts; s0 holds layer 0's experts and expert 1 of layer 1, s1 expert 0
+    of layer 1."""
+    hosts = np.zeros((2, 2, 2), dtype=bool)
+    hosts[0, 0] = True
+    hosts[0, 1, 1] = True
+    hosts[1, 1, 0] = True
+    placement = Placement.from_hosts(["s0", "s1"], hosts, np.ones((2, 2)))
+    executor = np.array([[0, 1], [0, 1]])  # both homes: layer 0 on s0, layer 1 on s1
+    dense = np.array([[True, False], [False, True]])
+    plan = ExecutionPlan(placement, executor, dense)
+    demand = np.zeros((2, 2, 2))
+    demand[0, 1] = [3.0, 1.0]  # s0's tokens at layer 1 (run on s1): expert 0 held there, expert 1 not
+    demand[1, 0] = [2.0, 2.0]  # s1's tokens at layer 0 (run on s0): both held there
+    assert plan.remote_fraction(demand) == pytest.approx(1.0 / 8.0)
+    at_home = ExecutionPlan.from_placement(placement)  # every layer at home: s0 lacks expert 0 of layer 1 (3),
+    # s1 every expert of layer 0 (4): the placement's own share
+    assert at_home.remote_fraction(demand) == pytest.approx(placement.remote_fraction(demand)) == 7.0 / 8.0
+    sizes = PlanSizes(base=10.0, dense_layer=5.0, expert=2.0, kv_token_layer=0.0, num_experts=2)
+    # budget 30: base 10 + one dense layer 5 leaves 15 -> 7 experts; a placement holds both dense layers -> 5
+    assert plan.expert_slots(sizes, np.array([30.0, 30.0])).tolist() == [7, 7]
+    assert at_home.expert_slots(sizes, np.array([30.0, 19.0])).tolist() == [5, 0]

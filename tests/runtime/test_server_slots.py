@@ -81,3 +81,26 @@ def test_placement_over_the_budget_is_refused_at_start(tiny_dir: Path) -> None:
             server.start()
     finally:
         server.close()
+
+
+def test_a_plan_leaves_the_slots_of_the_dense_layers_it_does_not_execute(tiny_dir: Path) -> None:
+    """A server executing only layer 0 of a plan holds that layer's dense part by the plan's statement: its slots
+    are what the budget leaves beside it, so more experts fit than beside the whole dense part."""
+    from prism_moe.placement.plan import ExecutionPlan, PlanSizes
+
+    spec = ModelSpec.from_pretrained(tiny_dir)
+    sizes = PlanSizes.of(spec)
+    slots = 2.5  # the whole dense part leaves room for 2 experts
+    budget = spec.dense_bytes + slots * spec.expert_bytes
+    want = int((budget - sizes.base - sizes.dense_layer) // sizes.expert)  # one dense layer, by hand
+    held = list(range(min(want, spec.num_experts)))
+    assert len(held) > 2, "the tiny model must free more than 2 slots for this test"
+    placement = _placement(spec, {0: held}, 0)
+    plan = ExecutionPlan(placement, np.array([[0, 1], [0, 1]]), np.array([[True, False], [True, True]]), "hand")
+    server = _server(tiny_dir, spec, slots, placement)
+    server.options.plan = server.plan = plan
+    try:
+        server.start()
+        assert server.capacity == want and server.held_count() == len(held)
+    finally:
+        server.close()

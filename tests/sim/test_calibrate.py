@@ -3,7 +3,13 @@
 import pytest
 
 from prism_moe.config import cluster_from_dict
-from prism_moe.sim.calibrate import Calibration, PathRecords, calibrated_cost, fit_server_path
+from prism_moe.sim.calibrate import (
+    Calibration,
+    PathRecords,
+    calibrated_cost,
+    fit_server_path,
+    shared_cores_slowdown,
+)
 from prism_moe.sim.cost import CostModel
 
 
@@ -25,6 +31,33 @@ def test_calibrated_cost_reproduces_the_measured_times():
     assert slow.experts_s(0, 5, 30) == pytest.approx(2 * c.experts_s(0, 5, 30))
     assert slow.dense_s(0, 1) == pytest.approx(2 * 700e-6)
     assert slow.latency_s[0, 1] == pytest.approx(2e-3 + 250e-6)  # the link's own delay is not CPU work
+
+
+def test_per_server_slowdowns_and_the_hand_off_cost():
+    cluster = cluster_from_dict({"model": "olmoe-1b-7b", "servers": [
+        {"name": n, "gpu": "a100-40gb", "memory_gib": 8} for n in "abc"],
+        "network": {"bandwidth_mbps": 500, "latency_ms": 2}})
+    cost = CostModel.build(cluster, cluster.model_spec())
+    cal = Calibration(dense_layer_s=700e-6, dense_token_s=40e-6, expert_call_s=100e-6, expert_s=150e-6,
+                      call_overhead_s=250e-6, handoff_s=1050e-6)
+    c = calibrated_cost(cost, cal, slowdown=[1.0, 2.0, 3.0])
+    assert [c.dense_s(s, 1) for s in range(3)] == pytest.approx([700e-6, 1400e-6, 2100e-6])
+    assert c.experts_s(2, 5, 30) == pytest.approx(3 * (100e-6 + 5 * 150e-6))
+    assert c.latency_s[0, 2] == pytest.approx(2e-3 + 250e-6 * 2.0 / 2)  # the mean of its ends' factors, half
+    # a hand-off round trip costs 1050 us beyond the link: the latencies carry 250 us, the rest comes on top
+    assert 2 * c.handoff_overhead_s == pytest.approx((1050e-6 - 250e-6) * 2.0)
+    assert calibrated_cost(cost, Calibration(700e-6, 40e-6, 100e-6, 150e-6, 250e-6)).handoff_overhead_s == 0
+
+
+def test_shared_cores_slowdown_by_hand():
+    # busy 0.5, 1.0, 0.25 of 2 s: server 0 shares 2 cores with 1.0 + 0.25 of the others' -> (1 + 1.25) / 2;
+    # server 1 with 0.75 -> below 1: no slowdown; server 2 with 1.5 -> 1.25
+    f = shared_cores_slowdown([1.0, 2.0, 0.5], 2.0, cores=2)
+    assert f.tolist() == pytest.approx([1.125, 1.0, 1.25])
+    # 3 s of calls' host work spread over the servers: +0.5 utilisation each (capped at 1): 1.0, 1.0, 0.75
+    assert shared_cores_slowdown([1.0, 2.0, 0.5], 2.0, cores=2, host_s=3.0).tolist() == pytest.approx(
+        [1.375, 1.375, 1.5])
+    assert shared_cores_slowdown([0.1, 0.1], 1.0, cores=4).tolist() == [1.0, 1.0]  # room for all: no slowdown
 
 
 # --- fit_server_path: the terms back from records made with known ones ------------------------------------

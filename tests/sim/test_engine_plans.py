@@ -37,6 +37,19 @@ def test_pipeline_hands_the_prompt_over_and_the_last_row_back():
     assert stats.busy_s == pytest.approx([3 * MS, 3 * MS])
 
 
+def test_a_hand_off_pays_the_cost_models_block_call_overhead_each_way():
+    # as above, with 0.5 ms of hand-off overhead per hop (what sim.calibrate.measure_handoff measures, halved)
+    from dataclasses import replace
+
+    bw, lat = 8e6, 1 * MS
+    cost = replace(cost_model(2, layers=2, bandwidth_bps=bw, latency_s=lat), handoff_overhead_s=0.5 * MS)
+    eng = Engine(cost, pipeline_plan([0, 1], 2), [const_pool(2, [0, 1])], requests([(0, 0.0, 3, 1)]))
+    first, *_ = eng.run()
+    fwd = (3 * 1000 + HEADER_BYTES) * 8 / bw + lat + 0.5 * MS
+    back = (1 * 1000 + HEADER_BYTES) * 8 / bw + lat + 0.5 * MS
+    assert first[0] == pytest.approx(3 * MS + fwd + 3 * MS + back)
+
+
 def test_a_home_whose_blocks_all_run_elsewhere_pays_the_way_out_and_back():
     # both layers on s1 for a request of s0: one hop out before layer 0, one back after layer 1
     bw, lat = 8e6, 1 * MS

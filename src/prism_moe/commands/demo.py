@@ -8,9 +8,9 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     from prism_moe.demo import DEFAULT_ALGORITHMS
 
-    p = sub.add_parser("demo", help="run a local 3-server cluster under several placements and compare them",
+    p = sub.add_parser("demo", help="run a local 3-server cluster under several placements and plans and compare them",
                        description="Start a local cluster of 3 heterogeneous servers serving a tiny MoE model, "
-                                   "drive each with its own domain's requests under each placement, and write "
+                                   "drive each with its own domain's requests under each placement or plan, and write "
                                    "a report (table, CSV, plots).")
     p.add_argument("--out", default="reports/demo", help="report folder")
     p.add_argument("--cache-dir", default=".prism/models", help="where the tiny checkpoint is cached")

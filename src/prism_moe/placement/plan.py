@@ -188,6 +188,23 @@ class ExecutionPlan:
         experts = self.placement.hosts.sum(axis=(1, 2))
         return sizes.base + self.dense.sum(axis=1) * sizes.dense_layer + experts * sizes.expert
 
+    def remote_fraction(self, demand: np.ndarray) -> float:
+        """Share of expert invocations (home h's demand float [S, L, E]) whose layer's executor does not hold the
+        expert, so calls another server for it (a placement's `remote_fraction` when every layer runs at home)."""
+        demand = np.asarray(demand, dtype=np.float64)
+        total = float(demand.sum())
+        if total <= 0:
+            return 0.0
+        held = self.placement.hosts[self.executor, np.arange(self.num_layers)[None, :]]  # [S, L, E]
+        return float((demand * ~held).sum() / total)
+
+    def expert_slots(self, sizes: PlanSizes, weight_budget: np.ndarray) -> np.ndarray:
+        """Experts each server's weight budget [S] leaves room for beside what the plan says it holds of the dense
+        part (embedding, head and the layers of `dense`): int [S]. (Today's runtime loads every dense layer on every
+        server so that any server can take over any layer; its expert slots follow the plan's statement.)"""
+        free = np.asarray(weight_budget, dtype=np.float64) - sizes.base - self.dense.sum(axis=1) * sizes.dense_layer
+        return np.maximum(np.floor(free / sizes.expert + 1e-9), 0).astype(np.int64)
+
     def kv_bytes(self, sizes: PlanSizes, tokens_in_flight: np.ndarray) -> np.ndarray:
         """KV cache each server keeps when home h has `tokens_in_flight[h]` tokens cached: float [S]."""
         return self.layers_executed() @ np.asarray(tokens_in_flight, dtype=np.float64) * sizes.kv_token_layer

@@ -194,6 +194,7 @@ class BlockExecutor:
         self.rows = 0
         self.forwards = 0  # forwards run: fewer than calls when calls merged
         self.expired = 0
+        self.busy_s = 0.0  # seconds spent running calls (slots, forward, reply tensors): a round trip's share here
 
     # --- messages ------------------------------------------------------------------------------------------
     def handle_call(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]
@@ -224,13 +225,14 @@ class BlockExecutor:
             for home, _, _ in self._entries:
                 homes[home] = homes.get(home, 0) + 1
             return {"requests_cached": len(self._entries), "by_home": homes, "calls": self.calls, "rows": self.rows,
-                    "forwards": self.forwards,
-                    "expired": self.expired, "kv_bytes": self._cache.nbytes() if self._cache is not None else 0,
+                    "forwards": self.forwards, "busy_s": round(self.busy_s, 6), "expired": self.expired,
+                    "kv_bytes": self._cache.nbytes() if self._cache is not None else 0,
                     "max_requests": self.max_requests}
 
     # --- internals -----------------------------------------------------------------------------------------
     def _run_calls(self, batch: list[_Call]) -> None:
         """Run queued calls (under `_compute`): those of one block and length share a forward."""
+        t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 if self._cache is None:
@@ -253,6 +255,8 @@ class BlockExecutor:
         finally:
             for c in batch:
                 c.done = True
+            with self._lock:
+                self.busy_s += time.perf_counter() - t0
 
     def _run_group(self, first: int, last: int, calls: list[_Call]) -> None:
         try:

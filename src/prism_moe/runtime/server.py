@@ -195,7 +195,12 @@ class EdgeServer:
         log.info("%s: loading %s on %s with %d experts", self.name, ckpt, device, int(p.experts_used()[
             p.server_names.index(self.name)]))
         # the expert slots are preallocated for the whole memory budget: live loads never allocate
-        self.capacity = int(self.cluster.expert_slots(spec)[self.cluster.server_names.index(self.name)])
+        me = self.cluster.server_names.index(self.name)
+        self.capacity = int(self.cluster.expert_slots(spec)[me])
+        if not self.plan.at_home:  # the plan's memory statement: the dense part of the layers it executes here
+            from prism_moe.placement.plan import PlanSizes, server_budgets
+
+            self.capacity = int(self.plan.expert_slots(PlanSizes.of(spec), server_budgets(self.cluster)[0])[me])
         held = int(p.experts_used()[p.server_names.index(self.name)])
         if held > self.capacity:
             raise ConfigError(f"server {self.name}: the placement gives it {held} experts, but memory_gib="

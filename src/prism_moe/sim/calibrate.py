@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Calibration:
     expert_s: float
     call_overhead_s: float
     step_overhead_s: float = 0.0
+    handoff_s: float = 0.0  # a block hand-off round trip beyond link and compute (`measure_handoff`; 0: not measured)
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v * 1e6, 1) for k, v in self.__dict__.items()} | {"unit": "us"}
@@ -237,9 +239,79 @@ def measure_server_path(ckpt: str | Path, replay: str | None = None, data_dir: s
     return cal
 
 
+def measure_handoff(ckpt: str | Path, batch: int = 4, prompt_tokens: int = 32, new_tokens: int = 16,
+                    repeats: int = 7, threads: int = 1, delay_ms: float = 2.0, emulated: bool = True,
+                    work_dir: str | Path | None = None) -> float:
+    """Seconds one block hand-off round trip costs beyond its emulated link delay and the block's compute, on
+    the path `prism serve` runs plans (`PlanRunner` -> `BlockClient` -> the peer's `BlockExecutor` on its
+    `blocks` worker): the caller's encoding and decoding, ZeroMQ, the peer's service thread and worker hop, its
+    decoder call around the block (masks, positions, cache bookkeeping).
+
+    A server (`EdgeServer` in this process, holding the whole model) runs rounds of `batch` requests alternately
+    with every layer at home and with its second half of MoE layers handed to a peer `prism serve` process
+    (the whole model too) over an emulated link of `delay_ms` each way: one round trip per forward. The median
+    over `repeats` pairs of neighbouring rounds of the difference of their median decode forwards, less the
+    link's round trip, is the hand-off's cost (the block runs on the peer instead of here: the same
+    single-threaded compute either way). On a shared machine it varies with the load (0-6.6 ms measured here).
+    """
+    import asyncio
+    import tempfile
+
+    import torch
+
+    from prism_moe.placement.plan import ExecutionPlan
+    from prism_moe.runtime.engine.plans import Route
+    from prism_moe.runtime.launcher import start_local_cluster
+    from prism_moe.runtime.server import EdgeServer, ServeOptions
+
+    torch.set_num_threads(threads)
+    ckpt = Path(ckpt)
+    cluster, placement = _calibration_cluster(ckpt, delay_ms, emulated)
+    placement = type(placement).from_hosts(placement.server_names, np.ones_like(placement.hosts),
+                                           np.array([[0.0, 1.0], [1.0, 0.0]]))  # both hold every expert
+    layers = placement.num_layers
+    executor = np.zeros((2, layers), dtype=np.int64)
+    executor[1] = 1
+    executor[0, layers // 2:] = 1  # cal-a's second half runs on cal-b
+    plan = ExecutionPlan(placement, executor, np.ones((2, layers), dtype=bool), "calibration")
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        path = Path(tmp) / "plan.json"
+        plan.save(path)
+        with start_local_cluster(cluster, Path(tmp) / "run", ["--placement", str(path), "--threads", str(threads)],
+                                 log=lambda *_: None, only=["cal-b"]) as lc:
+            server = EdgeServer(lc.cluster, "cal-a", ServeOptions(placement=placement, plan=plan, device="cpu",
+                                                                   max_running=batch))
+            server.start()
+            try:
+                timer = _PathTimer(server)
+                vocab = server.model.config.vocab_size
+                g = torch.Generator().manual_seed(0)
+                routes = {"handoff": server._route(plan), "home": Route.local(layers, plan.placement.version)}
+                diffs: list[float] = []  # per pair of neighbouring rounds: the load drifts slower than a pair
+
+                async def round_() -> None:
+                    prompts = torch.randint(3, vocab, (batch, prompt_tokens), generator=g).tolist()
+                    await asyncio.gather(*(server.engine.generate(p, new_tokens, stop_token_ids=[]) for p in prompts))
+
+                def decode_median(key: str) -> float:
+                    server.engine.runner.set_route(routes[key])
+                    timer.rec.clear()
+                    asyncio.run(round_())
+                    return statistics.median(end - start for start, end, t in timer.rec.forwards if 0 < t <= batch)
+
+                server.engine.start()
+                decode_median("handoff"), decode_median("home")  # warm both routes up
+                for _ in range(repeats):
+                    diffs.append(decode_median("handoff") - decode_median("home"))
+            finally:
+                server.close()
+    link_s = 2 * delay_ms / 1e3 if emulated else 0.0
+    return max(statistics.median(diffs) - link_s, 0.0)
+
+
 def calibrate(ckpt: str | Path, threads: int = 1, emulated: bool = True, batch: int = 4,
               replay: str | None = None, data_dir: str | None = None, prompt_tokens: int = 32,
-              contention: int = 0) -> Calibration:
+              contention: int = 0, handoff: bool = False) -> Calibration:
     """`measure_server_path` for `ckpt` (`emulated`: the cluster emulates its links; `batch`: requests per
     step; `replay`: the workload whose trace the servers replay, if they do; `prompt_tokens`: the prompts'
     length).
@@ -247,7 +319,8 @@ def calibrate(ckpt: str | Path, threads: int = 1, emulated: bool = True, batch: 
     `contention`: measure while that many other processes run the model's forwards nonstop (`_busy`), as
     when the cluster's other servers share this machine's cores. The simulator gives every server its own
     device, so a local cluster on fewer cores than servers is modelled by calibrating under its load. This
-    is an upper bound: real peers also idle while they wait on the network.
+    is an upper bound: real peers also idle while they wait on the network. `handoff`: also measure a block
+    hand-off's cost (`measure_handoff`, under the same load).
     """
     import subprocess
     import sys
@@ -258,8 +331,12 @@ def calibrate(ckpt: str | Path, threads: int = 1, emulated: bool = True, batch: 
     try:
         if load:
             time.sleep(5.0)  # let them load the model and start computing
-        return measure_server_path(ckpt, replay, data_dir, emulated=emulated, batch=batch,
-                                   prompt_tokens=prompt_tokens, threads=threads)
+        cal = measure_server_path(ckpt, replay, data_dir, emulated=emulated, batch=batch,
+                                  prompt_tokens=prompt_tokens, threads=threads)
+        if handoff:
+            cal = replace(cal, handoff_s=measure_handoff(ckpt, batch=batch, prompt_tokens=prompt_tokens,
+                                                         threads=threads, emulated=emulated))
+        return cal
     finally:
         for proc in load:
             proc.kill()
@@ -279,15 +356,33 @@ def _busy(ckpt: str, threads: int) -> None:
             model(ids)
 
 
-def calibrated_cost(cost: CostModel, cal: Calibration, slowdown: float = 1.0) -> CostModel:
+def calibrated_cost(cost: CostModel, cal: Calibration, slowdown: float | Sequence[float] = 1.0) -> CostModel:
     """`cost` with every server's compute and the call overhead as measured in `cal`, all of it `slowdown` x
-    slower: e.g. servers / cores when a local cluster's servers share one machine's cores (the simulator
-    gives each server a device of its own; both terms are CPU work here)."""
-    bw = cost.expert_bytes / cal.expert_s / slowdown  # bytes/s: one distinct expert costs expert_s
-    prof = GpuProfile("cpu-calibrated", 1e3, bw / 1e9, FLOPS / 1e12, kernel_overhead_s=cal.expert_call_s * slowdown,
-                      source="measured: prism_moe.sim.calibrate", step_overhead_s=cal.step_overhead_s * slowdown)
-    lat = cost.latency_s + (1 - np.eye(cost.num_servers)) * cal.call_overhead_s * slowdown / 2
-    return replace(cost, profiles=(prof,) * cost.num_servers, latency_s=lat,
-                   expert_flops_per_pair=0.0,
-                   dense_layer_bytes=max(cal.dense_layer_s - cal.expert_call_s, 0.0) * slowdown * bw,
-                   dense_layer_flops_per_token=cal.dense_token_s * slowdown * FLOPS)
+    slower (one factor, or one per server): e.g. servers / cores when a local cluster's servers share one
+    machine's cores (the simulator gives each server a device of its own; both terms are CPU work here; see
+    `shared_cores_slowdown`). A call's overhead is slowed by the mean of its two ends' factors. A block hand-off
+    pays `cal.handoff_s` (when measured) per round trip, half each way, instead of the expert call's overhead
+    that the links' latencies carry."""
+    f = np.broadcast_to(np.asarray(slowdown, dtype=np.float64), (cost.num_servers,))
+    bw = cost.expert_bytes / cal.expert_s  # bytes/s: one distinct expert costs expert_s
+    profiles = tuple(GpuProfile("cpu-calibrated", 1e3, bw / x / 1e9, FLOPS / 1e12 / x,
+                                kernel_overhead_s=cal.expert_call_s * x, source="measured: prism_moe.sim.calibrate",
+                                step_overhead_s=cal.step_overhead_s * x) for x in f.tolist())
+    pair = (f[:, None] + f[None, :]) / 2
+    lat = cost.latency_s + (1 - np.eye(cost.num_servers)) * cal.call_overhead_s * pair / 2
+    handoff = (cal.handoff_s - cal.call_overhead_s) * float(f.mean()) / 2 if cal.handoff_s > 0 else 0.0
+    return replace(cost, profiles=profiles, latency_s=lat, expert_flops_per_pair=0.0,
+                   dense_layer_bytes=max(cal.dense_layer_s - cal.expert_call_s, 0.0) * bw,
+                   dense_layer_flops_per_token=cal.dense_token_s * FLOPS, handoff_overhead_s=handoff)
+
+
+def shared_cores_slowdown(busy_s: Sequence[float], makespan_s: float, cores: int,
+                          host_s: float = 0.0) -> np.ndarray:
+    """Per server, how much slower its CPU work runs when the servers share `cores` cores: a server busy
+    `busy_s[s]` of `makespan_s` (a simulation where each has a device of its own) shares the machine, while it
+    computes, with the others' expected load (their utilisations): max(1, (1 + sum of the others') / cores).
+    `host_s`: CPU seconds the simulation counts as latency, not as busy (the calls' and hand-offs' own work:
+    encoding, ZeroMQ, service threads), spread evenly over the servers."""
+    busy = np.asarray(busy_s, dtype=np.float64) + host_s / len(busy_s)
+    u = np.minimum(busy / max(makespan_s, 1e-12), 1.0)
+    return np.maximum(1.0, (1.0 + u.sum() - u) / cores)

@@ -42,6 +42,10 @@ class CostModel:
     dense_layer_bytes: float
     dense_layer_flops_per_token: float
     token_bytes: float
+    # one-way seconds a block hand-off pays beyond the link's latency (the runtime's block call work measured
+    # by `sim.calibrate.measure_handoff`; may be negative where it is below an expert call's, which the
+    # calibrated latencies carry already)
+    handoff_overhead_s: float = 0.0
 
     @classmethod
     def build(cls, cluster: ClusterSpec, model: ModelSpec) -> CostModel:

@@ -224,6 +224,7 @@ class Engine:
         step_ovh = arr["step_overhead"]
         ebytes, eflops = cost.expert_bytes, cost.expert_flops_per_pair
         tok_b = cost.token_bytes
+        handoff_ovh = cost.handoff_overhead_s
         dl_bytes, dl_flops = cost.dense_layer_bytes, cost.dense_layer_flops_per_token
 
         R = len(req)
@@ -381,7 +382,7 @@ class Engine:
             nbytes = n_tokens * tok_b + HEADER_BYTES
             st.handoffs += 1
             st.handoff_bytes += nbytes
-            return transmit(a, b, nbytes, t) + lat[a][b]
+            return transmit(a, b, nbytes, t) + lat[a][b] + handoff_ovh
 
         def finish_forward(s: int, t: float, inline: bool) -> None:
             """The last layer of s's forward ended at t on loc[s]: its rows go home, then the step ends."""
