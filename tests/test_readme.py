@@ -2,7 +2,7 @@
 
 The five-minute tour's shell and Python blocks are taken from README.md itself and run in a scratch folder
 holding a copy of `examples/` (the set-up line is skipped: the tests already run inside the installed
-environment). The demo runs in a smoke mode (one request per server, two placements).
+environment). The demo runs in a smoke mode (one request per server, a placement and a plan).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_five_minute_tour_runs_as_written(tmp_path):
 
 def test_demo_smoke(tmp_path):
     r = subprocess.run(
-        [str(BIN / "prism"), "demo", "--requests", "1", "--max-tokens", "2", "--algorithms", "uniform", "prism",
+        [str(BIN / "prism"), "demo", "--requests", "1", "--max-tokens", "2", "--algorithms", "prism", "hybrid",
          "--out", str(tmp_path / "report"), "--cache-dir", str(tmp_path / "models")],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -74,4 +74,4 @@ def test_demo_smoke(tmp_path):
     for name in ("report.md", "results.csv", "results.json", "latency.png", "invocations.png", "placements.png"):
         assert (report / name).is_file(), name
     csv = (report / "results.csv").read_text().splitlines()
-    assert csv[0].startswith("algorithm,") and {line.split(",")[0] for line in csv[1:]} == {"uniform", "prism"}
+    assert csv[0].startswith("algorithm,") and {line.split(",")[0] for line in csv[1:]} == {"prism", "hybrid"}
