@@ -23,7 +23,7 @@ from prism_moe.model.experts import (
     group_by_expert,
     stores_of,
 )
-from prism_moe.model.grouped import compute_rows, expert_forward
+from prism_moe.model.grouped import compute_rows, expert_forward, onednn_usable
 from prism_moe.model.slots import ExpertSlots, Gate, NoFreeSlotError, SlotPool
 from prism_moe.model.tiny import ARCHS
 
@@ -167,6 +167,29 @@ def test_grouped_matches_loop_reference(bias):
             want = torch.stack([expert_forward(store.pool, store.gate, int(store.view.host[e]), hidden[i:i + 1])[0]
                                 for i, e in enumerate(ids.tolist())])
             torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_usable(torch.device("cpu"), torch.float32), reason="torch without oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_loop_matches_loop_reference(bias):
+    """The loop with oneDNN's GEMMs: the loop's results within float32 rounding, for the forward and for a peer's
+    rows; `auto` takes it for float32 on the CPU (and the exact loop stays what `loop` names)."""
+    store, _ = _random_slots(num_experts=8, hidden=64, inter=32, held=[0, 2, 3, 5, 7], capacity=6, bias=bias)
+    g = torch.Generator().manual_seed(4)
+    for tokens in (1, 7, 130):
+        hidden = torch.randn(tokens, 64, generator=g)
+        top_k = torch.tensor([0, 2, 3, 5, 7])[torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(tokens)])]
+        weights = torch.rand(tokens, 2, generator=g)
+        loop = LocalDispatcher(path="loop").moe_forward(0, hidden, top_k, weights, store)
+        for path in ("onednn", "auto"):
+            out = LocalDispatcher(path=path).moe_forward(0, hidden, top_k, weights, store)
+            torch.testing.assert_close(out, loop, rtol=1e-4, atol=1e-4)
+        ids = top_k[:, 0]
+        torch.testing.assert_close(compute_rows(store, ids, hidden, grouped=False, onednn=True),
+                                   compute_rows(store, ids, hidden, grouped=False), rtol=1e-4, atol=1e-4)
+    assert LocalDispatcher(path="auto").onednn_on(torch.device("cpu"), torch.float32)
+    assert not LocalDispatcher(path="loop").onednn_on(torch.device("cpu"), torch.float32)
+    assert not LocalDispatcher(path="auto").onednn_on(torch.device("cpu"), torch.float64)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -323,7 +323,9 @@ class EdgeServer:
 
         store = self.stores[layer]
         try:
-            return compute_rows(store, expert_ids, hidden, self.dispatcher.grouped_on(store.pool.device))
+            device = store.pool.device
+            return compute_rows(store, expert_ids, hidden, self.dispatcher.grouped_on(device),
+                                self.dispatcher.onednn_on(device, store.pool.dtype))
         except MissingExpertError as err:  # a distinct code, so a caller can re-route (e.g. mid-migration)
             from prism_moe.runtime.service import ServiceError
 
