@@ -21,6 +21,7 @@ from prism_moe.model.experts import (
     detach,
     experts_modules,
     group_by_expert,
+    skip_padding,
     stores_of,
 )
 from prism_moe.model.grouped import compute_rows, expert_forward, onednn_usable
@@ -339,6 +340,30 @@ def test_observer_sees_every_layer(tiny_dir, prompt_ids):
     detach(model)
     assert model.config._experts_implementation == "eager"
     assert not hasattr(experts_modules(model)[0][1], "prism_layer")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_skip_padding_routes_padding_nowhere(path, tiny_dir, prompt_ids):
+    """A right-padded batch under `skip_padding`: the padding rows reach the dispatcher as -1 (no expert, no
+    count), the real tokens' logits are those of the same batch computed with the padding's experts."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("mixtral")).eval()
+    seen: list[torch.Tensor] = []
+    attach(model, LocalDispatcher(observer=lambda layer, idx: seen.append(idx.clone()), path=path))
+    n = prompt_ids.shape[1]
+    ids = torch.stack([prompt_ids[0], torch.cat([prompt_ids[0, :n - 4], torch.zeros(4, dtype=torch.long)])])
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, n - 4:] = False
+    with torch.no_grad():
+        want = model(ids).logits
+        seen.clear()
+        with skip_padding(~valid.reshape(-1)):
+            got = model(ids).logits
+        model(ids)  # outside the block: every row routed again
+    layers = len(experts_modules(model))
+    for idx in seen[:layers]:
+        assert ((idx < 0).all(dim=-1) == ~valid.reshape(-1)).all() and (idx[valid.reshape(-1)] >= 0).all()
+    assert all((idx >= 0).all() for idx in seen[layers:]) and len(seen) == 2 * layers
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-5)  # causal: padding is never read
 
 
 def test_attach_checks_layer_map(tiny_dir):

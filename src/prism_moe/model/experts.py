@@ -29,7 +29,9 @@ A dispatcher's forward, per MoE layer:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -44,7 +46,8 @@ IMPLEMENTATION = "prism"
 PATHS = ("auto", "grouped", "loop", "onednn")
 
 __all__ = ["IMPLEMENTATION", "PATHS", "ExpertDispatcher", "ExpertSlots", "LocalDispatcher", "MissingExpertError",
-           "RemoteDispatcher", "attach", "combine", "detach", "experts_modules", "group_by_expert", "stores_of"]
+           "RemoteDispatcher", "attach", "combine", "detach", "experts_modules", "group_by_expert", "skip_padding",
+           "stores_of"]
 
 # (token rows [n], top-k slots [n]) of the tokens that chose one expert, in eager order.
 Group = tuple[Tensor, Tensor]
@@ -332,6 +335,23 @@ class RemoteDispatcher(LocalDispatcher):
 
 
 # --- transformers integration ---------------------------------------------------------------------------------
+# bool [T]: rows of this thread's forwards whose experts' output nobody reads (a batched prefill's padding)
+_padding_rows: ContextVar[Tensor | None] = ContextVar("prism_padding_rows", default=None)
+
+
+@contextmanager
+def skip_padding(padding: Tensor) -> Iterator[None]:
+    """Within the block, MoE layers route no expert for the rows where `padding` [T] is True (the forward's tokens,
+    batch-major, as the experts see them flattened): their routed output is 0 and they cost no GEMM row, no
+    remote call and no activation count. For a right-padded batch (`SlotRunner`'s prefill, where padding was
+    up to a third of the tokens); a layer seeing another number of rows ignores it."""
+    token = _padding_rows.set(padding)
+    try:
+        yield
+    finally:
+        _padding_rows.reset(token)
+
+
 def prism_experts_forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
                           top_k_weights: Tensor) -> Tensor:
     """The function registered in `ALL_EXPERTS_FUNCTIONS["prism"]`: [T, H], [T, k], [T, k] -> [T, H]."""
@@ -342,6 +362,9 @@ def prism_experts_forward(module: nn.Module, hidden_states: Tensor, top_k_index:
     except AttributeError:
         raise RuntimeError(f"{type(module).__name__} has no prism tags: call prism_moe.model.experts.attach(model, "
                            f"dispatcher) before running with experts_implementation='{IMPLEMENTATION}'") from None
+    padding = _padding_rows.get()
+    if padding is not None and padding.shape[0] == top_k_index.shape[0]:
+        top_k_index = top_k_index.masked_fill(padding.unsqueeze(-1), -1)  # -1: padding, routed nowhere
     return dispatcher.moe_forward(layer, hidden_states, top_k_index, top_k_weights, store)
 
 
