@@ -44,7 +44,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="stop recording after N tokens (memory bound: about N * layers * k * 6 bytes; default 1e6)")
     p.add_argument("--max-running", type=int, default=None, metavar="N",
                    help="most requests decoded together in one step (continuous batching; later ones wait for a "
-                        "place); the KV cache holds N x the longest request so far (default 32)")
+                        "place); the KV cache holds N x the longest request so far (default 64)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's; `cluster up` gives each local server its share "
                         "of the cores so servers on one machine do not oversubscribe it)")
