@@ -11,7 +11,8 @@ client. What this does, in one run:
      pins the project's torch; afterwards it removes the torchvision/torchaudio/torchcodec it pulls, which do not
      match that torch; vLLM is never a dependency of prism-moe) with its recommended CPU binding, and one
      `prism serve` (a one-server cluster file and a placement holding every expert) with as many torch threads as
-     vLLM's worker gets (`--threads`), both batching at most as many requests (`--vllm-max-seqs`);
+     vLLM's worker gets (`--threads`), both batching at most as many requests (`--max-running`, which vLLM's
+     `--max-num-seqs` follows unless `--vllm-max-seqs` says otherwise);
   3. checks that both give the same greedy token ids (and the same logprobs within `--logprob-tol`, when prism's
      API returns logprobs) for every benchmark prompt;
   4. drives each engine with the same asyncio HTTP client (raw HTTP/1.1 on asyncio streams: its per-token cost is
@@ -26,7 +27,8 @@ spinning), TTFT and TPOT (medians over requests), and prism / vLLM ratios (each 
 to back). It measures; it never passes or fails on time.
 
     python benchmarks/vs_vllm.py [--install-vllm] [--vllm-venv .bench/vllm-venv] [--streams 1 16 64]
-        [--tokens 32] [--rounds 2] [--reps 3] [--threads N] [--engines prism vllm] [--vllm-bind auto]
+        [--tokens 32] [--rounds 2] [--reps 3] [--threads N] [--max-running 32] [--engines prism vllm]
+        [--vllm-bind auto]
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def _spawn(name: str, cmd: list[str], port: int, log: Path, env: dict[str, str])
     return Server(name, proc, port, log)
 
 
-def start_prism(model_dir: Path, work: Path, threads: int) -> Server:
+def start_prism(model_dir: Path, work: Path, threads: int, max_running: int = ServeOptions.max_running) -> Server:
     import numpy as np
     import yaml
 
@@ -136,7 +138,7 @@ def start_prism(model_dir: Path, work: Path, threads: int) -> Server:
     Placement.from_hosts(("edge",), hosts, np.zeros((1, 1)), algorithm="all-local").save(work / "placement.json")
     cmd = [sys.executable, "-m", "prism_moe.cli", "serve", "--cluster", str(work / "cluster.yaml"),
            "--server", "edge", "--placement", str(work / "placement.json"), "--device", "cpu",
-           "--threads", str(threads)]
+           "--threads", str(threads), "--max-running", str(max_running)]
     return _spawn("prism", cmd, port, work / "prism.log", dict(os.environ))
 
 
@@ -374,9 +376,11 @@ def main() -> None:
                     help="VLLM_CPU_OMP_THREADS_BIND: 'auto' (default, as vLLM recommends: its worker pinned, a core "
                          "kept for its scheduler; measured 2-6x faster here than 'nobind'), 'nobind' (--threads "
                          "OpenMP threads, unpinned) or a CPU list")
-    ap.add_argument("--vllm-max-seqs", type=int, default=ServeOptions.max_running,
-                    help="vLLM's --max-num-seqs; default: prism serve's running-request limit "
-                         f"({ServeOptions.max_running}), so both batch at most as many requests per step")
+    ap.add_argument("--max-running", type=int, default=ServeOptions.max_running,
+                    help=f"prism serve's --max-running (default: its default, {ServeOptions.max_running})")
+    ap.add_argument("--vllm-max-seqs", type=int, default=None,
+                    help="vLLM's --max-num-seqs; default: --max-running, so both batch at most as many requests per "
+                         "step (vLLM's own default on CPU is 128)")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream and level")
@@ -394,6 +398,10 @@ def main() -> None:
     args = ap.parse_args()
     if any(c < 1 for c in args.streams) or args.tokens < 2 or args.rounds < 1 or args.reps < 1:
         ap.error("--streams, --rounds and --reps must be >= 1 and --tokens >= 2")
+    if args.max_running < 1 or (args.vllm_max_seqs is not None and args.vllm_max_seqs < 1):
+        ap.error("--max-running and --vllm-max-seqs must be >= 1")
+    if args.vllm_max_seqs is None:
+        args.vllm_max_seqs = args.max_running
     if "vllm" in args.engines:
         if args.install_vllm:
             install_vllm(args.vllm_venv)
@@ -408,7 +416,7 @@ def main() -> None:
         servers: dict[str, Server] = {}
         try:
             if "prism" in args.engines:
-                servers["prism"] = start_prism(model_dir, work, args.threads)
+                servers["prism"] = start_prism(model_dir, work, args.threads, args.max_running)
             if "vllm" in args.engines:
                 servers["vllm"] = start_vllm(args.vllm_venv, model_dir, work, args.threads, args.vllm_max_seqs,
                                              args.vllm_bind)
@@ -419,7 +427,7 @@ def main() -> None:
     result["setup"] = {"model": f"mixtral hidden {args.hidden}, {args.layers} layers, {args.experts} experts, "
                                 f"intermediate {args.intermediate}, float32", "threads": args.threads,
                        "tokens": args.tokens, "rounds": args.rounds, "reps": args.reps, "vllm": VLLM_PACKAGE,
-                       "max_running": {"prism": ServeOptions.max_running, "vllm": args.vllm_max_seqs},
+                       "max_running": {"prism": args.max_running, "vllm": args.vllm_max_seqs},
                        "vllm_bind": args.vllm_bind,
                        "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}
     print(json.dumps(result, indent=2))

@@ -21,9 +21,10 @@ from prism_moe.model.experts import (
     detach,
     experts_modules,
     group_by_expert,
+    skip_padding,
     stores_of,
 )
-from prism_moe.model.grouped import compute_rows, expert_forward
+from prism_moe.model.grouped import compute_rows, expert_forward, onednn_usable
 from prism_moe.model.slots import ExpertSlots, Gate, NoFreeSlotError, SlotPool
 from prism_moe.model.tiny import ARCHS
 
@@ -167,6 +168,29 @@ def test_grouped_matches_loop_reference(bias):
             want = torch.stack([expert_forward(store.pool, store.gate, int(store.view.host[e]), hidden[i:i + 1])[0]
                                 for i, e in enumerate(ids.tolist())])
             torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_usable(torch.device("cpu"), torch.float32), reason="torch without oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_loop_matches_loop_reference(bias):
+    """The loop with oneDNN's GEMMs: the loop's results within float32 rounding, for the forward and for a peer's
+    rows; `auto` takes it for float32 on the CPU (and the exact loop stays what `loop` names)."""
+    store, _ = _random_slots(num_experts=8, hidden=64, inter=32, held=[0, 2, 3, 5, 7], capacity=6, bias=bias)
+    g = torch.Generator().manual_seed(4)
+    for tokens in (1, 7, 130):
+        hidden = torch.randn(tokens, 64, generator=g)
+        top_k = torch.tensor([0, 2, 3, 5, 7])[torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(tokens)])]
+        weights = torch.rand(tokens, 2, generator=g)
+        loop = LocalDispatcher(path="loop").moe_forward(0, hidden, top_k, weights, store)
+        for path in ("onednn", "auto"):
+            out = LocalDispatcher(path=path).moe_forward(0, hidden, top_k, weights, store)
+            torch.testing.assert_close(out, loop, rtol=1e-4, atol=1e-4)
+        ids = top_k[:, 0]
+        torch.testing.assert_close(compute_rows(store, ids, hidden, grouped=False, onednn=True),
+                                   compute_rows(store, ids, hidden, grouped=False), rtol=1e-4, atol=1e-4)
+    assert LocalDispatcher(path="auto").onednn_on(torch.device("cpu"), torch.float32)
+    assert not LocalDispatcher(path="loop").onednn_on(torch.device("cpu"), torch.float32)
+    assert not LocalDispatcher(path="auto").onednn_on(torch.device("cpu"), torch.float64)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -316,6 +340,30 @@ def test_observer_sees_every_layer(tiny_dir, prompt_ids):
     detach(model)
     assert model.config._experts_implementation == "eager"
     assert not hasattr(experts_modules(model)[0][1], "prism_layer")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_skip_padding_routes_padding_nowhere(path, tiny_dir, prompt_ids):
+    """A right-padded batch under `skip_padding`: the padding rows reach the dispatcher as -1 (no expert, no
+    count), the real tokens' logits are those of the same batch computed with the padding's experts."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("mixtral")).eval()
+    seen: list[torch.Tensor] = []
+    attach(model, LocalDispatcher(observer=lambda layer, idx: seen.append(idx.clone()), path=path))
+    n = prompt_ids.shape[1]
+    ids = torch.stack([prompt_ids[0], torch.cat([prompt_ids[0, :n - 4], torch.zeros(4, dtype=torch.long)])])
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, n - 4:] = False
+    with torch.no_grad():
+        want = model(ids).logits
+        seen.clear()
+        with skip_padding(~valid.reshape(-1)):
+            got = model(ids).logits
+        model(ids)  # outside the block: every row routed again
+    layers = len(experts_modules(model))
+    for idx in seen[:layers]:
+        assert ((idx < 0).all(dim=-1) == ~valid.reshape(-1)).all() and (idx[valid.reshape(-1)] >= 0).all()
+    assert all((idx >= 0).all() for idx in seen[layers:]) and len(seen) == 2 * layers
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-5)  # causal: padding is never read
 
 
 def test_attach_checks_layer_map(tiny_dir):

@@ -147,6 +147,15 @@ def test_serve_flags_and_cluster_up_forwarding(tmp_path: Path, monkeypatch) -> N
                                                             "--data-dir", "data"]))
     assert fwd[fwd.index("--keys") + 1] == str(tmp_path / "keys")
     assert fwd[fwd.index("--data-dir") + 1] == str(tmp_path / "data")
+    # --max-running reaches every server; a bad value is refused before anything loads
+    fwd = forwarded_server_args(build_parser().parse_args(["cluster", "up", "--cluster", "c.yaml",
+                                                            "--max-running", "64"]))
+    assert fwd[fwd.index("--max-running") + 1] == "64"
+    assert build_parser().parse_args(["serve", "--cluster", "c.yaml", "--server", "a", *fwd]).max_running == 64
+    from prism_moe.commands.serve import run_serve
+
+    with pytest.raises(ValueError, match="--max-running must be at least 1"):
+        run_serve(build_parser().parse_args(["serve", "--cluster", "c.yaml", "--server", "a", "--max-running", "0"]))
 
 
 def test_edge_server_records_saves_on_request_and_on_close(tiny_dir: Path, tmp_path: Path) -> None:

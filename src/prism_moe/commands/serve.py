@@ -43,6 +43,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                         "(`workload: PATH` in the cluster file) for `prism place`")
     p.add_argument("--record-max-tokens", type=int, default=1_000_000, metavar="N",
                    help="stop recording after N tokens (memory bound: about N * layers * k * 6 bytes; default 1e6)")
+    p.add_argument("--max-running", type=int, default=None, metavar="N",
+                   help="most requests decoded together in one step (continuous batching; later ones wait for a "
+                        "place); the KV cache holds N x the longest request so far (default 64)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's; `cluster up` gives each local server its share "
                         "of the cores so servers on one machine do not oversubscribe it)")
@@ -126,6 +129,8 @@ def run_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.max_running is not None and args.max_running < 1:
+        raise ValueError("--max-running must be at least 1")
     cluster = load_cluster(args.cluster)
     cluster.server(args.server)  # a clear error for an unknown name, before loading anything
     cluster.require_secure(args.keys is not None, args.insecure)
@@ -137,7 +142,8 @@ def run_serve(args: argparse.Namespace) -> int:
         keys_dir=Path(args.keys) if args.keys else None,
         replay=cluster.server(args.server).workload if args.replay else None,
         data_dir=args.data_dir, call_timeout=args.timeout, record_trace=args.record_trace,
-        record_max_tokens=args.record_max_tokens)
+        record_max_tokens=args.record_max_tokens,
+        **({"max_running": args.max_running} if args.max_running is not None else {}))
     if args.record_max_tokens < 1:
         raise ValueError("--record-max-tokens must be at least 1")
     if args.replay and not options.replay:
@@ -163,7 +169,7 @@ def forwarded_server_args(args: argparse.Namespace) -> list[str]:
     """The serve flags that `cluster up` passes on to every server."""
     out = []
     for flag, value in (("--device", args.device), ("--api-key", args.api_key), ("--timeout", args.timeout),
-                        ("--threads", args.threads)):
+                        ("--threads", args.threads), ("--max-running", args.max_running)):
         if value is not None:
             out += [flag, str(value)]
     for flag, folder in (("--keys", args.keys), ("--data-dir", args.data_dir)):

@@ -17,7 +17,11 @@ A dispatcher's forward, per MoE layer:
      into the pair buffer, which one sum over the k choices combines (transformers' `grouped_mm` combine).
    * `loop`: one expert at a time in transformers' eager order (the exact reference: bit-identical to the
      eager path on the same device and dtype, locally and split across servers); faster on CPU for the small
-     batches of decoding. `auto` picks grouped on a GPU with a grouped GEMM, the loop elsewhere.
+     batches of decoding.
+   * `onednn`: the loop with oneDNN's GEMMs (float32 on CPU; model/grouped.py): 1.2-2x faster than the
+     loop's MKL GEMMs on this project's CPU, equal to it within float32 rounding.
+   `auto` picks grouped on a GPU with a grouped GEMM, onednn for float32 on a CPU whose torch has oneDNN, the
+   loop elsewhere. A peer computes the rows it is sent with its own dispatcher's choice.
 3. experts not mapped here go to `remote(layer, {server: (expert_ids [m], x [m, H])})`, one batch per server
    (rows of one expert contiguous, experts ascending), sent before the local compute waits for anything.
 """
@@ -25,22 +29,25 @@ A dispatcher's forward, per MoE layer:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .grouped import expert_forward, grouped_mm_usable, grouped_pairs
+from .grouped import expert_forward, grouped_mm_usable, grouped_pairs, onednn_usable
 from .slots import ExpertSlots, MissingExpertError, SlotView, gate_of
 from .spec import ModelSpec
 
 IMPLEMENTATION = "prism"
-PATHS = ("auto", "grouped", "loop")
+PATHS = ("auto", "grouped", "loop", "onednn")
 
 __all__ = ["IMPLEMENTATION", "PATHS", "ExpertDispatcher", "ExpertSlots", "LocalDispatcher", "MissingExpertError",
-           "RemoteDispatcher", "attach", "combine", "detach", "experts_modules", "group_by_expert", "stores_of"]
+           "RemoteDispatcher", "attach", "combine", "detach", "experts_modules", "group_by_expert", "skip_padding",
+           "stores_of"]
 
 # (token rows [n], top-k slots [n]) of the tokens that chose one expert, in eager order.
 Group = tuple[Tensor, Tensor]
@@ -128,8 +135,8 @@ class _HostRouting:
 class LocalDispatcher:
     """Every routed expert computed from the local slots; a token routed elsewhere is an error.
 
-    `observer(layer, top_k_index [T, k])`, if given, sees every routing decision. `path`: "auto", "grouped"
-    or "loop" (module docstring).
+    `observer(layer, top_k_index [T, k])`, if given, sees every routing decision. `path`: "auto", "grouped",
+    "loop" or "onednn" (module docstring).
     """
 
     def __init__(self, observer: Callable[[int, Tensor], None] | None = None, path: str = "auto") -> None:
@@ -144,6 +151,12 @@ class LocalDispatcher:
         if self.path != "auto":
             return self.path == "grouped"
         return device.type == "cuda" and grouped_mm_usable(device)
+
+    def onednn_on(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether a forward on `device` in `dtype` computes the loop's GEMMs with oneDNN."""
+        if self.path not in ("auto", "onednn") or self.grouped_on(device):
+            return False
+        return onednn_usable(device, dtype)
 
     def count(self, layer: int, top_k_index: Tensor, idx: Tensor, view: SlotView) -> None:
         """Sees each layer's routing: `idx` [S] = top_k_index.reshape(-1) % (E + 1) (padding -> E) on the
@@ -256,7 +269,9 @@ class LocalDispatcher:
         pending = self.remote(layer, batches) if batches else {}
         try:
             pool, gate = experts.pool, experts.gate  # local experts overlap the remote calls
-            outputs = {e: expert_forward(pool, gate, int(view.host[e]), hidden[groups[e][0]]) for e in local}
+            onednn = self.onednn_on(hidden.device, hidden.dtype) and pool.dtype == hidden.dtype
+            outputs = {e: expert_forward(pool, gate, int(view.host[e]), hidden[groups[e][0]], onednn)
+                       for e in local}
             for server, ids in plan.items():
                 reply = pending[server]
                 y = reply if isinstance(reply, Tensor) else reply.result(self.timeout)
@@ -320,6 +335,23 @@ class RemoteDispatcher(LocalDispatcher):
 
 
 # --- transformers integration ---------------------------------------------------------------------------------
+# bool [T]: rows of this thread's forwards whose experts' output nobody reads (a batched prefill's padding)
+_padding_rows: ContextVar[Tensor | None] = ContextVar("prism_padding_rows", default=None)
+
+
+@contextmanager
+def skip_padding(padding: Tensor) -> Iterator[None]:
+    """Within the block, MoE layers route no expert for the rows where `padding` [T] is True (the forward's tokens,
+    batch-major, as the experts see them flattened): their routed output is 0 and they cost no GEMM row, no
+    remote call and no activation count. For a right-padded batch (`SlotRunner`'s prefill, where padding was
+    up to a third of the tokens); a layer seeing another number of rows ignores it."""
+    token = _padding_rows.set(padding)
+    try:
+        yield
+    finally:
+        _padding_rows.reset(token)
+
+
 def prism_experts_forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
                           top_k_weights: Tensor) -> Tensor:
     """The function registered in `ALL_EXPERTS_FUNCTIONS["prism"]`: [T, H], [T, k], [T, k] -> [T, H]."""
@@ -330,6 +362,9 @@ def prism_experts_forward(module: nn.Module, hidden_states: Tensor, top_k_index:
     except AttributeError:
         raise RuntimeError(f"{type(module).__name__} has no prism tags: call prism_moe.model.experts.attach(model, "
                            f"dispatcher) before running with experts_implementation='{IMPLEMENTATION}'") from None
+    padding = _padding_rows.get()
+    if padding is not None and padding.shape[0] == top_k_index.shape[0]:
+        top_k_index = top_k_index.masked_fill(padding.unsqueeze(-1), -1)  # -1: padding, routed nowhere
     return dispatcher.moe_forward(layer, hidden_states, top_k_index, top_k_weights, store)
 
 

@@ -524,4 +524,5 @@ class ClusterDispatcher(RemoteDispatcher):
     def _compute_here(self, layer: int, ids: Tensor, x: Tensor) -> Tensor:
         """Rows whose experts this server's slots map (outside the forward's own split): ids [m], x [m, H]."""
         store = self.stores[layer]
-        return compute_rows(store, ids, x, self.grouped_on(store.pool.device))
+        device = store.pool.device
+        return compute_rows(store, ids, x, self.grouped_on(device), self.onednn_on(device, store.pool.dtype))

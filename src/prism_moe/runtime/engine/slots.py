@@ -10,7 +10,8 @@ the last one moves into its slot: one copy per finished request), so a decode st
 
 Each step of the loop thread:
   1. admits waiting requests into free slots and prefills them together (right-padded to the longest prompt, at
-     most `max_batch_tokens` tokens per forward), each row writing its keys at positions 0..n-1 of its slot;
+     most `max_batch_tokens` tokens per forward), each row writing its keys at positions 0..n-1 of its slot; the
+     prism experts hook routes the padding to no expert (`experts.skip_padding`);
   2. decodes one token for every running request in one forward: each row writes its new key at its own length
      and attends its first length + 1 positions (an additive mask [B, 1, 1, longest + 1]).
 Positions past a request's length hold stale keys (prefill padding, an earlier occupant); the mask hides them and
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 
+from prism_moe.model.experts import skip_padding
 from prism_moe.runtime.engine.runners import RunnerOutput, RunnerRequest
 from prism_moe.runtime.engine.sampling import sample
 
@@ -345,7 +347,9 @@ class SlotRunner:
         n = torch.tensor(lengths, device=dev)
         pos = torch.arange(longest, device=dev).expand(len(seqs), -1)  # [B, q]
         cache.for_prefill(seqs[0].slot, len(seqs))
-        hidden = self._forward(ids.to(dev), pos, torch.where(pos < n[:, None], pos, -1))
+        valid = pos < n[:, None]
+        with skip_padding(~valid.reshape(-1)):  # the prism experts hook computes no expert for the padding
+            hidden = self._forward(ids.to(dev), pos, torch.where(valid, pos, -1))
         fresh = [i for i, s in enumerate(seqs) if not s.out]  # resumed rows emit nothing: their next token is known
         for s, length in zip(seqs, lengths, strict=True):
             s.length = length
