@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from prism_moe.model.experts import skip_padding
 from prism_moe.runtime.engine.layers import UNKNOWN_REQUEST, HandoffError, LayerGate
 from prism_moe.runtime.engine.slots import _attention_kinds, attention_masks
 from prism_moe.runtime.service import ServiceError
@@ -347,7 +348,9 @@ class BlockExecutor:
             return decoder(inputs_embeds=placeholder, position_ids=positions, attention_mask=masks, cache=cache,
                            use_cache=True)
 
-        return self.gate.run_block(first, last, x, forward)
+        padding = positions >= valid[:, None]  # a prefill's right padding: its experts' output is never read
+        with skip_padding(padding.reshape(-1)):
+            return self.gate.run_block(first, last, x, forward)
 
     def _release(self, home: str, session: str, rows: list[str]) -> int:
         n = 0
