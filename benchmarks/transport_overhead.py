@@ -134,10 +134,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.serve == "raw":
         return serve_raw()
+    if args.baseline_dir:  # first: a baseline's mode may be named "prism" too
+        return serve_before(args.hidden, args.serve, args.baseline_dir)
     if args.serve == "prism":
         return serve_prism(args.hidden)
-    if args.serve:
-        return serve_before(args.hidden, args.serve, args.baseline_dir)
 
     torch.manual_seed(0)
     rng = random.Random(0)
