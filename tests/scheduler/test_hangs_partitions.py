@@ -19,7 +19,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from prism_moe.config import cluster_from_dict
 from prism_moe.model.spec import ModelSpec
@@ -28,6 +27,7 @@ from prism_moe.placement.placement import Placement
 from prism_moe.runtime.launcher import start_local_cluster
 
 from .load import Load
+from .split_cluster import greedy_refs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -40,8 +40,6 @@ LONGEST_REQUEST = 15.0  # s: a few deadlines and failovers at the fault, on a lo
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tmp = tmp_path_factory.mktemp("faults")
     ckpt = make_tiny_model("mixtral", tmp / "ckpt", seed=1)
     spec = ModelSpec.from_pretrained(ckpt)
@@ -50,14 +48,7 @@ def cluster(tmp_path_factory):
         hosts[[e % 3, (e + 1) % 3], :, e] = True
     link = np.array([[0, 1, 2], [1, 0, 2], [1, 2, 0]], dtype=float)  # a -> b, b -> a, c -> a
     Placement.from_hosts(NAMES, hosts, link, algorithm="two-copies").save(tmp / "p.json")
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    refs = {}
-    for prompt in PROMPTS:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
-        refs[prompt] = (ids[0].tolist(), out[0, ids.shape[1]:].tolist())
-    del model
+    refs = greedy_refs(ckpt, PROMPTS, MAX_TOKENS)
     spec_cluster = cluster_from_dict({"model": str(ckpt), "device": "cpu",
                                       "servers": [{"name": n, "memory_gib": 1} for n in NAMES]})
     lc = start_local_cluster(spec_cluster, tmp / "run", ["--placement", str(tmp / "p.json"), "--timeout",

@@ -11,92 +11,32 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
-import torch
 
-from prism_moe.config import cluster_from_dict
-from prism_moe.model.spec import GIB, ModelSpec
-from prism_moe.model.tiny import make_tiny_model
 from prism_moe.placement.placement import Placement
-from prism_moe.runtime.launcher import start_local_cluster
-from prism_moe.scheduler.coordinator import Coordinator, CoordinatorConfig
 
 from .load import Load
+from .split_cluster import NAMES, PROMPTS, hosts, restart, split_cluster, stats
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-NAMES = ["edge-a", "edge-b", "edge-c"]
-PROMPTS = ["The edge server", "Experts live on several machines and", "Hello, how are you"]
 MAX_TOKENS = 8
-
-
-def _hosts(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
-    p0 = np.zeros((3, spec.num_moe_layers, spec.num_experts), dtype=bool)
-    for e in range(spec.num_experts):
-        p0[e % 3, :, e] = True
-    p1 = p0.copy()
-    p1[0, :, [2, 5]] = True
-    p1[0, :, 6] = False
-    p1[1, :, 6] = True
-    return p0, p1
 
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tmp = tmp_path_factory.mktemp("live")
-    ckpt = make_tiny_model("mixtral", tmp / "ckpt", seed=1)
-    spec = ModelSpec.from_pretrained(ckpt)
-    p0, _ = _hosts(spec)
-    placement = Placement.from_hosts(NAMES, p0, np.ones((3, 3)), algorithm="split-by-id")
-    placement.save(tmp / "p0.json")
-    memory_gib = (spec.dense_bytes + 8.5 * spec.expert_bytes) / GIB  # 8 expert slots
-    cluster = cluster_from_dict({"model": str(ckpt), "device": "cpu",
-                                 "servers": [{"name": n, "memory_gib": memory_gib} for n in NAMES]})
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    refs = {}
-    for prompt in PROMPTS:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
-        refs[prompt] = (ids[0].tolist(), out[0, ids.shape[1]:].tolist())
-    del model
-    args = ["--placement", str(tmp / "p0.json"), "--timeout", "2"]
-    omp = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # three servers on a small box: no busy-waiting thread pools
-    try:
-        lc = start_local_cluster(cluster, tmp / "run", args, health_timeout=120, log=lambda *_: None)
-    finally:
-        if omp is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp
-    config = CoordinatorConfig(period=1e9, poll_interval=0.3, down_after=1.0, transfer="peer",
-                               replan_on_shift=False)
-    coord = Coordinator(lc.cluster, config, placement=placement, model=spec)
-    coord.start()
-    try:
-        yield lc, coord, refs, spec, args
-    finally:
-        coord.stop()
-        lc.stop()
-
-
-def _stats(url: str) -> dict:
-    return httpx.get(f"{url}/prism/stats", timeout=10).json()
+    with split_cluster(tmp_path_factory.mktemp("live"), MAX_TOKENS) as run:
+        yield run
 
 
 def test_migration_under_load_loses_nothing(cluster_run):
     lc, coord, refs, spec, _ = cluster_run
     urls = lc.endpoints()
-    _, p1 = _hosts(spec)
+    _, p1 = hosts(spec)
     target = Placement.from_hosts(NAMES, p1, np.ones((3, 3)))
     with Load(urls, refs, lc.cluster.resolve_path(lc.cluster.model).name, PROMPTS, MAX_TOKENS) as load:
         load.wait(NAMES, after=0.0)
@@ -113,7 +53,7 @@ def test_migration_under_load_loses_nothing(cluster_run):
     overlapping = [r for r in load.results if r.start < t_end and r.end > t_start]
     assert overlapping, "no request was in flight during the migration"
     for i, n in enumerate(NAMES):
-        s = _stats(urls[n])
+        s = stats(urls[n])
         assert s["placement_version"] == report.to_version
         held = {int(k): v for k, v in s["held"].items()}
         assert held == {l: np.flatnonzero(p1[i, l]).tolist() for l in range(spec.num_moe_layers)}
@@ -124,7 +64,7 @@ def test_failover_and_rejoin(cluster_run):
     lc, coord, refs, spec, args = cluster_run
     urls = lc.endpoints()
     model_name = lc.cluster.resolve_path(lc.cluster.model).name
-    _, p1 = _hosts(spec)
+    _, p1 = hosts(spec)
     if not (coord.placement.hosts == p1).all():  # when run alone
         assert coord.migrate_to(Placement.from_hosts(NAMES, p1, np.ones((3, 3)))).ok
     # every expert of edge-c has a copy on edge-a, so the others lose nothing when it dies
@@ -140,25 +80,20 @@ def test_failover_and_rejoin(cluster_run):
         load.wait(NAMES[:2], after=time.monotonic())
     failed = [r for r in load.results if not r.ok]
     assert not failed, [f[4] for f in failed[:3]]
-    assert "edge-c" in _stats(urls["edge-b"])["down"]
+    assert "edge-c" in stats(urls["edge-b"])["down"]
     assert coord.error is None and not coord.live_mask()[2]
 
     # edge-c comes back (with the placement file it started with): it is given the current placement
     version_down = coord.placement.version
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "prism_moe.cli", "serve", "--cluster", str(lc.run_dir / "cluster.yaml"),
-           "--server", "edge-c", *args]
-    with open(lc.run_dir / "edge-c.restart.log", "w") as logf:
-        lc.procs["edge-c"] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                              env=env)
+    restart(lc, "edge-c", args)
     deadline = time.monotonic() + 90
     while not coord.servers["edge-c"].live or coord.placement.version <= version_down:
         assert time.monotonic() < deadline, "edge-c did not rejoin"
         time.sleep(0.2)
     version = coord.placement.version
     for n in NAMES:
-        assert _stats(urls[n])["placement_version"] == version
-        assert "edge-c" not in _stats(urls[n])["down"]
+        assert stats(urls[n])["placement_version"] == version
+        assert "edge-c" not in stats(urls[n])["down"]
     prompt_ids, want = refs[PROMPTS[0]]
     r = httpx.post(f"{urls['edge-c']}/v1/completions", timeout=60, json={
         "model": model_name, "prompt": prompt_ids, "max_tokens": MAX_TOKENS, "temperature": 0,

@@ -16,96 +16,36 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
-import torch
 
-from prism_moe.config import cluster_from_dict
-from prism_moe.model.spec import GIB, ModelSpec
-from prism_moe.model.tiny import make_tiny_model
+from prism_moe.model.spec import ModelSpec
 from prism_moe.placement.placement import Placement
 from prism_moe.placement.plan import ExecutionPlan
-from prism_moe.runtime.launcher import start_local_cluster
-from prism_moe.scheduler.coordinator import Coordinator, CoordinatorConfig
 
 from .load import Load
+from .split_cluster import NAMES, PROMPTS, hosts, restart, split_cluster, stats
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-NAMES = ["edge-a", "edge-b", "edge-c"]
-PROMPTS = ["The edge server", "Experts live on several machines and", "Hello, how are you"]
 MAX_TOKENS = 8
 LONG = 24  # the kills' requests: long enough that a kill finds them decoding, with blocks on the peer
 A, B, C = range(3)
 PIPELINE = np.array([[A, C], [C, B], [C, C]])  # executor[home, MoE layer]
 
 
-def _hosts(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
-    p0 = np.zeros((3, spec.num_moe_layers, spec.num_experts), dtype=bool)
-    for e in range(spec.num_experts):
-        p0[e % 3, :, e] = True
-    p1 = p0.copy()
-    p1[0, :, [2, 5]] = True
-    p1[0, :, 6] = False
-    p1[1, :, 6] = True
-    return p0, p1
-
-
 def _pipeline(spec: ModelSpec) -> ExecutionPlan:
-    _, p1 = _hosts(spec)
+    _, p1 = hosts(spec)
     return ExecutionPlan(Placement.from_hosts(NAMES, p1, np.ones((3, 3)), algorithm="split-by-id"), PIPELINE,
                          np.ones((3, spec.num_moe_layers), bool), "pipeline")
 
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tmp = tmp_path_factory.mktemp("plans")
-    ckpt = make_tiny_model("mixtral", tmp / "ckpt", seed=1)
-    spec = ModelSpec.from_pretrained(ckpt)
-    p0, _ = _hosts(spec)
-    placement = Placement.from_hosts(NAMES, p0, np.ones((3, 3)), algorithm="split-by-id")
-    placement.save(tmp / "p0.json")
-    memory_gib = (spec.dense_bytes + 8.5 * spec.expert_bytes) / GIB  # 8 expert slots
-    cluster = cluster_from_dict({"model": str(ckpt), "device": "cpu",
-                                 "servers": [{"name": n, "memory_gib": memory_gib} for n in NAMES]})
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    refs = {}
-    for prompt in PROMPTS:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=LONG, do_sample=False)
-        refs[prompt] = (ids[0].tolist(), out[0, ids.shape[1]:].tolist())
-    del model
-    args = ["--placement", str(tmp / "p0.json"), "--timeout", "2"]
-    omp = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # three servers on a small box: no busy-waiting thread pools
-    try:
-        lc = start_local_cluster(cluster, tmp / "run", args, health_timeout=120, log=lambda *_: None)
-    finally:
-        if omp is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp
-    config = CoordinatorConfig(period=1e9, poll_interval=0.3, down_after=1.0, transfer="peer",
-                               replan_on_shift=False)
-    coord = Coordinator(lc.cluster, config, placement=placement, model=spec)
-    coord.start()
-    try:
-        yield lc, coord, refs, spec, args
-    finally:
-        coord.stop()
-        lc.stop()
-
-
-def _stats(url: str) -> dict:
-    return httpx.get(f"{url}/prism/stats", timeout=10).json()
+    with split_cluster(tmp_path_factory.mktemp("plans"), LONG) as run:
+        yield run
 
 
 def _model_name(lc) -> str:
@@ -121,15 +61,15 @@ def _kill_edge_c_mid_run(lc, urls, survivors) -> tuple[float, dict]:
     """SIGKILL edge-c once both survivors have requests with block caches on it; (kill time, resumed before)."""
     deadline = time.monotonic() + 30
     while True:
-        stats = {n: _stats(urls[n])["plan"]["runner"] for n in survivors}
-        if all(st["remote_caches"].get("edge-c", 0) > 0 for st in stats.values()):
+        runners = {n: stats(urls[n])["plan"]["runner"] for n in survivors}
+        if all(st["remote_caches"].get("edge-c", 0) > 0 for st in runners.values()):
             break
-        assert time.monotonic() < deadline, f"no request of {survivors} runs a block on edge-c: {stats}"
+        assert time.monotonic() < deadline, f"no request of {survivors} runs a block on edge-c: {runners}"
         time.sleep(0.02)
     os.killpg(lc.procs["edge-c"].pid, signal.SIGKILL)
     t_kill = time.monotonic()
     lc.procs["edge-c"].wait(timeout=10)
-    return t_kill, {n: st["resumed"] for n, st in stats.items()}
+    return t_kill, {n: st["resumed"] for n, st in runners.items()}
 
 
 def test_live_plan_switch_loses_nothing(cluster_run):
@@ -138,7 +78,7 @@ def test_live_plan_switch_loses_nothing(cluster_run):
     target = _pipeline(spec)
     with Load(urls, _short(refs), _model_name(lc), PROMPTS, MAX_TOKENS) as load:
         load.wait(NAMES, after=0.0)
-        resumed0 = {n: _stats(urls[n])["plan"]["runner"]["resumed"] for n in NAMES}
+        resumed0 = {n: stats(urls[n])["plan"]["runner"]["resumed"] for n in NAMES}
         t_start = time.monotonic()
         report = coord.switch_plan(target, "test")
         t_end = time.monotonic()
@@ -148,12 +88,12 @@ def test_live_plan_switch_loses_nothing(cluster_run):
     over = [r for r in load.results if r.start < t_end and r.end > t_start]
     print(f"plan switch: {report.seconds:.2f} s, {report.rounds} rounds; {len(load.results)} requests, "
           f"{len(over)} overlapping it, longest {max(r.end - r.start for r in over):.2f} s; resumed "
-          f"{ {n: _stats(urls[n])['plan']['runner']['resumed'] - resumed0[n] for n in NAMES} }")
+          f"{ {n: stats(urls[n])['plan']['runner']['resumed'] - resumed0[n] for n in NAMES} }")
     assert report.experts_loaded == 6 and report.experts_dropped == 2
     assert [r for r in load.results if r.start < t_end and r.end > t_start], "nothing was in flight"
     assert (coord.plan.executor == PIPELINE).all() and coord.plan.placement.version == report.to_version
     for i, n in enumerate(NAMES):
-        s = _stats(urls[n])
+        s = stats(urls[n])
         assert s["placement_version"] == report.to_version
         runner = s["plan"]["runner"]
         assert runner["version"] == report.to_version
@@ -162,8 +102,8 @@ def test_live_plan_switch_loses_nothing(cluster_run):
             want = [[0, 1, want[0][2]]]
         assert runner["path"] == want
     # requests after the switch really hand blocks to edge-c
-    assert _stats(urls["edge-a"])["plan"]["runner"]["handoffs"] > 0
-    assert _stats(urls["edge-c"])["plan"]["executes_for_peers"]["calls"] > 0
+    assert stats(urls["edge-a"])["plan"]["runner"]["handoffs"] > 0
+    assert stats(urls["edge-c"])["plan"]["executes_for_peers"]["calls"] > 0
 
 
 def test_block_executor_killed_mid_run(cluster_run):
@@ -186,13 +126,13 @@ def test_block_executor_killed_mid_run(cluster_run):
     inflight = [r for r in load.results if r.start < t_kill < r.end]
     assert inflight, "no request was in flight at the kill"
     before = sorted(r.end - r.start for r in load.results if r.end < t_kill)
-    resumed = {n: _stats(urls[n])["plan"]["runner"]["resumed"] - resumed0[n] for n in survivors}
+    resumed = {n: stats(urls[n])["plan"]["runner"]["resumed"] - resumed0[n] for n in survivors}
     print(f"kill: {len(inflight)} requests in flight took up to {max(r.end - r.start for r in inflight):.2f} s "
           f"(before: median {before[len(before) // 2]:.2f} s); requests resumed {resumed}; plan without edge-c "
           f"{t_replanned - t_kill:.2f} s after the kill")
     assert sum(resumed.values()) > 0, "no running request was rebuilt: the kill found none with a cache on edge-c"
     for n in survivors:
-        s = _stats(urls[n])
+        s = stats(urls[n])
         assert "edge-c" in s["down"]
         assert "edge-c" not in str(s["plan"]["runner"]["path"])
         assert s["placement_version"] == coord.plan.placement.version
@@ -209,18 +149,13 @@ def test_rejoin_then_a_kill_the_homes_detect_themselves(cluster_run):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     version_down = coord.plan.placement.version
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "prism_moe.cli", "serve", "--cluster", str(lc.run_dir / "cluster.yaml"),
-           "--server", "edge-c", *args]
-    with open(lc.run_dir / "edge-c.restart.log", "w") as logf:
-        lc.procs["edge-c"] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                              env=env)
+    restart(lc, "edge-c", args)
     deadline = time.monotonic() + 90
     while not coord.servers["edge-c"].live or coord.plan.placement.version <= version_down:
         assert time.monotonic() < deadline, "edge-c did not rejoin"
         time.sleep(0.2)
     # the rejoined server executes the cluster's plan (not the placement file it started with)
-    assert _stats(urls["edge-c"])["plan"]["version"] == coord.plan.placement.version
+    assert stats(urls["edge-c"])["plan"]["version"] == coord.plan.placement.version
     assert coord.switch_plan(_pipeline(spec), "test").ok
     survivors = NAMES[:2]
     down_after, coord.config.down_after = coord.config.down_after, 1e9  # the homes are on their own
@@ -238,12 +173,12 @@ def test_rejoin_then_a_kill_the_homes_detect_themselves(cluster_run):
     inflight = [r for r in load.results if r.start < t_kill < r.end]
     assert inflight, "no request was in flight at the kill"
     stall = max(r.end - r.start for r in inflight)
-    resumed = {n: _stats(urls[n])["plan"]["runner"]["resumed"] - resumed0[n] for n in survivors}
+    resumed = {n: stats(urls[n])["plan"]["runner"]["resumed"] - resumed0[n] for n in survivors}
     print(f"kill without the coordinator: {len(inflight)} requests in flight took up to {stall:.2f} s (call "
           f"deadline {timeout} s x 2 attempts); requests resumed {resumed}")
     assert sum(resumed.values()) > 0
     for n in survivors:
-        assert "edge-c" not in str(_stats(urls[n])["plan"]["runner"]["path"])  # suspected by the home itself
+        assert "edge-c" not in str(stats(urls[n])["plan"]["runner"]["path"])  # suspected by the home itself
     assert stall < timeout, "the homes waited out the hand-off deadline before failing over"
 
 
@@ -274,4 +209,4 @@ def test_post_plan_by_algorithm_on_the_survivors(cluster_run):
     print(f"POST /plan pipeline on the survivors: blocks {plan.summary()['blocks']}, "
           f"{sum(1 for r in load.results if r.ok)} requests, none failed")
     for n in survivors:
-        assert _stats(urls[n])["plan"]["version"] == plan.placement.version
+        assert stats(urls[n])["plan"]["version"] == plan.placement.version

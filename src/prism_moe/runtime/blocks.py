@@ -38,7 +38,7 @@ import torch
 
 from prism_moe.model.experts import skip_padding
 from prism_moe.runtime.engine.layers import UNKNOWN_REQUEST, HandoffError, LayerGate
-from prism_moe.runtime.engine.slots import _attention_kinds, attention_masks
+from prism_moe.runtime.engine.slots import SlotCache, _attention_kinds, attention_masks
 from prism_moe.runtime.service import ServiceError
 from prism_moe.runtime.transport import PeerPool, TransportError
 from prism_moe.runtime.wire import BAD_REQUEST, BLOCK_CALL, BLOCK_RELEASE
@@ -46,7 +46,6 @@ from prism_moe.runtime.wire import BAD_REQUEST, BLOCK_CALL, BLOCK_RELEASE
 log = logging.getLogger(__name__)
 
 BUSY = "busy"  # every cache slot of the peer is taken
-_MIN_CAPACITY = 128
 _SWEEP_EVERY_S = 5.0
 
 
@@ -89,34 +88,20 @@ class BlockClient:
 
 # ----------------------------------------------------------------------------------------------- peer side
 
-class BlockCache:
+class BlockCache(SlotCache):
     """Per-layer key/value buffers [slots, heads, capacity, dim] for the blocks a peer runs; rows map to slots.
 
-    Like the slot runner's `SlotCache`, it holds whatever a family caches (DeepSeek's latents too), but a call's
-    rows sit in any slots: `set_rows` names them, their write positions and how far they read."""
+    The slot runner's `SlotCache` (growth, buffers made at the first write in the shapes the family writes,
+    DeepSeek's latents too), but a call's rows sit in any slots: `set_rows` names them, their write positions and
+    how far they read."""
 
     def __init__(self, num_layers: int, slots: int, max_len: int) -> None:
-        self.slots, self.max_len, self.capacity = slots, max_len, 0
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+        super().__init__(num_layers, slots, max_len)
         self._slot_idx = torch.zeros(0, dtype=torch.long)
         self._pos = torch.zeros(0, 0, dtype=torch.long)
-        self._read = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
-
-    def reserve(self, length: int) -> None:
-        if length <= self.capacity:
-            return
-        new = min(self.max_len, max(_MIN_CAPACITY, self.capacity * 2, length))
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                if old is not None:
-                    grown = old.new_zeros(*old.shape[:2], new, old.shape[3])
-                    grown[:, :, :self.capacity] = old
-                    store[i] = grown
-        self.capacity = new
 
     def set_rows(self, slot_idx: torch.Tensor, positions: torch.Tensor, read: int) -> None:
         """slot_idx [B]: each row's slot; positions [B, q]: where its keys go; every row reads `:read`."""
@@ -125,23 +110,12 @@ class BlockCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """key_states [B, hk, q, dk], value_states [B, hv, q, dv] -> what the rows attend to [B, h, read, d]."""
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx] = key_states.new_zeros(self.slots, key_states.shape[1], self.capacity,
-                                                        key_states.shape[3])
-            self.values[layer_idx] = value_states.new_zeros(self.slots, value_states.shape[1], self.capacity,
-                                                            value_states.shape[3])
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self._buffers(key_states, value_states, layer_idx)
         rows = self._slot_idx
         # advanced indices on dims 0 and 2 around a slice: the indexed view is [B, q, heads, dim]
         keys[rows[:, None], :, self._pos] = key_states.transpose(1, 2)
         values[rows[:, None], :, self._pos] = value_states.transpose(1, 2)
         return keys[rows, :, :self._read], values[rows, :, :self._read]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return query_length, 0
 
 
 @dataclass

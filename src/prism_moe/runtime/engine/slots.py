@@ -97,12 +97,7 @@ class SlotCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """key_states [rows, hk, q, dk], value_states [rows, hv, q, dv] -> everything the rows attend to."""
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx] = key_states.new_zeros(self.slots, key_states.shape[1], self.capacity,
-                                                        key_states.shape[3])
-            self.values[layer_idx] = value_states.new_zeros(self.slots, value_states.shape[1], self.capacity,
-                                                            value_states.shape[3])
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self._buffers(key_states, value_states, layer_idx)
         rows = self._rows
         if self._pos is None:  # prefill: positions 0..q-1
             q = key_states.shape[2]
@@ -112,6 +107,18 @@ class SlotCache:
         keys[self._row_idx, :, self._pos] = key_states[:, :, 0]  # [B, hk, dk] at (row, :, position)
         values[self._row_idx, :, self._pos] = value_states[:, :, 0]
         return keys[rows, :, :self._read], values[rows, :, :self._read]
+
+    def _buffers(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer_idx`'s buffers, made at its first write in the shapes and dtype the model writes."""
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx] = key_states.new_zeros(self.slots, key_states.shape[1], self.capacity,
+                                                        key_states.shape[3])
+            self.values[layer_idx] = value_states.new_zeros(self.slots, value_states.shape[1], self.capacity,
+                                                            value_states.shape[3])
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        assert keys is not None and values is not None
+        return keys, values
 
     # What transformers' mask and position helpers may ask a cache; the runner passes both, so these are not used
     # for the forward itself.
