@@ -127,6 +127,11 @@ def _plans_phase(lc, spec: ModelSpec, split: Placement, model: str, prompt_ids: 
             _post(url, "/prism/experts/drop", {"experts": extra})
     for name, url in urls.items():
         assert _complete(url, model, prompt_ids, len(want)) == want, (name, "hybrid")
+    # version fencing: other layer blocks under the version in use are refused, the same plan again is a no-op
+    stale = ExecutionPlan(hybrid.placement, pipeline.executor, hybrid.dense, "stale")
+    r = httpx.post(f"{a}/prism/plan", json={"plan": stale.to_dict()}, timeout=60)
+    assert r.status_code == 409 and "not newer" in r.text, r.text
+    _post(a, "/prism/plan", {"plan": hybrid.to_dict()})
 
 
 def _reference(ckpt, prompt: str, max_tokens: int) -> tuple[list[int], list[int]]:

@@ -163,6 +163,9 @@ class EdgeServer:
         self.resident_bytes = 0
         self._started_at = 0.0
         self.model: Any = None
+        self.gate: Any = None  # LayerGate over the model's decoder layers (plans)
+        self.blocks: Any = None  # BlockExecutor: peers' layer blocks
+        self.block_client: Any = None  # this server's hand-offs
         self.capacity = 0  # expert slots this server's memory allows (cluster file)
         self._replay: Any = None
         self._ckpt: Any = None
@@ -397,7 +400,7 @@ class EdgeServer:
         runner = self.engine.runner if self.engine is not None else None
         out = {"algorithm": self.plan.algorithm, "version": self.plan.placement.version, "at_home": self.plan.at_home,
                "blocks": [[a, b, self.plan.server_names[p]] for a, b, p in blocks(self.plan.executor[me])],
-               "executes_for_peers": self.blocks.stats() if getattr(self, "blocks", None) is not None else None}
+               "executes_for_peers": self.blocks.stats() if self.blocks is not None else None}
         if runner is not None and hasattr(runner, "info"):
             out["runner"] = runner.info()
         return out
@@ -408,11 +411,7 @@ class EdgeServer:
         if list(plan.server_names) != list(self.plan.server_names):
             raise ControlError(400, f"plan for servers {list(plan.server_names)}, this cluster has "
                                     f"{list(self.plan.server_names)}")
-        out = self.switch_placement(plan.placement, down, drain_timeout)
-        self.plan = plan
-        runner = self.engine.runner if self.engine is not None else None
-        if runner is not None and hasattr(runner, "set_route"):
-            runner.set_route(self._route(plan))
+        out = self.switch_placement(plan.placement, down, drain_timeout, plan)
         log.warning("%s: executing plan %s v%d: %s", self.name, plan.algorithm or "given", plan.placement.version,
                     self.plan_info()["blocks"])
         return {**out, "plan": self.plan_info()}
@@ -660,8 +659,10 @@ class EdgeServer:
         return {"server": self.name, "links": {n: asdict(p) for n, p in self.service.links.profiles().items()}}
 
     def switch_placement(self, placement: Placement, down: list[str] | None = None,
-                         drain_timeout: float = 10.0) -> dict[str, Any]:
-        """Route by `placement` from now on; wait (up to `drain_timeout` s) for calls made under older ones."""
+                         drain_timeout: float = 10.0, plan: Any = None) -> dict[str, Any]:
+        """Route by `placement` from now on; wait (up to `drain_timeout` s) for calls made under older ones. With
+        `plan` (whose placement `placement` is), this server's requests also take the plan's route; without, the
+        current plan's layer blocks are kept over the new placement."""
         if list(placement.server_names) != list(self.placement.server_names):
             raise ControlError(400, f"placement for servers {list(placement.server_names)}, this cluster has "
                                     f"{list(self.placement.server_names)}")
@@ -669,7 +670,8 @@ class EdgeServer:
         with self._control_lock:
             current = self.dispatcher.placement.version
             if placement.version <= current:
-                if placement.version == current and (placement.hosts == self.dispatcher.placement.hosts).all():
+                same = placement.version == current and (placement.hosts == self.dispatcher.placement.hosts).all()
+                if same and (plan is None or (plan.executor == self.plan.executor).all()):  # a repeat: done already
                     return {"server": self.name, "placement_version": current, "drained": True, "drain_ms": 0.0}
                 raise ControlError(409, f"placement version {placement.version} is not newer than {current}")
             lacking = [(int(l), int(e)) for l, e in np.argwhere(placement.hosts[me])
@@ -682,7 +684,10 @@ class EdgeServer:
             for layer, store in self.stores.items():  # flip the maps of the staged copies it now routes here
                 store.publish([e for e in store.staged if placement.hosts[me, layer, e]])
             self.placement = placement
-            self.plan = self.plan.with_placement(placement)  # a migration under a plan keeps its route
+            self.plan = plan if plan is not None else self.plan.with_placement(placement)
+            runner = self.engine.runner if self.engine is not None else None
+            if plan is not None and runner is not None and hasattr(runner, "set_route"):
+                runner.set_route(self._route(plan))  # running requests are rebuilt on it at the loop's next step
             self.metrics.set_placement_version(placement.version)
             t0 = time.perf_counter()
             self.dispatcher.set_placement(placement)
