@@ -36,12 +36,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Route:
     """executors[m]: the server that runs MoE layer m for this home's requests (None: here); backups[m]: who takes
-    over when it fails (None: here); `avoid`: servers known down. `version`: the plan's placement version."""
+    over when it fails (None: here). `version`: the plan's placement version."""
 
     version: int
     executors: tuple[str | None, ...]
     backups: tuple[str | None, ...]
-    avoid: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if len(self.executors) != len(self.backups):
@@ -53,11 +52,10 @@ class Route:
 
     def path(self, avoid: set[str] | frozenset[str] = frozenset()) -> tuple[str | None, ...]:
         """Per MoE layer, who runs it now: the executor, else (it is avoided) its backup, else here."""
-        down = self.avoid | frozenset(avoid)
         out = []
         for ex, bk in zip(self.executors, self.backups, strict=True):
-            if ex is not None and ex in down:
-                ex = bk if bk is not None and bk not in down else None
+            if ex is not None and ex in avoid:
+                ex = bk if bk is not None and bk not in avoid else None
             out.append(ex)
         return tuple(out)
 
@@ -196,7 +194,7 @@ class PlanRunner(SlotRunner):
 
     def _flush_releases(self) -> None:
         """Send the releases no hand-off will carry soon (the server is off the path, or nothing runs)."""
-        down = self._down() | self._seen.avoid
+        down = self._down()
         for server in list(self._releases):
             if server in down:  # unreachable: its caches expire there
                 del self._releases[server]
