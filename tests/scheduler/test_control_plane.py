@@ -13,7 +13,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from prism_moe.config import cluster_from_dict
 from prism_moe.model.spec import GIB, ModelSpec
@@ -24,6 +23,8 @@ from prism_moe.runtime.launcher import start_local_cluster
 from prism_moe.scheduler.client import ControlFailed, ServerClient
 from prism_moe.scheduler.coordinator import Coordinator, CoordinatorConfig
 
+from .split_cluster import greedy_refs, hosts
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 NAMES = ["edge-a", "edge-b", "edge-c"]
@@ -33,29 +34,21 @@ PROMPT = "Experts live on several machines and"
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tmp = tmp_path_factory.mktemp("control")
     ckpt = make_tiny_model("mixtral", tmp / "ckpt", seed=2)
     spec = ModelSpec.from_pretrained(ckpt)
-    p0 = np.zeros((3, spec.num_moe_layers, spec.num_experts), dtype=bool)
-    for e in range(spec.num_experts):
-        p0[e % 3, :, e] = True
+    p0, _ = hosts(spec)
     Placement.from_hosts(NAMES, p0, np.ones((3, 3)), algorithm="split-by-id").save(tmp / "p0.json")
     memory_gib = (spec.dense_bytes + 8.5 * spec.expert_bytes) / GIB
     cluster = cluster_from_dict({"model": str(ckpt), "device": "cpu",
                                  "servers": [{"name": n, "memory_gib": memory_gib} for n in NAMES]})
     admin_file = make_admin_key(tmp / "keys" / "admin.key")
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    want = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
-    del model
+    ref = greedy_refs(ckpt, [PROMPT], 6)[PROMPT]
     args = ["--placement", str(tmp / "p0.json"), "--timeout", "2", "--api-key", USER_KEY,
             "--admin-key-file", str(admin_file), "--threads", "1"]
     lc = start_local_cluster(cluster, tmp / "run", args, health_timeout=120, log=lambda *_: None)
     try:
-        yield lc, spec, read_admin_key(admin_file), (ids[0].tolist(), want)
+        yield lc, spec, read_admin_key(admin_file), ref
     finally:
         lc.stop()
 
