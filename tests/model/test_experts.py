@@ -85,9 +85,9 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _random_slots(num_experts=6, hidden=8, inter=4, held=range(6), capacity=None, bias=False, seed=0):
+def _random_slots(num_experts=6, hidden=8, inter=4, held=range(6), capacity=None, bias=False, seed=0, packed=False):
     g = torch.Generator().manual_seed(seed)
-    pool = SlotPool(capacity or len(held), hidden, inter, bias=bias)
+    pool = SlotPool(capacity or len(held), hidden, inter, bias=bias, packed=packed)
     store = ExpertSlots(0, num_experts, pool, Gate.activation("silu"))
     weights = {e: (torch.randn(2 * inter, hidden, generator=g), torch.randn(hidden, inter, generator=g),
                    torch.randn(2 * inter, generator=g) if bias else None,
@@ -108,8 +108,13 @@ def test_group_by_expert_matches_eager_order():
         assert (top_k[rows, slots] == e).all()
 
 
-def test_slots_write_publish_drop_and_budget():
-    store, w = _random_slots(held=[1, 4], capacity=3)
+ONEDNN = onednn_usable(torch.device("cpu"), torch.float32)
+POOLS = [False, pytest.param(True, marks=pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN"))]
+
+
+@pytest.mark.parametrize("packed", POOLS)
+def test_slots_write_publish_drop_and_budget(packed):
+    store, w = _random_slots(held=[1, 4], capacity=3, packed=packed)
     assert store.held == [1, 4] and 2 not in store and len(store) == 2
     assert store.view.slot_of.tolist() == [-1, 0, -1, -1, 1, -1, -1]  # + the padding entry
     assert torch.equal(store.get(4)[0], w[4][0])
@@ -136,8 +141,9 @@ def test_slots_write_publish_drop_and_budget():
         store.write(3, w[3][0].to(torch.float8_e4m3fn), w[3][1])
 
 
-def test_dropped_slot_waits_for_forwards_that_may_read_it():
-    store, w = _random_slots(held=[0, 1], capacity=2)
+@pytest.mark.parametrize("packed", POOLS)
+def test_dropped_slot_waits_for_forwards_that_may_read_it(packed):
+    store, w = _random_slots(held=[0, 1], capacity=2, packed=packed)
     with store.reading() as view:  # a forward in progress saw expert 0 in slot 0
         store.drop(0)
         assert view.host[0] == 0 and store.view.host[0] == -1
@@ -170,7 +176,7 @@ def test_grouped_matches_loop_reference(bias):
             torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not onednn_usable(torch.device("cpu"), torch.float32), reason="torch without oneDNN")
+@pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN")
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_loop_matches_loop_reference(bias):
     """The loop with oneDNN's GEMMs: the loop's results within float32 rounding, for the forward and for a peer's
@@ -191,6 +197,36 @@ def test_onednn_loop_matches_loop_reference(bias):
     assert LocalDispatcher(path="auto").onednn_on(torch.device("cpu"), torch.float32)
     assert not LocalDispatcher(path="loop").onednn_on(torch.device("cpu"), torch.float32)
     assert not LocalDispatcher(path="auto").onednn_on(torch.device("cpu"), torch.float64)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_pool_matches_dense_loop_reference(bias):
+    """A packed pool (what a CPU server holds): every path but grouped computes the dense pool's exact loop within
+    float32 rounding, a peer's rows too; its weights read back exactly (migration sends them); grouped refuses it."""
+    dense, w = _random_slots(num_experts=8, hidden=64, inter=32, held=[0, 2, 3, 5, 7], capacity=6, bias=bias)
+    packed, _ = _random_slots(num_experts=8, hidden=64, inter=32, held=[0, 2, 3, 5, 7], capacity=6, bias=bias,
+                              packed=True)
+    assert packed.pool.packed and all(t.is_mkldnn for t in packed.pool.gate_up if t is not None)
+    for e in (0, 7):
+        for got, want in zip(packed.get(e), w[e], strict=True):
+            assert (got is None and want is None) or torch.equal(got, want)
+    g = torch.Generator().manual_seed(5)
+    for tokens in (1, 7, 130):
+        hidden = torch.randn(tokens, 64, generator=g)
+        top_k = torch.tensor([0, 2, 3, 5, 7])[torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(tokens)])]
+        weights = torch.rand(tokens, 2, generator=g)
+        want = LocalDispatcher(path="loop").moe_forward(0, hidden, top_k, weights, dense)
+        for path in ("auto", "onednn", "loop"):
+            out = LocalDispatcher(path=path).moe_forward(0, hidden, top_k, weights, packed)
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        ids = top_k[:, 0]
+        torch.testing.assert_close(compute_rows(packed, ids, hidden), compute_rows(dense, ids, hidden, grouped=False),
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="grouped experts path reads whole slabs"):
+        LocalDispatcher(path="grouped").moe_forward(0, hidden, top_k, weights, packed)
+    with pytest.raises(ValueError, match="float32 weights on a CPU"):
+        SlotPool(2, 8, 4, dtype=torch.float64, packed=True)
 
 
 @pytest.mark.parametrize("path", PATHS)

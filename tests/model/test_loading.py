@@ -15,6 +15,7 @@ from prism_moe.model.experts import (
     stores_of,
 )
 from prism_moe.model.grouped import compute_rows
+from prism_moe.model import onednn
 from prism_moe.model.loading import load_expert_weights, load_partial, resident_weight_bytes
 from prism_moe.model.slots import NoFreeSlotError
 from prism_moe.model.spec import ModelSpec
@@ -27,9 +28,11 @@ def _bytes(tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v2"])
-def test_resident_memory_is_dense_plus_held(arch, tiny_dir, eager_model):
-    """k of E experts per layer -> dense + k/E of the expert bytes, measured on real storages."""
+def test_resident_memory_is_dense_plus_held(arch, packed, tiny_dir, eager_model):
+    """k of E experts per layer -> dense + k/E of the expert bytes, measured on real storages (oneDNN-packed
+    experts: their packed tensors' bytes)."""
     full = eager_model(arch)
     mods = [m for _, m in experts_modules(full)]
     expert_bytes = _bytes(t for m in mods for t in (m.gate_up_proj, m.down_proj))
@@ -37,7 +40,8 @@ def test_resident_memory_is_dense_plus_held(arch, tiny_dir, eager_model):
     num_experts = mods[0].gate_up_proj.shape[0]
     ratios = {}
     for k in (0, 1, num_experts // 2, num_experts):
-        model, stores = load_partial(tiny_dir(arch), {i: range(k) for i in range(len(mods))})
+        model, stores = load_partial(tiny_dir(arch), {i: range(k) for i in range(len(mods))}, packed=packed)
+        assert all(s.pool.packed == (packed and onednn.usable("cpu", torch.float32)) for s in stores.values())
         want = dense_bytes + k / num_experts * expert_bytes
         ratios[k] = resident_weight_bytes(model, stores) / want
         assert all(s.held == list(range(k)) for s in stores.values())
@@ -47,13 +51,14 @@ def test_resident_memory_is_dense_plus_held(arch, tiny_dir, eager_model):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_two_partial_servers_generate_like_eager(arch, device, tiny_dir, eager_model, prompt_ids):
-    """Server A holds experts {0..E/2-1}, server B the rest; A serves, B computes A's missing experts."""
+    """Server A holds experts {0..E/2-1}, server B the rest; A serves, B computes A's missing experts. B keeps
+    its experts oneDNN-packed where it can (what `prism serve` does on a CPU), A keeps dense slabs."""
     path = tiny_dir(arch)
     spec = ModelSpec.from_pretrained(path)
     half = spec.num_experts // 2
     a, a_stores = load_partial(path, {i: range(half) for i in range(spec.num_moe_layers)}, device=device)
     _, b_stores = load_partial(path, {i: range(half, spec.num_experts) for i in range(spec.num_moe_layers)},
-                               device=device)
+                               device=device, packed=True)
     sent = set()
 
     def remote(layer, batches):

@@ -5,7 +5,8 @@
   GEMMs are oneDNN's instead of the BLAS that `nn.functional.linear` calls (MKL): measured 1.2x (8 rows, a
   decode step's share of an expert) to 2x (120 rows, a prefill's) faster for float32 on this project's CPU
   (an AMD EPYC, where MKL does not take its fastest code path), equal within float32 rounding (not bit for
-  bit). oneDNN is what vLLM's CPU backend computes its linear layers with.
+  bit). oneDNN is what vLLM's CPU backend computes its linear layers with. A packed pool (`SlotPool(packed=True)`,
+  what a CPU server holds) keeps weights only oneDNN reads, so its experts always take oneDNN (model/onednn.py).
 * `grouped_pairs` computes every (token, top-k) pair mapped to a local slot with one fixed kernel sequence
   (sort by slot, two `grouped_mm` over the whole slabs, the gate, the routing weights, one scatter back
   to pair order), whatever the number of active experts, and with no host sync: transformers'
@@ -19,12 +20,12 @@
 from __future__ import annotations
 
 import functools
-import threading
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import onednn as dnn
 from .slots import ExpertSlots, Gate, MissingExpertError, SlotPool
 
 
@@ -39,31 +40,13 @@ def grouped_mm_usable(device: torch.device) -> bool:
 
 def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `expert_forward(..., onednn=True)` can run: float32 on a CPU whose torch has oneDNN's linear."""
-    return device.type == "cpu" and dtype == torch.float32 and _onednn_linear_op() is not None
+    return dnn.usable(device, dtype)
 
 
-@functools.cache
-def _onednn_linear_op():  # noqa: ANN202 (a torch op overload packet)
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:  # oneDNN's fp32 linear that inductor's CPU backend calls; takes the weight as stored ([out, in])
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_omp = threading.local()
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, onednn: bool) -> Tensor:
-    if not onednn:
-        return nn.functional.linear(x, weight, bias)
-    if getattr(_omp, "threads", None) != torch.get_num_threads():
-        # oneDNN runs on OpenMP, whose thread count is per thread: a thread started after `torch.set_num_threads`
-        # (the engine's loop, the expert service's worker) would use every core, measured 8x slower here
-        torch.set_num_threads(torch.get_num_threads())
-        _omp.threads = torch.get_num_threads()
-    return _onednn_linear_op()(x, weight, bias, "none", [None], "")
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, use_onednn: bool) -> Tensor:
+    if use_onednn or weight.is_mkldnn:  # a packed pool's weights: only oneDNN reads them
+        return dnn.linear(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
 
 
 def _grouped_mm(x: Tensor, weight_t: Tensor, offsets: Tensor) -> Tensor:
@@ -83,6 +66,9 @@ def expert_forward(pool: SlotPool, gate: Gate, slot: int, x: Tensor, onednn: boo
 def _grouped_sorted(pool: SlotPool, gate: Gate, key_sorted: Tensor, x_sorted: Tensor) -> Tensor:
     """Rows sorted by slot (key C = not local, at the end): x_sorted [n, H] -> [n, H]; rows with key C hold
     garbage (the kernel skips them)."""
+    if pool.packed:
+        raise ValueError("the grouped experts path reads whole slabs, and this slot pool keeps oneDNN-packed "
+                         "weights (a CPU server's default): use the 'auto', 'onednn' or 'loop' path")
     c = pool.capacity
     counts = torch.histc(key_sorted.float() if key_sorted.device.type in ("cpu", "mps") else key_sorted.int(),
                          bins=c, min=0, max=c - 1)

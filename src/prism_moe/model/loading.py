@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import onednn
 from .experts import ExpertDispatcher, LocalDispatcher, attach, experts_modules
 from .families import ExpertsLayout, UnsupportedModelError, check_servable
 from .quant import Fp8Blocks, Mxfp4, QuantFormat, QuantizationError, is_quantized_dtype, quant_format
@@ -468,7 +469,7 @@ def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
 
 def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = None, dispatcher: ExpertDispatcher | None = None,
-                 capacity: int | None = None) -> tuple[nn.Module, dict[int, ExpertSlots]]:
+                 capacity: int | None = None, packed: bool = False) -> tuple[nn.Module, dict[int, ExpertSlots]]:
     """Load the dense part and only the `held` experts ({MoE layer: expert ids}) of a checkpoint.
 
     Returns the model, already attached (experts implementation "prism") to `dispatcher` (default: a
@@ -477,7 +478,8 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
     in one slot pool of `capacity` experts (default: exactly the held ones; a server passes its memory budget
     in slots so that live migration can load more).
     `dtype` defaults to the checkpoint's dtype. A family the expert store cannot compute is refused with
-    `UnsupportedModelError` before any weight is read.
+    `UnsupportedModelError` before any weight is read. `packed`: keep the experts in oneDNN's packed layout where
+    oneDNN computes them (float32 on a CPU; ignored elsewhere), what `prism serve` does (model/onednn.py).
     """
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -555,7 +557,8 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
         if capacity is not None and capacity < total:
             raise ValueError(f"{total} experts to hold but only {capacity} expert slots")
         stores = layer_slots([m for _, m in experts_modules(model)], spec.num_experts,
-                             total if capacity is None else capacity, device, dtype)
+                             total if capacity is None else capacity, device, dtype,
+                             packed=packed and onednn.usable(device, dtype))
         for layer, store in stores.items():
             for e in sorted(set(held.get(layer, ()))):
                 w = ckpt.expert_weights(reader, layer, e, device=device, dtype=dtype)
@@ -603,6 +606,9 @@ def _storage_bytes(tensors: Iterator[Tensor] | Sequence[Tensor]) -> int:
     seen: dict[tuple[str, int], int] = {}
     for t in tensors:
         if t.device.type == "meta" or t.numel() == 0:
+            continue
+        if t.is_mkldnn:  # a packed expert weight (opaque: no storage to share)
+            seen[("mkldnn", id(t))] = t.numel() * t.element_size()
             continue
         s = t.untyped_storage()
         seen[(str(t.device), s.data_ptr())] = s.nbytes()

@@ -211,7 +211,8 @@ class EdgeServer:
             raise ConfigError(f"server {self.name}: the placement gives it {held} experts, but memory_gib="
                               f"{self.spec_server.memory_gib} leaves room for {self.capacity} after the dense part; "
                               f"give it more memory or use a placement computed for this cluster file")
-        model, self.stores = load_partial(ckpt, p.held(self.name), device=str(device), capacity=self.capacity)
+        model, self.stores = load_partial(ckpt, p.held(self.name), device=str(device), capacity=self.capacity,
+                                          packed=True)  # oneDNN-packed experts where oneDNN computes them (CPU)
         self.model = model
         self._ckpt = Checkpoint.open(ckpt)  # the expert index, kept for live loads
         self.checkpoint_experts = self._ckpt.holds_all_experts()
