@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from prism_moe.model import onednn
 from prism_moe.model.experts import (
     LocalDispatcher,
     MissingExpertError,
@@ -15,7 +16,6 @@ from prism_moe.model.experts import (
     stores_of,
 )
 from prism_moe.model.grouped import compute_rows
-from prism_moe.model import onednn
 from prism_moe.model.loading import load_expert_weights, load_partial, resident_weight_bytes
 from prism_moe.model.slots import NoFreeSlotError
 from prism_moe.model.spec import ModelSpec
