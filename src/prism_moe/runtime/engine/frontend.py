@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 
 from prism_moe.runtime.engine.runners import Runner, RunnerOutput, RunnerRequest, caches_latents
-from prism_moe.runtime.engine.sampling import SamplingParams, SequenceSampler, TokenLogprobs, token_logprobs
+from prism_moe.runtime.engine.sampling import SamplingParams, SequenceSampler, TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -262,20 +262,23 @@ class Engine:
         """Create the runner and start its generation thread and the pump thread."""
         if self.is_running:
             return
-        if self.batching == "slots":
-            from prism_moe.runtime.engine.slots import SlotRunner
-
-            make = self._slot_runner or SlotRunner
-            self._runner = make(self.model, self.max_running, self.max_model_len, self._runner_kwargs["max_batch_tokens"])
-        else:
-            from prism_moe.runtime.engine.hf_batching import HFBatchingRunner
-
-            self._runner = HFBatchingRunner(self.model, self.eos_token_ids, _pad_id(self.model, self.tokenizer),
-                                            **self._runner_kwargs)
+        self._runner = self.make_runner()
         self._runner.start()
         self._stopping.clear()
         self._pump = threading.Thread(target=self._pump_loop, name="prism-engine-pump", daemon=True)
         self._pump.start()
+
+    def make_runner(self) -> Runner:
+        """A new (not started) batching loop over the model with this engine's limits."""
+        if self.batching == "slots":
+            from prism_moe.runtime.engine.slots import SlotRunner
+
+            make = self._slot_runner or SlotRunner
+            return make(self.model, self.max_running, self.max_model_len, self._runner_kwargs["max_batch_tokens"])
+        from prism_moe.runtime.engine.hf_batching import HFBatchingRunner
+
+        return HFBatchingRunner(self.model, self.eos_token_ids, _pad_id(self.model, self.tokenizer),
+                                **self._runner_kwargs)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop at once: in-flight requests end with `EngineError`."""
@@ -396,15 +399,8 @@ class Engine:
             raise EngineError("engine is not running")
         runner = self._runner
 
-        def score() -> list[TokenLogprobs | None]:
-            with runner.pause():
-                logits = runner.prompt_logits(prompt)  # [n, V]
-            lps = token_logprobs(logits[:-1].float().log_softmax(dim=-1),
-                                 torch.tensor(prompt[1:], device=logits.device), top) if len(prompt) > 1 else []
-            return [None, *lps]
-
         try:
-            return await asyncio.to_thread(score)
+            return await asyncio.to_thread(runner.prompt_logprobs, prompt, top)
         except Exception as e:
             raise EngineError(f"scoring the prompt failed: {e}") from e
 
@@ -526,13 +522,10 @@ class Engine:
         runner = self._runner
         backoff = 0.05
         while not self._stopping.is_set():
-            out = runner.get_result(timeout=0.1)
-            if out is not None:
-                # A step's outputs arrive together: take all that are there and wake each event loop once for
-                # them, not once per token (measured: the loop thread's wake-ups were a cost at 16+ streams).
-                outs = [out]
-                while (more := runner.get_result(timeout=0)) is not None:
-                    outs.append(more)
+            outs = runner.get_results(timeout=0.1)
+            if outs:
+                # A step's outputs arrive together: wake each event loop once for them, not once per token
+                # (measured: the loop thread's wake-ups were a cost at 16+ streams).
                 self._deliver_all([(o.request_id, o) for o in outs])
                 continue
             if not runner.is_running() and not self._stopping.is_set():

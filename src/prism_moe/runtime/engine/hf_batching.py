@@ -13,7 +13,7 @@ What we change inside it, and why:
   greedy is left alone (the manager's argmax is the answer).
   The processor learns which request each row belongs to in `prepare_tensor_args`, called just before the
   forward on the same thread; that holds because async batching is off (`use_async_batching=False`).
-* Outputs: `get_result` turns the manager's `GenerationOutput` into our `RunnerOutput`.
+* Outputs: `get_results` turns the manager's `GenerationOutput` into our `RunnerOutput`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from prism_moe.runtime.engine.runners import RunnerOutput, RunnerRequest
-from prism_moe.runtime.engine.sampling import SequenceSampler, sample
+from prism_moe.runtime.engine.runners import RunnerOutput, RunnerRequest, score_prompt
+from prism_moe.runtime.engine.sampling import SequenceSampler, TokenLogprobs, sample
 
 # Checked against these versions' ContinuousBatchingManager (attributes, logits-processor API, outputs).
 TESTED_TRANSFORMERS = ("5.24", "6")  # >= first, < second
@@ -94,11 +94,14 @@ class HFBatchingRunner:
     def cancel_request(self, request_id: str) -> None:
         self._manager.cancel_request(request_id)
 
-    def get_result(self, timeout: float | None = None) -> RunnerOutput | None:
-        out = self._manager.get_result(timeout=timeout)
-        if out is None:
-            return None
-        return RunnerOutput(out.request_id, list(out.generated_tokens), out.is_finished(), out.error)
+    def get_results(self, timeout: float | None = None) -> list[RunnerOutput]:
+        outs = []
+        while (out := self._manager.get_result(timeout=timeout if not outs else 0)) is not None:
+            outs.append(RunnerOutput(out.request_id, list(out.generated_tokens), out.is_finished(), out.error))
+        return outs
+
+    def prompt_logprobs(self, prompt: list[int], top: int) -> list[TokenLogprobs | None]:
+        return score_prompt(self, prompt, top)
 
     @contextmanager
     def pause(self) -> Iterator[None]:

@@ -9,13 +9,14 @@ paged cache; not for latent attention).
 
 from __future__ import annotations
 
+import queue
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from prism_moe.runtime.engine.sampling import SequenceSampler
+from prism_moe.runtime.engine.sampling import SequenceSampler, TokenLogprobs, token_logprobs
 
 
 @dataclass
@@ -54,7 +55,10 @@ class Runner(Protocol):
 
     def cancel_request(self, request_id: str) -> None: ...
 
-    def get_result(self, timeout: float | None = None) -> RunnerOutput | None: ...
+    def get_results(self, timeout: float | None = None) -> list[RunnerOutput]:
+        """Every output there is (a step's outputs come together), waiting up to `timeout` s for the first; [] if
+        none came."""
+        ...
 
     def pause(self) -> AbstractContextManager[None]:
         """Hold the loop between two steps while the caller uses the model; requests keep their state."""
@@ -63,6 +67,31 @@ class Runner(Protocol):
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
         """Logits [n, V] of one plain forward over `prompt` (no cache kept); call it while paused."""
         ...
+
+    def prompt_logprobs(self, prompt: list[int], top: int) -> list[TokenLogprobs | None]:
+        """`score_prompt` (a runner in another process computes it there)."""
+        ...
+
+
+def score_prompt(runner: Runner, prompt: list[int], top: int) -> list[TokenLogprobs | None]:
+    """Logprobs of each prompt token given the ones before it (None for the first) with the `top` most likely tokens
+    at each position (vLLM's `prompt_logprobs`): one plain forward while the runner holds between two steps."""
+    with runner.pause():
+        logits = runner.prompt_logits(prompt)  # [n, V]
+    if len(prompt) < 2:
+        return [None]
+    return [None, *token_logprobs(logits[:-1].float().log_softmax(dim=-1),
+                                  torch.tensor(prompt[1:], device=logits.device), top)]
+
+
+def drain(q: queue.Queue, first: Any = None) -> list:
+    """`first` (if not None) and every item `q` holds now."""
+    items = [] if first is None else [first]
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
 
 
 def caches_latents(config: Any) -> bool:

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from prism_moe.model.experts import skip_padding
-from prism_moe.runtime.engine.runners import RunnerOutput, RunnerRequest
-from prism_moe.runtime.engine.sampling import sample
+from prism_moe.runtime.engine.runners import RunnerOutput, RunnerRequest, drain, score_prompt
+from prism_moe.runtime.engine.sampling import TokenLogprobs, sample
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class SlotRunner:
         self._window, self._layer_types = _attention_kinds(config)
         self._cache: SlotCache | None = None
         self._inbox: queue.Queue[_Seq] = queue.Queue()
-        self._out: queue.Queue[RunnerOutput] = queue.Queue()
+        self._out: queue.Queue[list[RunnerOutput]] = queue.Queue()  # one list per forward: one wake-up per step
         self._cancelled: set[str] = set()
         self._active: list[_Seq] = []  # in slots 0..len-1, in slot order
         # the rows of the forward under way: each row's first position and how many tokens it feeds
@@ -209,11 +209,12 @@ class SlotRunner:
             self._cancelled.add(request_id)
         self._wake.set()
 
-    def get_result(self, timeout: float | None = None) -> RunnerOutput | None:
+    def get_results(self, timeout: float | None = None) -> list[RunnerOutput]:
         try:
-            return self._out.get(timeout=timeout)
+            first = self._out.get(timeout=timeout)
         except queue.Empty:
-            return None
+            return []
+        return [out for batch in drain(self._out, first) for out in batch]
 
     @contextmanager
     def pause(self) -> Iterator[None]:
@@ -232,6 +233,9 @@ class SlotRunner:
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
         with torch.no_grad():
             return self.model(input_ids=torch.tensor([prompt], device=self.model.device), use_cache=False).logits[0]
+
+    def prompt_logprobs(self, prompt: list[int], top: int) -> list[TokenLogprobs | None]:
+        return score_prompt(self, prompt, top)
 
     # --- the loop ------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -252,7 +256,7 @@ class SlotRunner:
             self._fail(self._active + self._waiting, e)
             self._active, self._waiting = [], []
         finally:
-            self._fail(self._active + self._waiting + _drain(self._inbox), RuntimeError("engine stopped"))
+            self._fail(self._active + self._waiting + drain(self._inbox), RuntimeError("engine stopped"))
             self._active, self._waiting = [], []
 
     def _hold_if_paused(self) -> None:
@@ -266,7 +270,7 @@ class SlotRunner:
             self._paused = False
 
     def _admit(self) -> None:
-        for seq in _drain(self._inbox):
+        for seq in drain(self._inbox):
             need = len(seq.req.prompt) + seq.req.max_new_tokens
             if need > self.max_len:
                 self._fail([seq], ValueError(f"{need} tokens (prompt + max_new_tokens) exceed the runner's "
@@ -383,14 +387,16 @@ class SlotRunner:
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Pick each row's token from logits [B, V] and report it."""
         picks = sample(logits, [s.req.sampler for s in seqs]).tolist()
+        outs = []
         for s, tok in zip(seqs, picks, strict=True):
             s.out.append(int(tok))
-            self._out.put(RunnerOutput(s.req.id, list(s.out), finished=s.done))
+            outs.append(RunnerOutput(s.req.id, list(s.out), finished=s.done))
+        self._out.put(outs)
         self._ended([s for s in seqs if s.done])
 
     def _fail(self, seqs: list[_Seq], error: BaseException) -> None:
-        for s in seqs:
-            self._out.put(RunnerOutput(s.req.id, list(s.out), error=str(error)))
+        if seqs:
+            self._out.put([RunnerOutput(s.req.id, list(s.out), error=str(error)) for s in seqs])
         self._ended(seqs)
 
     # --- hooks for subclasses (plans.PlanRunner) -----------------------------------------------------------
@@ -441,12 +447,3 @@ def _attention_kinds(config: Any) -> tuple[int | None, tuple[str, ...] | None]:
         raise ValueError(f"the slot runner holds full and sliding-window attention caches; this model has layer "
                          f"types {sorted(set(types))} (sliding_window={window}): {other}")
     return window, kinds
-
-
-def _drain(q: queue.Queue) -> list:
-    items = []
-    while True:
-        try:
-            items.append(q.get_nowait())
-        except queue.Empty:
-            return items
