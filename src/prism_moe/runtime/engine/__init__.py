@@ -7,6 +7,8 @@
 * `runners.py`: the `Runner` protocol; `slots.py` (a preallocated per-slot cache for every family, latent attention
   included: the default) and `hf_batching.py` (transformers' continuous batching, the only module that touches its
   internals) implement it.
+* `remote.py`: the runner in the model's process (`RunnerHost`) driven from `prism serve`'s API process
+  (`RemoteRunner`), as vLLM v1 splits its API server from its engine core.
 """
 
 from prism_moe.runtime.engine.frontend import (

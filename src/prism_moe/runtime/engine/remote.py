@@ -138,14 +138,18 @@ class RemoteRunner:
             self._send({"op": "cancel", "id": request_id})
 
     def send_stats(self, stats: RequestStats) -> None:
-        """An ended request's stats, for the model process's metrics (an `Engine` listener)."""
-        if self._running:
-            self._send({"op": "stats", **dataclasses.asdict(stats)})
+        """An ended request's stats, for the model process's metrics (an `Engine` listener); lost if stopped."""
+        self._try_send({"op": "stats", **dataclasses.asdict(stats)})
 
     def send_http(self, endpoint: str, status: int, seconds: float) -> None:
-        """One answered HTTP request, for the model process's metrics."""
-        if self._running:
-            self._send({"op": "http", "endpoint": endpoint, "status": int(status), "seconds": float(seconds)})
+        """One answered HTTP request, for the model process's metrics; lost if stopped."""
+        self._try_send({"op": "http", "endpoint": endpoint, "status": int(status), "seconds": float(seconds)})
+
+    def _try_send(self, msg: dict[str, Any]) -> None:
+        try:
+            self._send(msg)
+        except (RuntimeError, zmq.ZMQError):
+            log.debug("metrics message dropped: the runner is stopped")
 
     def get_results(self, timeout: float | None = None) -> list[RunnerOutput]:
         with self._pull_lock:
