@@ -128,3 +128,22 @@ def test_only_held_experts_are_loaded(tiny_dir, eager_model, prompt_ids):
         load_partial(path, {2: [0]})
     with pytest.raises(ValueError, match="out of range"):
         load_partial(path, {0: [8]})
+
+
+@pytest.mark.skipif(not onednn.usable("cpu", torch.float32), reason="torch without oneDNN")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss"])
+def test_packed_load_computes_like_eager(arch, tiny_dir, eager_model, prompt_ids):
+    """`packed=True` (what `prism serve` loads on a CPU): experts and dense linear layers oneDNN-packed, a tied
+    LM head left dense; logits equal the eager model's within float32 rounding, greedy tokens identical."""
+    spec = ModelSpec.from_pretrained(tiny_dir(arch))
+    model, stores = load_partial(tiny_dir(arch), {i: range(spec.num_experts) for i in range(spec.num_moe_layers)},
+                                 packed=True)
+    ref = eager_model(arch)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert linears and all(m.weight.is_mkldnn != (tied and m is model.get_output_embeddings()) for m in linears)
+    assert all(s.pool.packed for s in stores.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt_ids).logits, ref(prompt_ids).logits, rtol=1e-4, atol=1e-4)
+    want = ref.generate(prompt_ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(prompt_ids, max_new_tokens=8, do_sample=False), want)

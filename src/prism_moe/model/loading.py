@@ -478,8 +478,9 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
     in one slot pool of `capacity` experts (default: exactly the held ones; a server passes its memory budget
     in slots so that live migration can load more).
     `dtype` defaults to the checkpoint's dtype. A family the expert store cannot compute is refused with
-    `UnsupportedModelError` before any weight is read. `packed`: keep the experts in oneDNN's packed layout where
-    oneDNN computes them (float32 on a CPU; ignored elsewhere), what `prism serve` does (model/onednn.py).
+    `UnsupportedModelError` before any weight is read. `packed`: keep the experts and the dense linear layers in
+    oneDNN's packed layout where oneDNN computes them (float32 on a CPU; ignored elsewhere), what `prism serve` does
+    (model/onednn.py).
     """
 
     path = Path(checkpoint_dir)
@@ -564,6 +565,8 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise RuntimeError(f"parameters left unloaded: {leftover[:8]}")
+    if packed and onednn.usable(device, dtype):
+        onednn.pack_linears(model)
     attach(model, dispatcher if dispatcher is not None else LocalDispatcher(), spec, stores)
     return model, stores
 

@@ -9,15 +9,21 @@ every expert's weights once and the blocked layout streams them. Packed results 
 same kernel reads the same numbers); `unpack` gives the exact dense weight back (migration sends it).
 
 A packed weight is an opaque tensor (`layout=torch._mkldnn`): no views, no storage, only oneDNN reads it.
+
+`pack_linears` does the same for a model's dense linear layers (attention projections, routers, LM head), as vLLM's
+CPU backend does: measured 1.7x MKL at 64 rows (a decode step of 64 requests) and 2x at 192 (a prefill), equal at
+16, slower at 1 row (13 vs 4 us of fixed cost per call at this project's tiny sizes).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import types
+from collections import Counter
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 # the batch size oneDNN picks the blocked layout for: 4-16 rows measured best at decode sizes and no worse than
 # the unpacked weight up to 256 rows (an expert's share of a decode step is a few rows; a prefill's, tens)
@@ -66,3 +72,24 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     ops = _ops()
     assert ops is not None, "oneDNN linear called where `usable` is False"
     return ops[0](x, weight, bias, "none", [None], "")
+
+
+def _packed_forward(module: nn.Linear, x: Tensor) -> Tensor:
+    y = linear(x.reshape(-1, x.shape[-1]), module.weight, module.bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Keep the weight of every float32 CPU `nn.Linear` of `model` oneDNN-packed (in place of the dense one: no
+    second copy) and compute the layer with oneDNN. A weight another parameter shares (a tied LM head) stays as it
+    is. Returns how many layers were packed."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    packed = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if type(module) is not nn.Linear or w is None or w.is_mkldnn or uses[id(w)] > 1 or not usable(w.device, w.dtype):
+            continue
+        module.weight = nn.Parameter(pack(w.detach()), requires_grad=False)
+        module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]
+        packed += 1
+    return packed
