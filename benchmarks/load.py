@@ -2,7 +2,8 @@
 
 Issue 13's load goal: under 64 concurrent streams per server for several minutes, no failed request, a bounded
 queue answering a clear 503 when full, memory flat. The server (tiny random-weight checkpoint, `create_app` over
-an `Engine` under uvicorn, as `prism serve` runs it, every expert local) runs in its own process; this process
+an `Engine` under uvicorn, as `prism serve --api-in-process` runs it, every expert local; `prism serve`'s default API
+process is driven at 64 streams by benchmarks/vs_vllm.py) runs in its own process; this process
 drives `--streams` clients, each sending streaming `/v1/completions` requests back to back until `--duration`
 is over, and samples the server's resident memory (VmRSS) every few seconds. A request fails if it answers
 anything but 200 and 503, or its stream carries an error chunk, ends without `[DONE]` or with a wrong token
