@@ -176,17 +176,22 @@ def test_grouped_matches_loop_reference(bias):
             torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
 
 
+def _routings(seed: int, held=(0, 2, 3, 5, 7)):
+    """(hidden [T, 64], top-2 ids among `held`, weights) for T = 1, 7 and 130 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    for tokens in (1, 7, 130):
+        hidden = torch.randn(tokens, 64, generator=g)
+        top_k = torch.tensor(held)[torch.stack([torch.randperm(len(held), generator=g)[:2] for _ in range(tokens)])]
+        yield hidden, top_k, torch.rand(tokens, 2, generator=g)
+
+
 @pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN")
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_loop_matches_loop_reference(bias):
     """The loop with oneDNN's GEMMs: the loop's results within float32 rounding, for the forward and for a peer's
     rows; `auto` takes it for float32 on the CPU (and the exact loop stays what `loop` names)."""
     store, _ = _random_slots(num_experts=8, hidden=64, inter=32, held=[0, 2, 3, 5, 7], capacity=6, bias=bias)
-    g = torch.Generator().manual_seed(4)
-    for tokens in (1, 7, 130):
-        hidden = torch.randn(tokens, 64, generator=g)
-        top_k = torch.tensor([0, 2, 3, 5, 7])[torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(tokens)])]
-        weights = torch.rand(tokens, 2, generator=g)
+    for hidden, top_k, weights in _routings(seed=4):
         loop = LocalDispatcher(path="loop").moe_forward(0, hidden, top_k, weights, store)
         for path in ("onednn", "auto"):
             out = LocalDispatcher(path=path).moe_forward(0, hidden, top_k, weights, store)
@@ -211,11 +216,7 @@ def test_packed_pool_matches_dense_loop_reference(bias):
     for e in (0, 7):
         for got, want in zip(packed.get(e), w[e], strict=True):
             assert (got is None and want is None) or torch.equal(got, want)
-    g = torch.Generator().manual_seed(5)
-    for tokens in (1, 7, 130):
-        hidden = torch.randn(tokens, 64, generator=g)
-        top_k = torch.tensor([0, 2, 3, 5, 7])[torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(tokens)])]
-        weights = torch.rand(tokens, 2, generator=g)
+    for hidden, top_k, weights in _routings(seed=5):
         want = LocalDispatcher(path="loop").moe_forward(0, hidden, top_k, weights, dense)
         for path in ("auto", "onednn", "loop"):
             out = LocalDispatcher(path=path).moe_forward(0, hidden, top_k, weights, packed)

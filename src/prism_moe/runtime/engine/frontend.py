@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from prism_moe.runtime.engine.runners import Runner, RunnerOutput, RunnerRequest, caches_latents
+from prism_moe.runtime.engine.runners import Runner, RunnerOutput, RunnerRequest, caches_latents, pump_outputs
 from prism_moe.runtime.engine.sampling import SamplingParams, SequenceSampler, TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -519,25 +519,14 @@ class Engine:
     # --- pump thread ---------------------------------------------------------------------------------------------
     def _pump_loop(self) -> None:
         """Route outputs to their event loops; restart the runner's thread if a forward killed it."""
-        runner = self._runner
-        backoff = 0.05
-        while not self._stopping.is_set():
-            outs = runner.get_results(timeout=0.1)
-            if outs:
-                # A step's outputs arrive together: wake each event loop once for them, not once per token
-                # (measured: the loop thread's wake-ups were a cost at 16+ streams).
-                self._deliver_all([(o.request_id, o) for o in outs])
-                continue
-            if not runner.is_running() and not self._stopping.is_set():
-                # Outputs failed by the crash are queued before the thread exits, so they were routed above.
-                log.error("generation loop stopped unexpectedly; restarting it (restart %d)", self.restarts + 1)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                if not self._stopping.is_set():
-                    runner.start()
-                    self.restarts += 1
-            elif runner.is_running():
-                backoff = 0.05
+        assert self._runner is not None
+        # A step's outputs arrive together: each event loop is woken once for them, not once per token (measured:
+        # the loop thread's wake-ups were a cost at 16+ streams).
+        pump_outputs(self._runner, self._stopping, lambda outs: self._deliver_all([(o.request_id, o) for o in outs]),
+                     self._restarted)
+
+    def _restarted(self) -> None:
+        self.restarts += 1
 
     def _deliver_all(self, items: list[tuple[str, Any]]) -> None:
         """Hand each (request id, output or error) to its request's queue: one callback per event loop."""

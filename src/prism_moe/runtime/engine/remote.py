@@ -27,7 +27,6 @@ import dataclasses
 import itertools
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ import torch
 import zmq
 
 from prism_moe.runtime.engine.frontend import RequestStats
-from prism_moe.runtime.engine.runners import Runner, RunnerOutput, RunnerRequest
+from prism_moe.runtime.engine.runners import Runner, RunnerOutput, RunnerRequest, pump_outputs
 from prism_moe.runtime.engine.sampling import SamplingParams, SequenceSampler, TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -390,26 +389,16 @@ class RunnerHost:
 
     # --- outputs out -----------------------------------------------------------------------------------------------
     def _out_loop(self) -> None:
-        backoff = 0.05
-        while not self._stopping.is_set():
-            runner = self.runner
-            assert runner is not None
-            outs = runner.get_results(timeout=0.1)
-            if outs:
-                items = [item for item in map(self._item, outs) if item is not None]
-                if items:
-                    self._send({"op": "out", "items": items})
-                continue
-            if not runner.is_running() and not self._stopping.is_set():
-                # outputs failed by the crash were queued before its thread ended, so they went out above
-                log.error("generation loop stopped unexpectedly; restarting it (restart %d)", self.restarts + 1)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                if not self._stopping.is_set():
-                    runner.start()
-                    self.restarts += 1
-            else:
-                backoff = 0.05
+        assert self.runner is not None
+        pump_outputs(self.runner, self._stopping, self._send_outputs, self._restarted)
+
+    def _send_outputs(self, outs: list[RunnerOutput]) -> None:
+        items = [item for item in map(self._item, outs) if item is not None]
+        if items:
+            self._send({"op": "out", "items": items})
+
+    def _restarted(self) -> None:
+        self.restarts += 1
 
     def _item(self, out: RunnerOutput) -> list[Any] | None:
         with self._lock:

@@ -9,7 +9,11 @@ paged cache; not for latent attention).
 
 from __future__ import annotations
 
+import logging
 import queue
+import threading
+import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,6 +21,8 @@ from typing import Any, Protocol
 import torch
 
 from prism_moe.runtime.engine.sampling import SequenceSampler, TokenLogprobs, token_logprobs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +88,28 @@ def score_prompt(runner: Runner, prompt: list[int], top: int) -> list[TokenLogpr
         return [None]
     return [None, *token_logprobs(logits[:-1].float().log_softmax(dim=-1),
                                   torch.tensor(prompt[1:], device=logits.device), top)]
+
+
+def pump_outputs(runner: Runner, stopping: threading.Event, deliver: Callable[[list[RunnerOutput]], None],
+                 restarted: Callable[[], None]) -> None:
+    """Read `runner`'s outputs until `stopping`: each step's batch goes to `deliver`. A runner whose thread died (a
+    forward raised) is started again, with backoff, and `restarted()` is called: errors for the requests of that
+    moment (queued before its thread ended, so delivered first), not a dead server."""
+    backoff = 0.05
+    while not stopping.is_set():
+        outs = runner.get_results(timeout=0.1)
+        if outs:
+            deliver(outs)
+            continue
+        if not runner.is_running() and not stopping.is_set():
+            log.error("generation loop stopped unexpectedly; restarting it")
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            if not stopping.is_set():
+                runner.start()
+                restarted()
+        else:
+            backoff = 0.05
 
 
 def drain(q: queue.Queue, first: Any = None) -> list:
