@@ -48,8 +48,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                         "place); the KV cache holds N x the longest request so far (default 64)")
     p.add_argument("--api-in-process", action="store_true",
                    help="serve HTTP from the model's own process (one process; by default an API process of its "
-                        "own answers HTTP so that it never holds the model loop's GIL: 1.25-1.3x the decode speed "
-                        "under load, docs/results.md)")
+                        "own answers HTTP so that it never holds the model loop's GIL: 1.1-1.2x the tokens/s at 16 "
+                        "and 64 streams, docs/results.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's; `cluster up` gives each local server its share "
                         "of the cores so servers on one machine do not oversubscribe it)")

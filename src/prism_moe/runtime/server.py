@@ -72,8 +72,8 @@ class ServeOptions:
     push_chunk_bytes: int = 64 * 2**20  # experts per `load_expert` message to a peer, by bytes
     record_trace: str | None = None  # write this server's per-token routing trace here ("{server}": its name)
     record_max_tokens: int = 1_000_000  # stop recording after this many tokens (memory bound)
-    # HTTP API and the Engine frontend in a child process (runtime/api_process.py): measured 1.25-1.3x the decode
-    # speed under load, the model's loop no longer sharing its process's GIL with HTTP; False: one process
+    # HTTP API and the Engine frontend in a child process (runtime/api_process.py), the model's loop no longer sharing
+    # its process's GIL with HTTP: measured 1.1-1.2x the tokens/s at 16 and 64 streams (docs/results.md); False: one
     api_process: bool = True
 
 
@@ -224,7 +224,7 @@ class EdgeServer:
                               f"{self.spec_server.memory_gib} leaves room for {self.capacity} after the dense part; "
                               f"give it more memory or use a placement computed for this cluster file")
         model, self.stores = load_partial(ckpt, p.held(self.name), device=str(device), capacity=self.capacity,
-                                          packed=True)  # oneDNN-packed experts where oneDNN computes them (CPU)
+                                          packed=True)  # experts and dense layers oneDNN-packed on a CPU
         self.model = model
         self._ckpt = Checkpoint.open(ckpt)  # the expert index, kept for live loads
         self.checkpoint_experts = self._ckpt.holds_all_experts()

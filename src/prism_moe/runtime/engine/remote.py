@@ -2,9 +2,9 @@
 
 Python runs one thread of a process at a time (the GIL). With HTTP, SSE and detokenisation in the model's process,
 every wake-up of theirs stalls the batching loop between two torch ops: a thread holding the GIL 20% of the time
-made a decode step 1.25-1.3x slower here, which is what `prism serve` lost at 16 and 64 streams. So, as vLLM v1
-splits its API server from its engine core, `prism serve` runs the HTTP API and the `Engine` frontend in a child
-process (`runtime/api_process.py`); the model's process keeps the model, the runner and everything else.
+made a decode step 1.25-1.3x slower here. So, as vLLM v1 splits its API server from its engine core, `prism serve`
+runs the HTTP API and the `Engine` frontend in a child process (`runtime/api_process.py`); the model's process keeps
+the model, the runner and everything else. Measured: 1.1-1.2x the tokens/s of one process at 16 and 64 streams.
 
 * `RunnerHost` (model's process) runs the real runner for requests that arrive over ZeroMQ and sends each step's
   outputs back as one message. It restarts a runner whose thread died, as `Engine` does.
