@@ -10,6 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
+from prism_moe.model import onednn
 from prism_moe.model.experts import (
     IMPLEMENTATION,
     ExpertDispatcher,
@@ -24,7 +25,7 @@ from prism_moe.model.experts import (
     skip_padding,
     stores_of,
 )
-from prism_moe.model.grouped import compute_rows, expert_forward, onednn_usable
+from prism_moe.model.grouped import compute_rows, expert_forward
 from prism_moe.model.slots import ExpertSlots, Gate, NoFreeSlotError, SlotPool
 from prism_moe.model.tiny import ARCHS
 
@@ -108,7 +109,7 @@ def test_group_by_expert_matches_eager_order():
         assert (top_k[rows, slots] == e).all()
 
 
-ONEDNN = onednn_usable(torch.device("cpu"), torch.float32)
+ONEDNN = onednn.usable("cpu", torch.float32)
 POOLS = [False, pytest.param(True, marks=pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN"))]
 
 

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .grouped import expert_forward, grouped_mm_usable, grouped_pairs, onednn_usable
+from . import onednn as dnn
+from .grouped import expert_forward, grouped_mm_usable, grouped_pairs
 from .slots import ExpertSlots, MissingExpertError, SlotView, gate_of
 from .spec import ModelSpec
 
@@ -156,7 +157,7 @@ class LocalDispatcher:
         """Whether a forward on `device` in `dtype` computes the loop's GEMMs with oneDNN."""
         if self.path not in ("auto", "onednn") or self.grouped_on(device):
             return False
-        return onednn_usable(device, dtype)
+        return dnn.usable(device, dtype)
 
     def count(self, layer: int, top_k_index: Tensor, idx: Tensor, view: SlotView) -> None:
         """Sees each layer's routing: `idx` [S] = top_k_index.reshape(-1) % (E + 1) (padding -> E) on the

@@ -38,11 +38,6 @@ def grouped_mm_usable(device: torch.device) -> bool:
     return hasattr(nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
 
-def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `expert_forward(..., onednn=True)` can run: float32 on a CPU whose torch has oneDNN's linear."""
-    return dnn.usable(device, dtype)
-
-
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, use_onednn: bool) -> Tensor:
     if use_onednn or weight.is_mkldnn:  # a packed pool's weights: only oneDNN reads them
         return dnn.linear(x, weight, bias)
@@ -123,7 +118,7 @@ def compute_rows(store: ExpertSlots, expert_ids: Tensor, x: Tensor, grouped: boo
     """What a peer runs for a request: expert_ids [m] (host), x [m, H] (any device) -> [m, H] on x's device
     and dtype. Experts held or staged here count (`MissingExpertError` names the others); `grouped` None picks
     the grouped path where the slabs' device has a grouped GEMM other than the CPU's; `onednn`: the loop's
-    GEMMs are oneDNN's (`expert_forward`), where `onednn_usable`."""
+    GEMMs are oneDNN's (`expert_forward`), where `onednn.usable`."""
     pool = store.pool
     ids = expert_ids.detach().cpu().numpy().astype(np.int64, copy=False)
     with store.reading() as view:
@@ -134,6 +129,6 @@ def compute_rows(store: ExpertSlots, expert_ids: Tensor, x: Tensor, grouped: boo
             raise MissingExpertError(f"MoE layer {store.layer}: experts {missing.tolist()} are not held here")
         if grouped is None:
             grouped = pool.device.type != "cpu" and grouped_mm_usable(pool.device)
-        onednn = onednn and not grouped and onednn_usable(pool.device, pool.dtype)
+        onednn = onednn and not grouped and dnn.usable(pool.device, pool.dtype)
         y = rows_forward(pool, store.gate, slots, x.to(pool.device, pool.dtype), grouped, onednn)
     return y.to(x.device, x.dtype)

@@ -494,6 +494,7 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
     device = torch.device(device)
     model = model_skeleton(path, dtype)
     config, dtype = model.config, next(model.parameters()).dtype
+    packed = packed and onednn.usable(device, dtype)
     layouts = check_servable(model, str(config.model_type))
     built = [d for d, _ in experts_modules(model)]
     if tuple(built) != tuple(spec.moe_layer_ids):
@@ -553,7 +554,7 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
             raise ValueError(f"{total} experts to hold but only {capacity} expert slots")
         stores = layer_slots([m for _, m in experts_modules(model)], spec.num_experts,
                              total if capacity is None else capacity, device, dtype,
-                             packed=packed and onednn.usable(device, dtype))
+                             packed=packed)
         for layer, store in stores.items():
             for e in sorted(set(held.get(layer, ()))):
                 w = ckpt.expert_weights(reader, layer, e, device=device, dtype=dtype)
@@ -565,7 +566,7 @@ def load_partial(checkpoint_dir: str | Path, held: Mapping[int, Sequence[int]], 
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise RuntimeError(f"parameters left unloaded: {leftover[:8]}")
-    if packed and onednn.usable(device, dtype):
+    if packed:
         onednn.pack_linears(model)
     attach(model, dispatcher if dispatcher is not None else LocalDispatcher(), spec, stores)
     return model, stores
@@ -618,7 +619,7 @@ def _storage_bytes(tensors: Iterator[Tensor] | Sequence[Tensor]) -> int:
     for t in tensors:
         if t.device.type == "meta" or t.numel() == 0:
             continue
-        if t.is_mkldnn:  # a packed expert weight (opaque: no storage to share)
+        if t.is_mkldnn:  # a oneDNN-packed weight (opaque: no storage to share)
             seen[("mkldnn", id(t))] = t.numel() * t.element_size()
             continue
         s = t.untyped_storage()

@@ -47,11 +47,10 @@ def usable(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 def pack(weight: Tensor) -> Tensor:
     """weight [out, in] (float32, CPU) -> the same weight in oneDNN's blocked layout (an opaque tensor)."""
-    ops = _ops()
-    if ops is None or not usable(weight.device, weight.dtype):
+    if not usable(weight.device, weight.dtype):
         raise ValueError(f"oneDNN packing takes float32 CPU weights on a torch with oneDNN; got {weight.dtype} "
                          f"on {weight.device}")
-    return ops[1](weight.contiguous(), PACK_ROWS)
+    return _ops()[1](weight.contiguous(), PACK_ROWS)
 
 
 def unpack(weight: Tensor) -> Tensor:
